@@ -1,0 +1,206 @@
+// `dhsa attend`: DHSA attention of one layer, files in and files out.
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "clients/cli/commands.h"
+#include "clients/cli/dhsa_flags.h"
+#include "clients/cli/flags.h"
+#include "clients/cli/table.h"
+#include "kernels/common/status_macros.h"
+#include "kernels/dhsa.h"
+#include "kernels/fidelity/fidelity.h"
+#include "kernels/io/file.h"
+#include "kernels/io/npy.h"
+#include "kernels/io/safetensors.h"
+#include "nlohmann/json.hpp"
+
+namespace dhsa::cli {
+namespace {
+
+struct AttendFlags {
+  std::string q, k, v, out, lse_out, selection_out;
+  int64_t threads = std::max(1u, std::thread::hardware_concurrency());
+  int64_t check_rows = 0;
+  bool json = false;
+  DhsaFlags dhsa;
+};
+
+// {"boundaries": [...], "q_block": Bq, "selection": [{"kv_head": h, "block": i, "spans": [[a,
+// b]]}]} (oracle_topk: entries per query head and row: {"q_head": g, "row": p, "spans": ...},
+// q_block 1).
+std::string SelectionJson(const AttendResult& r) {
+  const Selection& s = r.selection;
+  const bool per_row = s.unit == SelectionUnit::kQueryHeadRow;
+  nlohmann::json entries = nlohmann::json::array();
+  for (int64_t h = 0; h < s.num_heads; ++h) {
+    for (int64_t b = 0; b < s.num_blocks; ++b) {
+      nlohmann::json spans = nlohmann::json::array();
+      for (const Span& span : s.At(h, b)) spans.push_back({span.begin, span.end});
+      nlohmann::json e;
+      e[per_row ? "q_head" : "kv_head"] = h;
+      e[per_row ? "row" : "block"] = s.first_block + b;
+      e["spans"] = std::move(spans);
+      entries.push_back(std::move(e));
+    }
+  }
+  nlohmann::json doc;
+  doc["boundaries"] = r.boundaries;
+  doc["q_block"] = s.block_size;
+  doc["selection"] = std::move(entries);
+  return doc.dump() + "\n";
+}
+
+absl::StatusOr<Tensor> LoadInput(const std::string& path, const char* flag, const char* name) {
+  if (path.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, " is required (a .npy or .safetensors file)"));
+  }
+  return ReadTensorFile(path, name);
+}
+
+absl::Status Attend(const AttendFlags& f) {
+  DHSA_ASSIGN_OR_RETURN(DhsaConfig config, ToDhsaConfig(f.dhsa));
+  if (f.out.empty()) return absl::InvalidArgumentError("--out is required (the .npy file for O)");
+  DHSA_ASSIGN_OR_RETURN(Tensor q, LoadInput(f.q, "q", "q"));
+  DHSA_ASSIGN_OR_RETURN(Tensor k, LoadInput(f.k, "k", "k"));
+  DHSA_ASSIGN_OR_RETURN(Tensor v, LoadInput(f.v, "v", "v"));
+
+  AttendOptions options;
+  options.num_threads = static_cast<int>(std::max<int64_t>(1, f.threads));
+  const auto start = std::chrono::steady_clock::now();
+  DHSA_ASSIGN_OR_RETURN(AttendResult result, AttendReference(q, k, v, config, options));
+  const double total =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+  // Everything is serialised before anything is written: a failure leaves no partial output.
+  DHSA_ASSIGN_OR_RETURN(std::string o_bytes, SerializeNpy(result.o));
+  std::string lse_bytes, selection_bytes;
+  if (!f.lse_out.empty()) {
+    DHSA_ASSIGN_OR_RETURN(lse_bytes, SerializeNpy(result.lse));
+  }
+  if (!f.selection_out.empty()) selection_bytes = SelectionJson(result);
+
+  FidelityReport fidelity;
+  if (f.check_rows > 0) {
+    DHSA_ASSIGN_OR_RETURN(HeadsView qv, HeadsView::Of(q, "Q"));
+    DHSA_ASSIGN_OR_RETURN(HeadsView kv, HeadsView::Of(k, "K"));
+    DHSA_ASSIGN_OR_RETURN(HeadsView vv, HeadsView::Of(v, "V"));
+    qv.offset = kv.len - qv.len;
+    DHSA_ASSIGN_OR_RETURN(fidelity, MeasureFidelity(qv, kv, vv, result.selection, result.o,
+                                                    EffectiveScale(config, qv.dim),
+                                                    SpreadRows(qv.len, f.check_rows)));
+  }
+
+  DHSA_RETURN_IF_ERROR(WriteFileAtomically(f.out, o_bytes));
+  if (!f.lse_out.empty()) DHSA_RETURN_IF_ERROR(WriteFileAtomically(f.lse_out, lse_bytes));
+  if (!f.selection_out.empty()) {
+    DHSA_RETURN_IF_ERROR(WriteFileAtomically(f.selection_out, selection_bytes));
+  }
+
+  const double density = static_cast<double>(result.computed_pairs) /
+                         static_cast<double>(std::max<int64_t>(1, result.causal_pairs));
+  const int64_t chunks = static_cast<int64_t>(result.boundaries.size()) - 1;
+  if (f.json) {
+    nlohmann::json j;
+    j["policy"] = PolicyName(config.policy);
+    j["budget"] = config.budget;
+    j["q_shape"] = q.shape;
+    j["k_shape"] = k.shape;
+    j["dtype"] = DTypeName(q.dtype);
+    j["chunks"] = chunks;
+    j["computed_pairs"] = result.computed_pairs;
+    j["causal_pairs"] = result.causal_pairs;
+    j["density"] = density;
+    j["seconds"] = {{"boundaries", result.times.boundaries},
+                    {"summaries", result.times.summaries},
+                    {"selection", result.times.selection},
+                    {"attention", result.times.attention},
+                    {"total", total}};
+    if (f.check_rows > 0) {
+      j["fidelity"] = {{"rows", fidelity.rows},
+                       {"recall_mean", fidelity.recall_mean},
+                       {"recall_p5", fidelity.recall_p5},
+                       {"output_rel_error", fidelity.output_rel_error}};
+    }
+    std::printf("%s\n", j.dump(2).c_str());
+    return absl::OkStatus();
+  }
+  const int64_t lk = k.shape[1];
+  std::printf("dhsa attend: policy %s, budget %lld (sink %lld, local %lld, q_block %lld), %s\n",
+              std::string(PolicyName(config.policy)).c_str(), static_cast<long long>(config.budget),
+              static_cast<long long>(config.sink), static_cast<long long>(config.local),
+              static_cast<long long>(config.q_block), "reference backend");
+  std::printf("  Q %s  K %s  V %s  %s, queries at positions [%lld, %lld)\n",
+              ShapeString(q.shape).c_str(), ShapeString(k.shape).c_str(),
+              ShapeString(v.shape).c_str(), std::string(DTypeName(q.dtype)).c_str(),
+              static_cast<long long>(lk - q.shape[1]), static_cast<long long>(lk));
+  std::printf(
+      "  chunks: %lld (mean %.1f keys)   computed pairs: %s of %s causal = %.2f%% density\n\n",
+      static_cast<long long>(chunks), static_cast<double>(lk) / std::max<int64_t>(1, chunks),
+      FormatCount(static_cast<double>(result.computed_pairs)).c_str(),
+      FormatCount(static_cast<double>(result.causal_pairs)).c_str(), 100.0 * density);
+  Table stages({"stage", "time"});
+  stages.AddRow({"boundaries", FormatSeconds(result.times.boundaries)});
+  stages.AddRow({"summaries", FormatSeconds(result.times.summaries)});
+  stages.AddRow({"selection", FormatSeconds(result.times.selection)});
+  stages.AddRow({"attention", FormatSeconds(result.times.attention)});
+  stages.AddRow({"total", FormatSeconds(total)});
+  std::printf("%s\n", stages.Render().c_str());
+  if (f.check_rows > 0) {
+    std::printf("fidelity vs dense attention on %lld sampled (head, row) pairs:\n",
+                static_cast<long long>(fidelity.rows));
+    Table fid({"measure", "value"});
+    fid.AddRow({"attention recall, mean", absl::StrFormat("%.4f", fidelity.recall_mean)});
+    fid.AddRow({"attention recall, 5th percentile", absl::StrFormat("%.4f", fidelity.recall_p5)});
+    fid.AddRow({"output relative error", absl::StrFormat("%.4f", fidelity.output_rel_error)});
+    std::printf("%s\n", fid.Render().c_str());
+  }
+  std::printf("wrote %s", f.out.c_str());
+  if (!f.lse_out.empty()) std::printf(", %s", f.lse_out.c_str());
+  if (!f.selection_out.empty()) std::printf(", %s", f.selection_out.c_str());
+  std::printf("\n");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunAttend(const std::vector<std::string>& args) {
+  AttendFlags f;
+  FlagSet flags(
+      "attend", "--q Q.npy --k K.npy --v V.npy --out O.npy [flags]",
+      "Computes DHSA attention of one layer in process. Q is [Hq, Lq, d], K and V are\n"
+      "[Hkv, Lk, d] (.npy float32/float16, or .safetensors with tensors q, k, v, where\n"
+      "bfloat16 is allowed); the queries are the last Lq positions (t0 = Lk - Lq).\n"
+      "Writes O [Hq, Lq, d] float32, optionally LSE [Hq, Lq] float32 and the selection\n"
+      "as JSON. Outputs are written only once everything has succeeded.",
+      "  dhsa gen --out /tmp/w --len 32768\n"
+      "  dhsa attend --q /tmp/w/q.npy --k /tmp/w/k.npy --v /tmp/w/v.npy --out /tmp/w/o.npy"
+      " --check-rows 64\n"
+      "  dhsa attend --q in.safetensors --k in.safetensors --v in.safetensors --out o.npy"
+      " --policy block_topk --budget 1024 --selection-out sel.json");
+  flags.String("q", &f.q, "queries [Hq, Lq, d]");
+  flags.String("k", &f.k, "keys [Hkv, Lk, d]");
+  flags.String("v", &f.v, "values [Hkv, Lk, d]");
+  flags.String("out", &f.out, "where to write O (.npy)");
+  flags.String("lse-out", &f.lse_out, "where to write LSE (.npy), natural log");
+  flags.String("selection-out", &f.selection_out, "where to write the selection (.json)");
+  AddDhsaFlags(flags, &f.dhsa);
+  flags.Int("threads", &f.threads, "threads for attention");
+  flags.Int("check-rows", &f.check_rows,
+            "measure recall and error against dense attention on this many query rows (0: off)");
+  flags.Bool("json", &f.json, "print the report as JSON");
+  absl::Status parsed = flags.Parse(args);
+  if (!parsed.ok()) return ReportError("attend", parsed);
+  if (flags.help_requested()) {
+    std::printf("%s", flags.Help().c_str());
+    return kExitOk;
+  }
+  absl::Status s = Attend(f);
+  if (!s.ok()) return ReportError("attend", s);
+  return kExitOk;
+}
+
+}  // namespace dhsa::cli

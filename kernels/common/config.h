@@ -1,0 +1,70 @@
+// The parameters of one DHSA attention call (spec/DHSA.md), shared by every backend.
+#ifndef DHSA_KERNELS_COMMON_CONFIG_H_
+#define DHSA_KERNELS_COMMON_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace dhsa {
+
+// Which keys each query block attends to (spec: "Baselines, as selection policies").
+enum class Policy {
+  kDhsa,       // Sink + local + top chunks by rho . kappa under the token budget.
+  kBlockTopk,  // Fixed blocks of `block` keys scored by plain means, diagonal blocks always kept.
+  kStreaming,  // Sink + the last `budget - sink` keys.
+  kDense,      // Every causal key (ground truth).
+  kOracleTopk  // Per query row and head, the `budget` keys of highest dense weight (evaluation
+               // only).
+};
+
+// How keys are cut into chunks for `dhsa`.
+enum class BoundaryMode {
+  kDynamic,  // Greedy NMS over the left/right key-window dissimilarity.
+  kFixed     // Chunks of exactly `chunk_mean` keys (the last one shorter).
+};
+
+// How chunk and query-block summaries are normalised.
+enum class SummaryNorm {
+  kSqrt,  // Sum / sqrt(count): the paper's rule (the default).
+  kMean   // Sum / count: plain mean (used by block_topk, and as an ablation of dhsa).
+};
+
+absl::string_view PolicyName(Policy p);
+absl::StatusOr<Policy> ParsePolicy(absl::string_view name);
+absl::string_view BoundaryModeName(BoundaryMode m);
+absl::StatusOr<BoundaryMode> ParseBoundaryMode(absl::string_view name);
+
+// Every knob of the algorithm; the defaults are the spec's.
+struct DhsaConfig {
+  Policy policy = Policy::kDhsa;
+  int64_t budget = 2048;  // Nb: keys per query row (sink + local + selected chunks).
+  int64_t sink = 128;     // S: keys [0, S) are always kept.
+  int64_t local =
+      256;  // W: the W keys ending at the query block's end are always kept; W >= q_block.
+  int64_t q_block = 128;  // Bq: query blocks are [i*Bq, (i+1)*Bq), aligned to absolute positions.
+
+  BoundaryMode boundary_mode = BoundaryMode::kDynamic;
+  int64_t boundary_window = 4;  // w: keys averaged on each side of a gap.
+  int64_t chunk_mean = 32;      // Target mean chunk length (also the length of `fixed` chunks).
+  int64_t chunk_min = 8;        // No boundary closer than this to another one or to the ends.
+  int64_t chunk_max = 128;      // Longer chunks are split into equal parts.
+
+  int64_t block = 64;         // Bk: key block length of `block_topk`.
+  bool shared_heads = false;  // One selection for all KV heads (scores averaged).
+  SummaryNorm summary_norm = SummaryNorm::kSqrt;  // `dhsa` only; block_topk always uses kMean.
+  float scale = 0.0f;                             // Softmax scale; 0 means 1/sqrt(d).
+};
+
+// Checks the config on its own (sizes positive, W >= Bq, budget >= sink + local, ...).
+absl::Status ValidateConfig(const DhsaConfig& config);
+
+// Softmax scale for head dim `d` under `config`.
+float EffectiveScale(const DhsaConfig& config, int64_t head_dim);
+
+}  // namespace dhsa
+
+#endif  // DHSA_KERNELS_COMMON_CONFIG_H_

@@ -1,0 +1,250 @@
+// Reference selection: per (KV head, query block), chunks ranked by a full sort of their scores.
+#include <algorithm>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/selection/selection.h"
+
+namespace dhsa {
+namespace {
+
+Selection EmptyBlockSelection(const AttentionShape& shape, int64_t q_block) {
+  Selection s;
+  s.unit = SelectionUnit::kKvHeadBlock;
+  s.block_size = q_block;
+  s.first_block = shape.t0() / q_block;
+  s.num_blocks = (shape.lk - 1) / q_block - s.first_block + 1;
+  s.num_heads = shape.hkv;
+  s.group = shape.group();
+  s.spans.resize(static_cast<size_t>(s.num_heads * s.num_blocks));
+  return s;
+}
+
+// Number of chunks ending at or before `position` (chunks are in order).
+int64_t EligibleChunks(const std::vector<int64_t>& b, int64_t position) {
+  // b[j + 1] is the end of chunk j.
+  return static_cast<int64_t>(std::upper_bound(b.begin() + 1, b.end(), position) - (b.begin() + 1));
+}
+
+// Chunk indices by descending score; ties put the later chunk first.
+std::vector<int64_t> RankChunks(const std::vector<float>& scores) {
+  std::vector<int64_t> order(scores.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    if (scores[a] != scores[b]) return scores[a] > scores[b];
+    return a > b;
+  });
+  return order;
+}
+
+// dhsa, Step 4, for one (KV head, block) whose row block ends at `e` (> budget).
+std::vector<Span> SelectDhsaBlock(const std::vector<int64_t>& b, const std::vector<float>& scores,
+                                  const DhsaConfig& c, int64_t e) {
+  const Span sink = {0, std::min(c.sink, e)};
+  const Span local = {std::max<int64_t>(0, e - c.local), e};
+  std::vector<Span> spans = {sink, local};
+  // |sink U local|; the rest of the budget goes to chunks.
+  const int64_t kept = sink.size() + local.size() - std::max<int64_t>(0, sink.end - local.begin);
+  int64_t remaining = c.budget - kept;
+  for (int64_t j : RankChunks(scores)) {
+    if (remaining <= 0) break;
+    // Sink is a prefix and local a suffix of [0, e), so a chunk's new tokens form one interval.
+    const int64_t a = std::max(b[j], sink.end), z = std::min(b[j + 1], local.begin);
+    if (z <= a) continue;
+    const int64_t take = std::min(z - a, remaining);  // Cut to the budget: earliest tokens kept.
+    spans.push_back({a, a + take});
+    remaining -= take;
+  }
+  return NormaliseSpans(std::move(spans));
+}
+
+// block_topk for one (KV head, block) whose row block [block_begin, e) ends past the budget.
+std::vector<Span> SelectBlockTopkBlock(const std::vector<float>& scores, const DhsaConfig& c,
+                                       int64_t block_begin, int64_t e) {
+  const int64_t diag_begin = block_begin / c.block * c.block;
+  const int64_t diag_blocks = (e - diag_begin + c.block - 1) / c.block;
+  std::vector<Span> spans = {{diag_begin, e}};
+  int64_t remaining = c.budget / c.block - diag_blocks;
+  for (int64_t j : RankChunks(scores)) {
+    if (remaining <= 0) break;
+    spans.push_back({j * c.block, (j + 1) * c.block});
+    --remaining;
+  }
+  return NormaliseSpans(std::move(spans));
+}
+
+}  // namespace
+
+std::vector<Span> NormaliseSpans(std::vector<Span> spans) {
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  std::vector<Span> out;
+  for (const Span& s : spans) {
+    if (s.end <= s.begin) continue;
+    if (!out.empty() && s.begin <= out.back().end) {
+      out.back().end = std::max(out.back().end, s.end);
+    } else {
+      out.push_back(s);
+    }
+  }
+  return out;
+}
+
+std::vector<float> ChunkScoresReference(const SelectionInputs& in, const DhsaConfig& config,
+                                        int64_t kv_head, int64_t block) {
+  const std::vector<int64_t>& b = *in.boundaries;
+  const int64_t eligible = EligibleChunks(b, block * config.q_block);
+  const int64_t rho_index = block - in.shape.t0() / config.q_block;
+  const int64_t dim = in.kappa->dim;
+  std::vector<float> scores(static_cast<size_t>(eligible), 0.0f);
+  const int64_t h_begin = config.shared_heads ? 0 : kv_head;
+  const int64_t h_end = config.shared_heads ? in.shape.hkv : kv_head + 1;
+  for (int64_t j = 0; j < eligible; ++j) {
+    double total = 0.0;
+    for (int64_t h = h_begin; h < h_end; ++h) {
+      const float* r = in.rho->Row(h, rho_index);
+      const float* k = in.kappa->Row(h, j);
+      double dot = 0.0;
+      for (int64_t c = 0; c < dim; ++c) dot += static_cast<double>(r[c]) * k[c];
+      total += dot;
+    }
+    scores[j] = static_cast<float>(total / static_cast<double>(h_end - h_begin));
+  }
+  return scores;
+}
+
+absl::StatusOr<Selection> SelectSpansReference(const SelectionInputs& in,
+                                               const DhsaConfig& config) {
+  absl::Status valid = ValidateConfig(config);
+  if (!valid.ok()) return valid;
+  if (config.policy == Policy::kOracleTopk) {
+    return absl::InvalidArgumentError("oracle_topk needs Q and K: use SelectOracleTopkReference");
+  }
+  const bool scored = config.policy == Policy::kDhsa || config.policy == Policy::kBlockTopk;
+  if (scored && (in.boundaries == nullptr || in.kappa == nullptr || in.rho == nullptr)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(PolicyName(config.policy), " needs boundaries and summaries"));
+  }
+  if (scored && (in.boundaries->empty() || in.boundaries->front() != 0 ||
+                 in.boundaries->back() != in.shape.lk ||
+                 in.kappa->count + 1 != static_cast<int64_t>(in.boundaries->size()))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "boundaries must run from 0 to Lk = ", in.shape.lk, " with one summary per chunk"));
+  }
+  Selection sel = EmptyBlockSelection(in.shape, config.q_block);
+  for (int64_t bi = 0; bi < sel.num_blocks; ++bi) {
+    const int64_t block = sel.first_block + bi;
+    const int64_t e = std::min((block + 1) * config.q_block, in.shape.lk);
+    for (int64_t h = 0; h < sel.num_heads; ++h) {
+      std::vector<Span>& spans = sel.At(h, bi);
+      if (config.policy == Policy::kDense || e <= config.budget) {
+        spans = {{0, e}};
+        continue;
+      }
+      switch (config.policy) {
+        case Policy::kStreaming:
+          spans = NormaliseSpans(
+              {{0, std::min(config.sink, e)}, {e - (config.budget - config.sink), e}});
+          break;
+        case Policy::kDhsa:
+          if (config.shared_heads && h > 0) {
+            spans = sel.At(0, bi);
+          } else {
+            spans = SelectDhsaBlock(*in.boundaries, ChunkScoresReference(in, config, h, block),
+                                    config, e);
+          }
+          break;
+        case Policy::kBlockTopk:
+          if (config.shared_heads && h > 0) {
+            spans = sel.At(0, bi);
+          } else {
+            spans = SelectBlockTopkBlock(ChunkScoresReference(in, config, h, block), config,
+                                         block * config.q_block, e);
+          }
+          break;
+        case Policy::kDense:
+        case Policy::kOracleTopk:
+          break;
+      }
+    }
+  }
+  return sel;
+}
+
+absl::StatusOr<Selection> SelectOracleTopkReference(const HeadsView& q, const HeadsView& k,
+                                                    const DhsaConfig& config) {
+  if (config.budget <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("budget must be positive; got ", config.budget));
+  }
+  Selection sel;
+  sel.unit = SelectionUnit::kQueryHeadRow;
+  sel.block_size = 1;
+  sel.first_block = q.offset;
+  sel.num_blocks = q.len;
+  sel.num_heads = q.heads;
+  sel.group = q.heads / k.heads;
+  sel.spans.resize(static_cast<size_t>(sel.num_heads * sel.num_blocks));
+  std::vector<float> qrow(static_cast<size_t>(q.dim)), krow(static_cast<size_t>(q.dim));
+  std::vector<std::pair<double, int64_t>> scored;
+  for (int64_t g = 0; g < q.heads; ++g) {
+    const int64_t h = g / sel.group;
+    for (int64_t r = 0; r < q.len; ++r) {
+      const int64_t p = q.offset + r;
+      if (p + 1 <= config.budget) {
+        sel.At(g, r) = {{0, p + 1}};
+        continue;
+      }
+      q.Row(g, r, qrow.data());
+      scored.clear();
+      for (int64_t t = 0; t <= p; ++t) {
+        k.Row(h, t, krow.data());
+        double dot = 0.0;
+        for (int64_t c = 0; c < q.dim; ++c) dot += static_cast<double>(qrow[c]) * krow[c];
+        scored.push_back(
+            {-dot, t});  // Ascending (-score, position): highest score, lowest t first.
+      }
+      std::nth_element(scored.begin(), scored.begin() + config.budget, scored.end());
+      std::vector<Span> spans;
+      for (int64_t n = 0; n < config.budget; ++n)
+        spans.push_back({scored[n].second, scored[n].second + 1});
+      sel.At(g, r) = NormaliseSpans(std::move(spans));
+    }
+  }
+  return sel;
+}
+
+int64_t CountComputedPairs(const Selection& selection, const AttentionShape& shape) {
+  int64_t pairs = 0;
+  for (int64_t g = 0; g < shape.hq; ++g) {
+    for (int64_t p = shape.t0(); p < shape.lk; ++p) {
+      for (const Span& s : selection.ForQuery(g, p)) {
+        pairs += std::max<int64_t>(0, std::min(s.end, p + 1) - s.begin);
+      }
+    }
+  }
+  return pairs;
+}
+
+absl::Status CheckSelection(const Selection& sel, const AttentionShape& shape) {
+  if (sel.block_size <= 0 || sel.group != shape.group() ||
+      sel.spans.size() != static_cast<size_t>(sel.num_heads * sel.num_blocks) ||
+      sel.first_block != shape.t0() / sel.block_size ||
+      sel.first_block + sel.num_blocks - 1 != (shape.lk - 1) / sel.block_size ||
+      sel.num_heads != (sel.unit == SelectionUnit::kKvHeadBlock ? shape.hkv : shape.hq)) {
+    return absl::InvalidArgumentError("selection does not match the shapes of Q and K");
+  }
+  for (size_t n = 0; n < sel.spans.size(); ++n) {
+    int64_t prev_end = -1;
+    for (const Span& s : sel.spans[n]) {
+      if (s.begin < 0 || s.end > shape.lk || s.begin >= s.end || s.begin <= prev_end) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "selection entry ", n, " has a span [", s.begin, ", ", s.end,
+            ") that is empty, outside [0, ", shape.lk, ") or not after the previous one"));
+      }
+      prev_end = s.end;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dhsa
