@@ -1,0 +1,35 @@
+// Building a gRPC server the way every dhsa process does: one listening address (port 0 picks a
+// free port), the standard grpc.health.v1 service and server reflection, and one message size limit
+// for both directions.
+#ifndef DHSA_SERVICES_COMMON_SERVER_H_
+#define DHSA_SERVICES_COMMON_SERVER_H_
+
+#include <grpcpp/server.h>
+#include <grpcpp/support/channel_arguments.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace dhsa {
+
+// Starts a server on `address` ("host:port", port 0 = any free port) serving `services` (not owned;
+// they must outlive the server), with health (liveness "" SERVING; callers set readiness per
+// service name with GetHealthCheckService()->SetServingStatus) and reflection enabled, and
+// `max_message_bytes` (> 0) as the receive and send limit. Writes the bound port to `*bound_port`
+// when not null. Unavailable when the address cannot be bound, InvalidArgument for bad arguments.
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(const std::string& address,
+                                                              int64_t max_message_bytes,
+                                                              std::vector<grpc::Service*> services,
+                                                              int* bound_port);
+
+// Channel arguments a client of a dhsa server uses so that messages up to `max_message_bytes`
+// pass in both directions.
+grpc::ChannelArguments ChannelArgumentsForMessageLimit(int64_t max_message_bytes);
+
+}  // namespace dhsa
+
+#endif  // DHSA_SERVICES_COMMON_SERVER_H_

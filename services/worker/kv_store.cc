@@ -1,0 +1,311 @@
+#include "services/worker/kv_store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <iterator>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common/status_macros.h"
+#include "services/common/wire.h"
+
+namespace dhsa {
+namespace {
+
+// Positions beyond this are rejected: far past any context, and it keeps every size product small.
+constexpr int64_t kMaxPosition = int64_t{1} << 40;
+
+// "[0, 37), [37, 93)" for the stripes of a layer (at most a few, then a count).
+template <typename StripeMap>
+std::string HeldRanges(const StripeMap& stripes) {
+  if (stripes.empty()) return "none";
+  std::string out;
+  int shown = 0;
+  for (const auto& [begin, stripe] : stripes) {
+    if (shown == 8) {
+      absl::StrAppend(&out, ", ... (", stripes.size(), " stripes)");
+      break;
+    }
+    absl::StrAppend(&out, shown == 0 ? "" : ", ", "[", begin, ", ", begin + stripe.len, ")");
+    ++shown;
+  }
+  return out;
+}
+
+std::string Describe(const KvWrite& w) {
+  return absl::StrCat("tokens [", w.begin, ", ", w.begin + w.num_tokens, ") of sequence '",
+                      w.sequence_id, "' layer ", w.layer);
+}
+
+int64_t BufferBytes(const StripeBuffer& b) { return static_cast<int64_t>(b.k.size() + b.v.size()); }
+
+absl::Status CheckTensor(const Tensor& t, absl::string_view name, const KvWrite& w) {
+  const std::vector<int64_t> expected = {w.kv_heads, w.num_tokens, w.head_dim};
+  if (t.shape != expected || t.dtype != w.dtype ||
+      t.bytes.size() != static_cast<size_t>(t.NumElements()) * DTypeSize(t.dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor '", name, "' is ", ShapeString(t.shape), " ", DTypeName(t.dtype),
+                     "; the header announces ", ShapeString(expected), " ", DTypeName(w.dtype)));
+  }
+  return absl::OkStatus();
+}
+
+// Copies tokens [0, n) of every head of `src` ([heads, n, d]) to rows [at, at + n) of `dst`
+// ([heads, capacity, d]).
+void CopyRows(const Tensor& src, int64_t heads, int64_t n, int64_t row_bytes, int64_t capacity,
+              int64_t at, std::vector<uint8_t>* dst) {
+  for (int64_t h = 0; h < heads; ++h) {
+    std::memcpy(dst->data() + (h * capacity + at) * row_bytes, src.bytes.data() + h * n * row_bytes,
+                static_cast<size_t>(n * row_bytes));
+  }
+}
+
+// A buffer of `capacity` tokens holding the first `len` tokens of `old` (capacity `old_capacity`).
+std::shared_ptr<StripeBuffer> GrowBuffer(const StripeBuffer& old, int64_t heads, int64_t len,
+                                         int64_t row_bytes, int64_t capacity) {
+  auto grown = std::make_shared<StripeBuffer>();
+  grown->capacity_tokens = capacity;
+  grown->k.resize(static_cast<size_t>(heads * capacity * row_bytes));
+  grown->v.resize(grown->k.size());
+  for (int64_t h = 0; h < heads; ++h) {
+    const size_t from = static_cast<size_t>(h * old.capacity_tokens * row_bytes);
+    const size_t to = static_cast<size_t>(h * capacity * row_bytes);
+    std::memcpy(grown->k.data() + to, old.k.data() + from, static_cast<size_t>(len * row_bytes));
+    std::memcpy(grown->v.data() + to, old.v.data() + from, static_cast<size_t>(len * row_bytes));
+  }
+  return grown;
+}
+
+}  // namespace
+
+HeadsView LayerSnapshot::Keys(size_t i) const {
+  const StripeSnapshot& s = stripes[i];
+  HeadsView view;
+  view.data = s.buffer->k.data();
+  view.dtype = dtype;
+  view.heads = kv_heads;
+  view.len = s.len;
+  view.dim = head_dim;
+  view.offset = s.begin;
+  view.head_stride = s.buffer->capacity_tokens * head_dim;
+  return view;
+}
+
+HeadsView LayerSnapshot::Values(size_t i) const {
+  HeadsView view = Keys(i);
+  view.data = stripes[i].buffer->v.data();
+  return view;
+}
+
+KvReservation::KvReservation(KvReservation&& other) noexcept
+    : store_(std::exchange(other.store_, nullptr)),
+      write_(std::move(other.write_)),
+      bytes_(std::exchange(other.bytes_, 0)) {}
+
+KvReservation& KvReservation::operator=(KvReservation&& other) noexcept {
+  if (this != &other) {
+    Release();
+    store_ = std::exchange(other.store_, nullptr);
+    write_ = std::move(other.write_);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+KvReservation::~KvReservation() { Release(); }
+
+void KvReservation::Release() {
+  if (store_ != nullptr) store_->ReleaseBytes(bytes_);
+  store_ = nullptr;
+  bytes_ = 0;
+}
+
+KvStore::KvStore(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {}
+
+int64_t KvStore::WriteBytes(const KvWrite& w) {
+  return 2 * w.kv_heads * w.num_tokens * w.head_dim * static_cast<int64_t>(DTypeSize(w.dtype));
+}
+
+void KvStore::ReleaseBytes(int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  reserved_bytes_ -= bytes;
+}
+
+absl::Status KvStore::CheckWriteLocked(const KvWrite& w) const {
+  const auto seq = sequences_.find(w.sequence_id);
+  if (seq == sequences_.end()) {
+    if (w.append) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "cannot append ", Describe(w), ": this worker holds nothing of the sequence"));
+    }
+    return absl::OkStatus();
+  }
+  const Sequence& s = seq->second;
+  if (s.kv_heads != w.kv_heads || s.head_dim != w.head_dim || s.dtype != w.dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence '", w.sequence_id, "' is stored with kv_heads ", s.kv_heads, ", head_dim ",
+        s.head_dim, ", ", DTypeName(s.dtype), "; this write has kv_heads ", w.kv_heads,
+        ", head_dim ", w.head_dim, ", ", DTypeName(w.dtype)));
+  }
+  static const std::map<int64_t, Stripe> kNoStripes;
+  const auto layer = s.layers.find(w.layer);
+  const std::map<int64_t, Stripe>& stripes = layer == s.layers.end() ? kNoStripes : layer->second;
+  const int64_t end = w.begin + w.num_tokens;
+  const auto next = stripes.upper_bound(w.begin);  // First stripe starting after `begin`.
+  const bool has_prev = next != stripes.begin();
+  const auto prev = has_prev ? std::prev(next) : stripes.end();
+  const bool overlaps_prev = has_prev && prev->first + prev->second.len > w.begin;
+  const bool overlaps_next = next != stripes.end() && next->first < end;
+  if (overlaps_prev || overlaps_next) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(Describe(w), " overlap stripes this worker holds: ", HeldRanges(stripes)));
+  }
+  if (w.append && !(has_prev && prev->first + prev->second.len == w.begin)) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot append ", Describe(w),
+                                                      ": no stripe here ends at position ", w.begin,
+                                                      " (held: ", HeldRanges(stripes), ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<KvReservation> KvStore::Reserve(const KvWrite& w) {
+  if (w.sequence_id.empty()) return absl::InvalidArgumentError("sequence_id is empty");
+  if (w.layer < 0) return absl::InvalidArgumentError(absl::StrCat("layer ", w.layer, " < 0"));
+  if (w.begin < 0 || w.num_tokens < 1 || w.begin > kMaxPosition - w.num_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot store ", w.num_tokens, " tokens at position ", w.begin,
+                     ": need begin >= 0, num_tokens >= 1 and an end below 2^40"));
+  }
+  if (w.kv_heads < 1 || w.head_dim < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_heads and head_dim must be positive; got ",
+                                                   w.kv_heads, " and ", w.head_dim));
+  }
+  DHSA_RETURN_IF_ERROR(
+      TensorByteSize({2, w.kv_heads, w.num_tokens, w.head_dim}, w.dtype, "k and v").status());
+  const int64_t bytes = WriteBytes(w);
+
+  std::lock_guard<std::mutex> lock(mu_);
+  DHSA_RETURN_IF_ERROR(CheckWriteLocked(w));
+  if (bytes > capacity_bytes_ - held_bytes_ - reserved_bytes_) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("worker KV capacity exhausted: storing ", Describe(w), " needs ", bytes,
+                     " bytes, but ", held_bytes_, " of ", capacity_bytes_, " bytes are held and ",
+                     reserved_bytes_, " reserved by calls in progress"));
+  }
+  reserved_bytes_ += bytes;
+  KvReservation r;
+  r.store_ = this;
+  r.write_ = w;
+  r.bytes_ = bytes;
+  return r;
+}
+
+absl::StatusOr<KvCommit> KvStore::Commit(KvReservation reservation, const Tensor& k,
+                                         const Tensor& v) {
+  if (reservation.store_ != this) {
+    return absl::InternalError("KvStore::Commit called without a reservation of this store");
+  }
+  const KvWrite& w = reservation.write_;
+  DHSA_RETURN_IF_ERROR(CheckTensor(k, "k", w));
+  DHSA_RETURN_IF_ERROR(CheckTensor(v, "v", w));
+  const int64_t row_bytes = w.head_dim * static_cast<int64_t>(DTypeSize(w.dtype));
+
+  std::lock_guard<std::mutex> lock(mu_);
+  DHSA_RETURN_IF_ERROR(CheckWriteLocked(w));
+  Sequence& seq = sequences_[w.sequence_id];
+  if (seq.layers.empty()) {
+    seq.kv_heads = w.kv_heads;
+    seq.head_dim = w.head_dim;
+    seq.dtype = w.dtype;
+  }
+  std::map<int64_t, Stripe>& stripes = seq.layers[w.layer];
+  KvCommit out;
+  if (w.append) {
+    auto it = std::prev(stripes.upper_bound(w.begin));
+    Stripe& stripe = it->second;
+    const int64_t needed = stripe.len + w.num_tokens;
+    if (needed > stripe.buffer->capacity_tokens) {
+      const int64_t capacity = std::max(2 * stripe.buffer->capacity_tokens, needed);
+      std::shared_ptr<StripeBuffer> grown =
+          GrowBuffer(*stripe.buffer, w.kv_heads, stripe.len, row_bytes, capacity);
+      allocated_bytes_ += BufferBytes(*grown) - BufferBytes(*stripe.buffer);
+      stripe.buffer = std::move(grown);
+    }
+    // Rows past every snapshot's length: readers of this buffer never look at them.
+    CopyRows(k, w.kv_heads, w.num_tokens, row_bytes, stripe.buffer->capacity_tokens, stripe.len,
+             &stripe.buffer->k);
+    CopyRows(v, w.kv_heads, w.num_tokens, row_bytes, stripe.buffer->capacity_tokens, stripe.len,
+             &stripe.buffer->v);
+    stripe.len = needed;
+    out.stripe_begin = it->first;
+    out.stripe_length = stripe.len;
+  } else {
+    Stripe stripe;
+    stripe.len = w.num_tokens;
+    stripe.buffer = std::make_shared<StripeBuffer>();
+    stripe.buffer->capacity_tokens = w.num_tokens;
+    stripe.buffer->k = k.bytes;
+    stripe.buffer->v = v.bytes;
+    allocated_bytes_ += BufferBytes(*stripe.buffer);
+    stripes.emplace(w.begin, std::move(stripe));
+    out.stripe_begin = w.begin;
+    out.stripe_length = w.num_tokens;
+  }
+  const int64_t bytes = reservation.bytes_;
+  reserved_bytes_ -= bytes;
+  reservation.store_ = nullptr;  // Committed: the bytes move from reserved to held.
+  held_bytes_ += bytes;
+  seq.held_bytes += bytes;
+  out.held_bytes = held_bytes_;
+  return out;
+}
+
+absl::StatusOr<LayerSnapshot> KvStore::Snapshot(const std::string& sequence_id,
+                                                int32_t layer) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto seq = sequences_.find(sequence_id);
+  const bool found = seq != sequences_.end() && seq->second.layers.count(layer) != 0;
+  if (!found) {
+    return absl::NotFoundError(
+        absl::StrCat("this worker holds no keys of sequence '", sequence_id, "' layer ", layer));
+  }
+  const auto stripes = seq->second.layers.find(layer);
+  LayerSnapshot snap;
+  snap.kv_heads = seq->second.kv_heads;
+  snap.head_dim = seq->second.head_dim;
+  snap.dtype = seq->second.dtype;
+  snap.stripes.reserve(stripes->second.size());
+  for (const auto& [begin, stripe] : stripes->second) {
+    snap.stripes.push_back(StripeSnapshot{begin, stripe.len, stripe.buffer});
+  }
+  return snap;
+}
+
+int64_t KvStore::Drop(const std::string& sequence_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto seq = sequences_.find(sequence_id);
+  if (seq == sequences_.end()) return 0;
+  for (const auto& [layer, stripes] : seq->second.layers) {
+    for (const auto& [begin, stripe] : stripes) allocated_bytes_ -= BufferBytes(*stripe.buffer);
+  }
+  const int64_t freed = seq->second.held_bytes;
+  held_bytes_ -= freed;
+  sequences_.erase(seq);
+  return freed;
+}
+
+KvStats KvStore::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  KvStats s;
+  s.capacity_bytes = capacity_bytes_;
+  s.held_bytes = held_bytes_;
+  s.allocated_bytes = allocated_bytes_;
+  s.sequences = static_cast<int32_t>(sequences_.size());
+  for (const auto& [id, seq] : sequences_) {
+    for (const auto& [layer, stripes] : seq.layers)
+      s.stripes += static_cast<int32_t>(stripes.size());
+  }
+  return s;
+}
+
+}  // namespace dhsa

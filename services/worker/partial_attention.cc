@@ -1,0 +1,147 @@
+#include "services/worker/partial_attention.h"
+
+#include <algorithm>
+#include <chrono>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/attention/sparse_attention.h"
+#include "kernels/common/status_macros.h"
+#include "kernels/merge/merge.h"
+
+namespace dhsa {
+namespace {
+
+// Index of the first stripe that ends after `pos` (stripes are sorted and disjoint).
+size_t FirstStripeEndingAfter(const LayerSnapshot& keys, int64_t pos) {
+  const auto it = std::upper_bound(keys.stripes.begin(), keys.stripes.end(), pos,
+                                   [](int64_t p, const StripeSnapshot& s) { return p < s.end(); });
+  return static_cast<size_t>(it - keys.stripes.begin());
+}
+
+std::string HeldRanges(const LayerSnapshot& keys) {
+  std::string out;
+  for (size_t i = 0; i < keys.stripes.size(); ++i) {
+    if (i == 8) {
+      absl::StrAppend(&out, ", ... (", keys.stripes.size(), " stripes)");
+      break;
+    }
+    absl::StrAppend(&out, i == 0 ? "" : ", ", "[", keys.stripes[i].begin, ", ",
+                    keys.stripes[i].end(), ")");
+  }
+  return out;
+}
+
+// Stripes that some span touches at a position some query row can see (<= last_pos).
+std::vector<bool> TouchedStripes(const Selection& selection, const LayerSnapshot& keys,
+                                 int64_t last_pos) {
+  std::vector<bool> touched(keys.stripes.size(), false);
+  for (const std::vector<Span>& spans : selection.spans) {
+    for (const Span& span : spans) {
+      const int64_t end = std::min(span.end, last_pos + 1);
+      if (end <= span.begin) continue;
+      for (size_t i = FirstStripeEndingAfter(keys, span.begin);
+           i < keys.stripes.size() && keys.stripes[i].begin < end; ++i) {
+        touched[i] = true;
+      }
+    }
+  }
+  return touched;
+}
+
+}  // namespace
+
+absl::Status CheckSpansHeld(const Selection& selection, const LayerSnapshot& keys,
+                            const std::string& sequence_id, int32_t layer) {
+  for (size_t n = 0; n < selection.spans.size(); ++n) {
+    for (const Span& span : selection.spans[n]) {
+      // Walk the stripes from the one holding span.begin while they continue without a gap.
+      int64_t covered = span.begin;
+      for (size_t i = FirstStripeEndingAfter(keys, span.begin);
+           i < keys.stripes.size() && keys.stripes[i].begin <= covered && covered < span.end; ++i) {
+        covered = keys.stripes[i].end();
+      }
+      if (covered < span.end) {
+        const size_t next = FirstStripeEndingAfter(keys, covered);
+        const int64_t gap_end =
+            next < keys.stripes.size() ? std::min(span.end, keys.stripes[next].begin) : span.end;
+        return absl::FailedPreconditionError(
+            absl::StrCat("span [", span.begin, ", ", span.end, ") of selection entry ", n,
+                         " (head ", static_cast<int64_t>(n) / selection.num_blocks, ", block ",
+                         selection.first_block + static_cast<int64_t>(n) % selection.num_blocks,
+                         ") needs keys [", covered, ", ", gap_end,
+                         ") that this worker does not hold for sequence '", sequence_id, "' layer ",
+                         layer, " (it holds ", HeldRanges(keys), ")"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionInputs& in) {
+  const auto start = std::chrono::steady_clock::now();
+  DHSA_ASSIGN_OR_RETURN(HeadsView q, HeadsView::Of(*in.q, "q"));
+  q.offset = in.q_begin;
+  const int64_t hq = q.heads, lq = q.len, d = q.dim;
+  const int64_t rows = hq * lq;
+
+  PartialAttention out;
+  out.o = Tensor::Zeros(DType::kF32, {hq, lq, d});
+  out.lse = Tensor::Zeros(DType::kF32, {hq, lq});
+  float* o = static_cast<float*>(out.o.data());
+  float* lse = static_cast<float*>(out.lse.data());
+  std::fill(lse, lse + rows, -std::numeric_limits<float>::infinity());
+
+  const LayerSnapshot& keys = *in.keys;
+  const std::vector<bool> touched = TouchedStripes(*in.selection, keys, in.q_begin + lq - 1);
+  const int64_t num_touched = std::count(touched.begin(), touched.end(), true);
+  // Results so far live in (o, lse); each further stripe is computed into `part` and merged,
+  // through `merged`, back into (o, lse). Memory: three outputs, whatever the stripe count.
+  std::vector<float> part_o, part_lse, merged_o, merged_lse;
+  int64_t done = 0;
+  for (size_t i = 0; i < keys.stripes.size(); ++i) {
+    if (!touched[i]) continue;
+    if (in.cancelled && in.cancelled()) {
+      return absl::CancelledError(absl::StrCat("Attend cancelled by the client after ", done,
+                                               " of ", num_touched, " stripes"));
+    }
+    const bool first = done == 0;
+    if (!first && part_o.empty()) {
+      part_o.resize(static_cast<size_t>(rows * d));
+      part_lse.resize(static_cast<size_t>(rows));
+      merged_o.resize(part_o.size());
+      merged_lse.resize(part_lse.size());
+    }
+    SparseAttentionParams p;
+    p.q = q;
+    p.k = keys.Keys(i);
+    p.v = keys.Values(i);
+    p.selection = in.selection;
+    p.scale = in.scale;
+    p.o = OutputView{first ? o : part_o.data(), hq, lq, d};
+    p.lse = OutputView{first ? lse : part_lse.data(), hq, lq, 1};
+    p.num_threads = in.num_threads;
+    DHSA_RETURN_IF_ERROR(SparseAttentionReference(p));
+    if (!first) {
+      DHSA_RETURN_IF_ERROR(
+          MergePartialsReference({PartialView{o, lse}, PartialView{part_o.data(), part_lse.data()}},
+                                 rows, d, merged_o.data(), merged_lse.data()));
+      std::copy(merged_o.begin(), merged_o.end(), o);
+      std::copy(merged_lse.begin(), merged_lse.end(), lse);
+    }
+    ++done;
+  }
+  AttentionShape shape;
+  shape.hq = hq;
+  shape.hkv = keys.kv_heads;
+  shape.dim = d;
+  shape.lq = lq;
+  shape.lk = in.q_begin + lq;
+  out.computed_pairs = CountComputedPairs(*in.selection, shape);
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return out;
+}
+
+}  // namespace dhsa

@@ -1,0 +1,47 @@
+// A worker's share of Step 5 (spec/DHSA.md): sparse attention of query rows over the selected spans
+// of the stripes it holds, one kernel call per stripe that a span touches, the per-stripe partial
+// results combined by the LSE merge.
+#ifndef DHSA_SERVICES_WORKER_PARTIAL_ATTENTION_H_
+#define DHSA_SERVICES_WORKER_PARTIAL_ATTENTION_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/common/tensor.h"
+#include "kernels/selection/selection.h"
+#include "services/worker/kv_store.h"
+
+namespace dhsa {
+
+// FailedPrecondition naming the first span (and its entry) that reaches keys outside the snapshot's
+// stripes: a partial result that silently skipped them would merge into a wrong answer.
+absl::Status CheckSpansHeld(const Selection& selection, const LayerSnapshot& keys,
+                            const std::string& sequence_id, int32_t layer);
+
+struct PartialAttention {
+  Tensor o;                    // [Hq, Lq, d] float32; 0 where a row saw no key.
+  Tensor lse;                  // [Hq, Lq] float32, natural log; -inf where a row saw no key.
+  int64_t computed_pairs = 0;  // (query, key) pairs attended, over all query heads.
+  double seconds = 0;          // Kernels and merge.
+};
+
+// What one Attend computes. Spans must have passed CheckSpansHeld against `keys`.
+struct PartialAttentionInputs {
+  const Tensor* q = nullptr;  // [Hq, Lq, d]; row r is absolute position q_begin + r.
+  int64_t q_begin = 0;
+  const Selection* selection = nullptr;
+  const LayerSnapshot* keys = nullptr;
+  float scale = 0.0f;   // > 0.
+  int num_threads = 1;  // Threads inside each kernel call.
+  // Polled before each stripe; true aborts with Cancelled.
+  std::function<bool()> cancelled;
+};
+
+absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionInputs& in);
+
+}  // namespace dhsa
+
+#endif  // DHSA_SERVICES_WORKER_PARTIAL_ATTENTION_H_

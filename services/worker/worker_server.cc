@@ -1,0 +1,95 @@
+#include "services/worker/worker_server.h"
+
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/support/channel_arguments.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common/status_macros.h"
+#include "services/common/server.h"
+
+namespace dhsa {
+namespace {
+
+constexpr char kDefaultListenAddress[] = "0.0.0.0:50061";
+constexpr int64_t kDefaultMaxMessageBytes = int64_t{4} << 20;
+constexpr char kServiceName[] = "dhsa.v1.Worker";
+
+int64_t HalfOfPhysicalMemory() {
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page_size = sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page_size <= 0) return int64_t{1} << 30;
+  return static_cast<int64_t>(pages) * page_size / 2;
+}
+
+absl::StatusOr<WorkerOptions> WithDefaults(WorkerOptions o) {
+  if (o.listen_address.empty()) o.listen_address = kDefaultListenAddress;
+  if (o.capacity_bytes == 0) o.capacity_bytes = HalfOfPhysicalMemory();
+  if (o.threads == 0)
+    o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (o.max_message_bytes == 0) o.max_message_bytes = kDefaultMaxMessageBytes;
+  if (o.backend.empty()) o.backend = "cpu";
+  if (o.capacity_bytes < 0 || o.threads < 0 || o.max_message_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("capacity_bytes, threads and max_message_bytes must not be negative; got ",
+                     o.capacity_bytes, ", ", o.threads, " and ", o.max_message_bytes));
+  }
+  if (o.backend == "cuda") {
+    return absl::InvalidArgumentError(
+        "backend \"cuda\": this build has no CUDA backend (use --backend=cpu)");
+  }
+  if (o.backend != "cpu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown backend \"", o.backend, "\"; expected \"cpu\" or \"cuda\""));
+  }
+  return o;
+}
+
+}  // namespace
+
+WorkerOptions WorkerOptionsFromServiceConfig(const v1::ServiceConfig& config) {
+  WorkerOptions o;
+  o.listen_address = config.listen_address();
+  o.capacity_bytes = config.capacity_bytes();
+  o.threads = config.threads();
+  o.max_message_bytes = config.max_message_bytes();
+  o.backend = config.backend();
+  return o;
+}
+
+absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(const WorkerOptions& options) {
+  std::unique_ptr<WorkerServer> server(new WorkerServer());
+  DHSA_ASSIGN_OR_RETURN(server->options_, WithDefaults(options));
+  const WorkerOptions& o = server->options_;
+  WorkerService::Options service_options;
+  service_options.capacity_bytes = o.capacity_bytes;
+  service_options.threads = o.threads;
+  service_options.max_message_bytes = o.max_message_bytes;
+  service_options.backend = o.backend;
+  server->service_ = std::make_unique<WorkerService>(service_options);
+  DHSA_ASSIGN_OR_RETURN(server->server_, StartGrpcServer(o.listen_address, o.max_message_bytes,
+                                                         {server->service_.get()}, &server->port_));
+  server->server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
+  return server;
+}
+
+WorkerServer::~WorkerServer() { Shutdown(absl::ZeroDuration()); }
+
+std::shared_ptr<grpc::Channel> WorkerServer::InProcessChannel() {
+  grpc::ChannelArguments args = ChannelArgumentsForMessageLimit(options_.max_message_bytes);
+  return server_->InProcessChannel(args);
+}
+
+void WorkerServer::Shutdown(absl::Duration drain) {
+  if (shut_down_ || server_ == nullptr) return;
+  shut_down_ = true;
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  server_->Shutdown(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(drain));
+  server_->Wait();
+}
+
+}  // namespace dhsa

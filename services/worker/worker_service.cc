@@ -1,0 +1,308 @@
+#include "services/worker/worker_service.h"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common/status_macros.h"
+#include "services/common/config.h"
+#include "services/common/status.h"
+#include "services/common/wire.h"
+#include "services/worker/partial_attention.h"
+
+namespace dhsa {
+
+// StoreKv: header (checked and capacity reserved at once), then "k" and "v" pieces; the tokens are
+// committed when the client half-closes, so an aborted stream stores nothing.
+class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::StoreKvRequest> {
+ public:
+  StoreKvReactor(grpc::CallbackServerContext* context, v1::StoreKvResponse* response,
+                 KvStore* store)
+      : context_(context), response_(response), store_(store) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Finish(ToGrpcStatus(Commit()));
+      return;
+    }
+    const absl::Status status = Handle();
+    if (!status.ok()) {
+      Finish(ToGrpcStatus(status));
+      return;
+    }
+    request_.Clear();
+    StartRead(&request_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  enum class Stage { kHeader, kK, kV, kDone };
+
+  absl::Status Handle() {
+    if (stage_ == Stage::kHeader) {
+      if (!request_.has_header()) {
+        return absl::InvalidArgumentError("StoreKv must start with a StoreKvHeader");
+      }
+      const v1::StoreKvHeader& h = request_.header();
+      KvWrite w;
+      w.sequence_id = h.sequence_id();
+      w.layer = h.layer();
+      w.begin = h.begin();
+      w.num_tokens = h.num_tokens();
+      w.kv_heads = h.kv_heads();
+      w.head_dim = h.head_dim();
+      DHSA_ASSIGN_OR_RETURN(w.dtype, FromProtoDType(h.dtype()));
+      w.append = h.append();
+      DHSA_ASSIGN_OR_RETURN(reservation_, store_->Reserve(w));
+      k_.emplace("k", reservation_.bytes() / 2);
+      v_.emplace("v", reservation_.bytes() / 2);
+      stage_ = Stage::kK;
+      return absl::OkStatus();
+    }
+    if (!request_.has_piece() || stage_ == Stage::kDone) {
+      return absl::InvalidArgumentError(
+          stage_ == Stage::kDone ? "StoreKv got a message after tensor 'v' was complete"
+                                 : "StoreKv got a second header; expected 'k' and 'v' pieces");
+    }
+    TensorAssembler& current = stage_ == Stage::kK ? *k_ : *v_;
+    DHSA_RETURN_IF_ERROR(current.Add(request_.piece()));
+    if (current.complete()) stage_ = stage_ == Stage::kK ? Stage::kV : Stage::kDone;
+    return absl::OkStatus();
+  }
+
+  // End of the request stream: store everything, or nothing.
+  absl::Status Commit() {
+    if (context_->IsCancelled()) return absl::CancelledError("StoreKv cancelled by the client");
+    if (stage_ == Stage::kHeader) {
+      return absl::InvalidArgumentError("StoreKv stream ended without a header");
+    }
+    DHSA_ASSIGN_OR_RETURN(Tensor k, k_->Take());
+    DHSA_ASSIGN_OR_RETURN(Tensor v, v_->Take());
+    DHSA_ASSIGN_OR_RETURN(const KvCommit commit, store_->Commit(std::move(reservation_), k, v));
+    response_->set_held_bytes(commit.held_bytes);
+    response_->set_stripe_begin(commit.stripe_begin);
+    response_->set_stripe_length(commit.stripe_length);
+    return absl::OkStatus();
+  }
+
+  grpc::CallbackServerContext* const context_;
+  v1::StoreKvResponse* const response_;
+  KvStore* const store_;
+  v1::StoreKvRequest request_;
+  Stage stage_ = Stage::kHeader;
+  KvReservation reservation_;
+  std::optional<TensorAssembler> k_, v_;
+};
+
+// Attend: header (checked against a snapshot of the stored stripes at once), then "q" pieces; once
+// "q" is complete the attention runs on the executor and the reactor writes "o" and "lse" pieces
+// and the AttendResult, one message at a time.
+class WorkerService::AttendReactor final
+    : public grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse> {
+ public:
+  AttendReactor(grpc::CallbackServerContext* context, const WorkerService::Options& options,
+                KvStore* store, Executor* executor)
+      : context_(context), options_(options), store_(store), executor_(executor) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Finish(ToGrpcStatus(EndedEarly()));
+      return;
+    }
+    const absl::Status status = Handle();
+    if (!status.ok()) {
+      Finish(ToGrpcStatus(status));
+      return;
+    }
+    if (q_ && q_->complete()) {
+      // No further reads: anything the client still sends is ignored.
+      executor_->Submit([this] { Run(); });
+      return;
+    }
+    request_.Clear();
+    StartRead(&request_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "Attend client went away during the reply"));
+      return;
+    }
+    responses_.pop_front();
+    if (responses_.empty()) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    StartWrite(&responses_.front());
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  absl::Status Handle() {
+    if (!snapshot_) {
+      if (!request_.has_header()) {
+        return absl::InvalidArgumentError("Attend must start with an AttendHeader");
+      }
+      return Start(request_.header());
+    }
+    if (!request_.has_piece()) {
+      return absl::InvalidArgumentError("Attend got a second header; expected 'q' pieces");
+    }
+    return q_->Add(request_.piece());
+  }
+
+  // Why the request stream ended before "q" was complete.
+  absl::Status EndedEarly() {
+    if (context_->IsCancelled()) return absl::CancelledError("Attend cancelled by the client");
+    if (!snapshot_) return absl::InvalidArgumentError("Attend stream ended without a header");
+    return q_->Take().status();
+  }
+
+  absl::Status Start(const v1::AttendHeader& h) {
+    if (h.sequence_id().empty()) return absl::InvalidArgumentError("sequence_id is empty");
+    if (h.head_dim() <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("head_dim must be positive; got ", h.head_dim()));
+    }
+    if (!(h.scale() >= 0.0f) || !std::isfinite(h.scale())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("scale must be finite and >= 0 (0 = 1/sqrt(head_dim)); got ", h.scale()));
+    }
+    DHSA_ASSIGN_OR_RETURN(selection_, SelectionFromAttendHeader(h));
+    DHSA_ASSIGN_OR_RETURN(LayerSnapshot snapshot, store_->Snapshot(h.sequence_id(), h.layer()));
+    if (snapshot.kv_heads != h.kv_heads() || snapshot.head_dim != h.head_dim()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence '", h.sequence_id(), "' is stored with kv_heads ",
+                       snapshot.kv_heads, " and head_dim ", snapshot.head_dim, "; the header says ",
+                       h.kv_heads(), " and ", h.head_dim()));
+    }
+    DHSA_RETURN_IF_ERROR(CheckSpansHeld(selection_, snapshot, h.sequence_id(), h.layer()));
+    q_shape_ = {h.q_heads(), h.num_rows(), h.head_dim()};
+    DHSA_ASSIGN_OR_RETURN(const int64_t max_q_bytes, TensorByteSize(q_shape_, DType::kF32, "q"));
+    // "q" and "o" are held in memory whole; a header cannot make the worker allocate past its
+    // budget.
+    if (max_q_bytes > options_.capacity_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "Attend of ", h.num_rows(), " rows x ", h.q_heads(), " heads x ", h.head_dim(),
+          " needs up to ", max_q_bytes, " bytes for 'q' and as much for 'o', over this worker's ",
+          options_.capacity_bytes, "-byte capacity; send fewer rows per call"));
+    }
+    q_begin_ = h.q_begin();
+    scale_ = h.scale() > 0.0f ? h.scale() : 1.0f / std::sqrt(static_cast<float>(h.head_dim()));
+    snapshot_ = std::move(snapshot);
+    q_.emplace("q", max_q_bytes);
+    return absl::OkStatus();
+  }
+
+  // On the executor: attention, then the reply (writes continue on gRPC threads).
+  void Run() {
+    const absl::Status status = Compute();
+    if (!status.ok()) {
+      Finish(ToGrpcStatus(status));
+      return;
+    }
+    StartWrite(&responses_.front());
+  }
+
+  absl::Status Compute() {
+    DHSA_ASSIGN_OR_RETURN(const Tensor q, q_->Take());
+    if (q.shape != q_shape_) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor 'q' has shape ", ShapeString(q.shape),
+                                                     "; the header announces ",
+                                                     ShapeString(q_shape_)));
+    }
+    PartialAttentionInputs in;
+    in.q = &q;
+    in.q_begin = q_begin_;
+    in.selection = &selection_;
+    in.keys = &*snapshot_;
+    in.scale = scale_;
+    // Share the pool's threads among the jobs in flight (this one included).
+    in.num_threads = std::max(1, executor_->num_threads() / std::max(1, executor_->pending()));
+    in.cancelled = [this] { return context_->IsCancelled(); };
+    DHSA_ASSIGN_OR_RETURN(const PartialAttention result, ComputePartialAttention(in));
+    snapshot_.reset();  // Let a concurrent Drop free the stripes while the reply is sent.
+
+    const int64_t piece_bytes = PieceBytesForMessageLimit(options_.max_message_bytes);
+    const auto queue = [this](v1::TensorPiece&& piece) {
+      *responses_.emplace_back().mutable_piece() = std::move(piece);
+      return true;
+    };
+    DHSA_RETURN_IF_ERROR(SendTensorPieces(result.o, "o", piece_bytes, queue));
+    DHSA_RETURN_IF_ERROR(SendTensorPieces(result.lse, "lse", piece_bytes, queue));
+    v1::AttendResult* done = responses_.emplace_back().mutable_result();
+    done->set_attention_seconds(result.seconds);
+    done->set_computed_pairs(result.computed_pairs);
+    return absl::OkStatus();
+  }
+
+  grpc::CallbackServerContext* const context_;
+  const WorkerService::Options& options_;
+  KvStore* const store_;
+  Executor* const executor_;
+  v1::AttendRequest request_;
+  // Set by the header.
+  std::optional<LayerSnapshot> snapshot_;
+  Selection selection_;
+  std::vector<int64_t> q_shape_;
+  int64_t q_begin_ = 0;
+  float scale_ = 0.0f;
+  std::optional<TensorAssembler> q_;
+  // The reply; the front message is being written.
+  std::deque<v1::AttendResponse> responses_;
+};
+
+WorkerService::WorkerService(const Options& options)
+    : options_(options), store_(options.capacity_bytes), executor_(options.threads) {}
+
+WorkerService::~WorkerService() = default;
+
+grpc::ServerReadReactor<v1::StoreKvRequest>* WorkerService::StoreKv(
+    grpc::CallbackServerContext* context, v1::StoreKvResponse* response) {
+  return new StoreKvReactor(context, response, &store_);
+}
+
+grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* WorkerService::Attend(
+    grpc::CallbackServerContext* context) {
+  return new AttendReactor(context, options_, &store_, &executor_);
+}
+
+grpc::ServerUnaryReactor* WorkerService::Drop(grpc::CallbackServerContext* context,
+                                              const v1::DropRequest* request,
+                                              v1::DropResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (request->sequence_id().empty()) {
+    reactor->Finish(ToGrpcStatus(absl::InvalidArgumentError("sequence_id is empty")));
+    return reactor;
+  }
+  response->set_freed_bytes(store_.Drop(request->sequence_id()));
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::Stats(grpc::CallbackServerContext* context,
+                                               const v1::StatsRequest* /*request*/,
+                                               v1::StatsResponse* response) {
+  const KvStats stats = store_.Stats();
+  response->set_capacity_bytes(stats.capacity_bytes);
+  response->set_held_bytes(stats.held_bytes);
+  response->set_allocated_bytes(stats.allocated_bytes);
+  response->set_sequences(stats.sequences);
+  response->set_stripes(stats.stripes);
+  response->set_backend(options_.backend);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace dhsa

@@ -1,0 +1,50 @@
+// The Worker gRPC service (proto/dhsa/v1/worker.proto) on the callback API: StoreKv and Attend are
+// reactors that read and write on gRPC threads and run attention on the service's executor.
+#ifndef DHSA_SERVICES_WORKER_WORKER_SERVICE_H_
+#define DHSA_SERVICES_WORKER_WORKER_SERVICE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "dhsa/v1/worker.grpc.pb.h"
+#include "services/common/executor.h"
+#include "services/worker/kv_store.h"
+
+namespace dhsa {
+
+class WorkerService final : public v1::Worker::CallbackService {
+ public:
+  struct Options {
+    int64_t capacity_bytes = 0;     // KV bytes accepted in all.
+    int threads = 1;                // Executor threads (attention jobs and their kernel threads).
+    int64_t max_message_bytes = 0;  // Message limit; response tensors go in pieces below it.
+    std::string backend = "cpu";    // Reported by Stats.
+  };
+
+  explicit WorkerService(const Options& options);
+  // Runs the attention jobs still queued; the gRPC server must be shut down first.
+  ~WorkerService() override;
+
+  grpc::ServerReadReactor<v1::StoreKvRequest>* StoreKv(grpc::CallbackServerContext* context,
+                                                       v1::StoreKvResponse* response) override;
+  grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* Attend(
+      grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* Drop(grpc::CallbackServerContext* context,
+                                 const v1::DropRequest* request,
+                                 v1::DropResponse* response) override;
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context,
+                                  const v1::StatsRequest* request,
+                                  v1::StatsResponse* response) override;
+
+ private:
+  class StoreKvReactor;
+  class AttendReactor;
+
+  const Options options_;
+  KvStore store_;
+  Executor executor_;
+};
+
+}  // namespace dhsa
+
+#endif  // DHSA_SERVICES_WORKER_WORKER_SERVICE_H_
