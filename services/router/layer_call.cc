@@ -1,0 +1,432 @@
+#include "services/router/layer_call.h"
+
+#include <algorithm>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common/inputs.h"
+#include "kernels/common/status_macros.h"
+#include "kernels/merge/merge.h"
+#include "kernels/selection/selection.h"
+#include "kernels/summaries/summaries.h"
+#include "services/common/config.h"
+
+namespace dhsa::router {
+namespace {
+
+double Seconds(std::chrono::steady_clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
+
+}  // namespace
+
+std::shared_ptr<LayerCall> LayerCall::Start(const RouterCore& core,
+                                            std::shared_ptr<SequenceState> seq, int layer,
+                                            std::shared_ptr<const Tensor> q,
+                                            std::shared_ptr<const Tensor> k,
+                                            std::shared_ptr<const Tensor> v, bool decode,
+                                            const grpc::CallbackServerContext* server_context,
+                                            Done done) {
+  std::shared_ptr<LayerCall> call(new LayerCall);
+  call->core_ = core;
+  call->seq_ = std::move(seq);
+  call->layer_ = layer;
+  call->q_ = std::move(q);
+  call->k_ = std::move(k);
+  call->v_ = std::move(v);
+  call->decode_ = decode;
+  call->server_context_ = server_context;
+  call->done_ = std::move(done);
+  call->start_ = Clock::now();
+  core.executor->Submit([call] {
+    absl::Status status = call->PlanAndStore();
+    if (!status.ok()) call->Rollback(std::move(status));
+  });
+  return call;
+}
+
+void LayerCall::Cancel() {
+  std::vector<grpc::ClientContext*> contexts;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    for (auto& c : contexts_) contexts.push_back(c.get());
+  }
+  // Outside the lock: a cancelled call may report (and take mu_) on this thread.
+  for (grpc::ClientContext* c : contexts) c->TryCancel();
+}
+
+grpc::ClientContext* LayerCall::NewWorkerContext() {
+  std::unique_ptr<grpc::ClientContext> context =
+      server_context_ != nullptr ? grpc::ClientContext::FromCallbackServerContext(*server_context_)
+                                 : std::make_unique<grpc::ClientContext>();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (cancelled_) return nullptr;
+  contexts_.push_back(std::move(context));
+  return contexts_.back().get();
+}
+
+absl::Status LayerCall::PlanAndStore() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cancelled_) return absl::CancelledError("the client cancelled the call");
+  }
+  const SequenceState& seq = *seq_;
+  LayerState& layer = seq_->layers[static_cast<size_t>(layer_)];  // Ours while busy.
+  const DhsaConfig& config = seq.dhsa;
+  hq_ = seq.q_heads;
+  hkv_ = seq.kv_heads;
+  dim_ = seq.head_dim;
+  const int64_t lq = q_->shape[1];
+  t0_ = layer.layout.length();
+  lk_ = t0_ + lq;
+
+  DHSA_ASSIGN_OR_RETURN(HeadsView qv, HeadsView::Of(*q_, "q"));
+  DHSA_RETURN_IF_ERROR(CheckFinite(qv, "q"));
+  DHSA_RETURN_IF_ERROR(CheckFinite(*HeadsView::Of(*k_, "k"), "k"));
+  DHSA_RETURN_IF_ERROR(CheckFinite(*HeadsView::Of(*v_, "v"), "v"));
+
+  stage_start_ = Clock::now();
+  DHSA_ASSIGN_OR_RETURN(delta_, layer.layout.Propose(*k_, decode_));
+  out_.stats.set_boundaries_seconds(Seconds(Clock::now() - stage_start_));
+
+  stage_start_ = Clock::now();
+  const LayoutView view = layer.layout.SelectionView(delta_);
+  Summaries rho;
+  if (layer.layout.chunked()) {
+    qv.offset = t0_;
+    rho = QueryBlockSummariesReference(
+        qv, hkv_, config.q_block,
+        config.policy == Policy::kBlockTopk ? SummaryNorm::kMean : config.summary_norm);
+  }
+  SelectionInputs in;
+  in.shape = {hq_, hkv_, dim_, lq, lk_};
+  in.boundaries = &view.boundaries;
+  in.kappa = &view.kappa;
+  in.rho = &rho;
+  DHSA_ASSIGN_OR_RETURN(const Selection selection, SelectSpansReference(in, config));
+  out_.stats.set_computed_pairs(CountComputedPairs(selection, in.shape));
+
+  PlaceRequest place;
+  place.new_end = lk_;
+  place.stripe_tokens = core_.stripe_tokens;
+  place.bytes_per_token = seq.bytes_per_token;
+  place.rotation = seq.rotation;
+  place.any_cut = !layer.layout.chunked() || decode_;
+  for (int64_t b : view.boundaries) {
+    if (b >= t0_ && b < lk_) place.cuts.push_back(b);
+  }
+  DHSA_ASSIGN_OR_RETURN(pieces_, core_.pool->Place(layer.stripes, place, *core_.policy));
+  new_stripes_ = layer.stripes;
+  ApplyStorePieces(pieces_, new_stripes_);
+  DHSA_ASSIGN_OR_RETURN(works_, PlanAttention(selection, t0_, lk_, new_stripes_));
+  out_.stats.set_selection_seconds(Seconds(Clock::now() - stage_start_));
+
+  // Store the new keys and values: one StoreKv per piece, all at once.
+  stage_start_ = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    store_status_.assign(pieces_.size(), absl::UnknownError("not sent"));
+    store_sent_.assign(pieces_.size(), false);
+    pending_ = pieces_.size();
+  }
+  const std::string worker_id = WorkerSequenceId(seq.id, layer_);
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    const StorePiece& p = pieces_[i];
+    out_.stats.set_bytes_to_workers(out_.stats.bytes_to_workers() +
+                                    (p.end - p.begin) * seq.bytes_per_token);
+    v1::StoreKvHeader header;
+    header.set_sequence_id(worker_id);
+    header.set_layer(layer_);
+    header.set_begin(p.begin);
+    header.set_num_tokens(p.end - p.begin);
+    header.set_kv_heads(static_cast<int32_t>(hkv_));
+    header.set_head_dim(static_cast<int32_t>(dim_));
+    header.set_dtype(ToProtoDType(seq.dtype));
+    header.set_append(p.append);
+    auto on_done = [self = shared_from_this(), i](absl::Status s) {
+      bool last;
+      {
+        std::lock_guard<std::mutex> lock(self->mu_);
+        self->store_status_[i] = std::move(s);
+        last = --self->pending_ == 0;
+      }
+      if (last) self->core_.executor->Submit([self] { self->AfterStores(); });
+    };
+    grpc::ClientContext* context = NewWorkerContext();
+    if (context == nullptr) {
+      on_done(absl::CancelledError("the client cancelled the call"));
+      continue;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      store_sent_[i] = true;
+    }
+    StoreKvCall::Start(core_.pool->stub(p.worker), context, header, k_, v_, p.begin - t0_,
+                       p.end - t0_, core_.piece_bytes, std::move(on_done));
+  }
+  return absl::OkStatus();
+}
+
+void LayerCall::AfterStores() {
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    absl::Status s;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      s = store_status_[i];
+    }
+    if (!s.ok()) {
+      Rollback(WorkerFailure(pieces_[i].worker, "storing keys on", s));
+      return;
+    }
+  }
+  out_.stats.set_dispatch_seconds(Seconds(Clock::now() - stage_start_));
+
+  stage_start_ = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    attend_status_.assign(works_.size(), absl::UnknownError("not sent"));
+    partials_.resize(works_.size());
+    pending_ = works_.size();
+  }
+  out_.stats.set_workers_used(static_cast<int32_t>(works_.size()));
+  if (works_.empty()) {  // Every row saw no key (impossible with a local window, but cheap).
+    core_.executor->Submit([self = shared_from_this()] { self->AfterAttends(); });
+    return;
+  }
+  const float scale = EffectiveScale(seq_->dhsa, dim_);
+  for (size_t i = 0; i < works_.size(); ++i) {
+    const WorkerWork& w = works_[i];
+    v1::AttendHeader header;
+    SelectionToAttendHeader(w.local, &header);
+    header.set_sequence_id(WorkerSequenceId(seq_->id, layer_));
+    header.set_layer(layer_);
+    header.set_q_begin(w.row_begin);
+    header.set_num_rows(w.row_end - w.row_begin);
+    header.set_q_heads(static_cast<int32_t>(hq_));
+    header.set_kv_heads(static_cast<int32_t>(hkv_));
+    header.set_head_dim(static_cast<int32_t>(dim_));
+    header.set_scale(scale);
+    out_.stats.set_bytes_to_workers(out_.stats.bytes_to_workers() +
+                                    hq_ * (w.row_end - w.row_begin) * dim_ *
+                                        static_cast<int64_t>(DTypeSize(q_->dtype)));
+    auto on_done = [self = shared_from_this(), i](absl::Status s, PartialResult partial) {
+      bool last;
+      {
+        std::lock_guard<std::mutex> lock(self->mu_);
+        self->attend_status_[i] = std::move(s);
+        self->partials_[i] = std::move(partial);
+        last = --self->pending_ == 0;
+      }
+      if (last) self->core_.executor->Submit([self] { self->AfterAttends(); });
+    };
+    grpc::ClientContext* context = NewWorkerContext();
+    if (context == nullptr) {
+      on_done(absl::CancelledError("the client cancelled the call"), PartialResult{});
+      continue;
+    }
+    AttendCall::Start(core_.pool->stub(w.worker), context, header, q_, w.row_begin - t0_,
+                      w.row_end - t0_, core_.piece_bytes, std::move(on_done));
+  }
+}
+
+void LayerCall::AfterAttends() {
+  for (size_t i = 0; i < works_.size(); ++i) {
+    absl::Status s;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      s = attend_status_[i];
+    }
+    if (!s.ok()) {
+      Rollback(WorkerFailure(works_[i].worker, "attention on", s));
+      return;
+    }
+  }
+  out_.stats.set_attention_seconds(Seconds(Clock::now() - stage_start_));
+  absl::StatusOr<LayerCallOutput> out = MergeAndCommit();
+  if (!out.ok()) {
+    Rollback(out.status());
+    return;
+  }
+  Finish(std::move(out));
+}
+
+absl::StatusOr<LayerCallOutput> LayerCall::MergeAndCommit() {
+  stage_start_ = Clock::now();
+  const int64_t lq = lk_ - t0_;
+  for (size_t i = 0; i < works_.size(); ++i) {
+    const int64_t rows = works_[i].row_end - works_[i].row_begin;
+    const PartialResult& p = partials_[i];
+    if (p.o.dtype != DType::kF32 || p.o.shape != std::vector<int64_t>{hq_, rows, dim_} ||
+        p.lse.dtype != DType::kF32 || p.lse.shape != std::vector<int64_t>{hq_, rows}) {
+      return absl::InternalError(absl::StrCat(
+          "worker ", core_.pool->address(works_[i].worker), " answered o ", ShapeString(p.o.shape),
+          " and lse ", ShapeString(p.lse.shape), "; expected float32 [", hq_, ", ", rows, ", ",
+          dim_, "] and [", hq_, ", ", rows, "]"));
+    }
+    out_.stats.set_bytes_from_workers(out_.stats.bytes_from_workers() +
+                                      static_cast<int64_t>(p.o.bytes.size() + p.lse.bytes.size()));
+  }
+  out_.o = Tensor::Zeros(DType::kF32, {hq_, lq, dim_});
+  out_.lse = Tensor::Zeros(DType::kF32, {hq_, lq});
+  float* o = static_cast<float*>(out_.o.data());
+  float* lse = static_cast<float*>(out_.lse.data());
+  // Rows where the set of workers with an answer changes cut the queries into segments.
+  std::set<int64_t> edges = {t0_, lk_};
+  for (const WorkerWork& w : works_) {
+    edges.insert(w.row_begin);
+    edges.insert(w.row_end);
+  }
+  std::vector<PartialView> parts;
+  for (auto it = edges.begin(); std::next(it) != edges.end(); ++it) {
+    const int64_t a = *it, b = *std::next(it);
+    for (int64_t g = 0; g < hq_; ++g) {
+      parts.clear();
+      for (size_t i = 0; i < works_.size(); ++i) {
+        const WorkerWork& w = works_[i];
+        if (w.row_begin > a || w.row_end < b) continue;
+        const int64_t rows = w.row_end - w.row_begin;
+        const int64_t first = g * rows + (a - w.row_begin);
+        parts.push_back({static_cast<const float*>(partials_[i].o.data()) + first * dim_,
+                         static_cast<const float*>(partials_[i].lse.data()) + first});
+      }
+      const int64_t first = g * lq + (a - t0_);
+      absl::Status merged =
+          MergePartialsReference(parts, b - a, dim_, o + first * dim_, lse + first);
+      if (!merged.ok()) {
+        return absl::InternalError(absl::StrCat("a worker's partial result: ", merged.message()));
+      }
+    }
+  }
+  partials_.clear();
+  out_.stats.set_merge_seconds(Seconds(Clock::now() - stage_start_));
+
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cancelled_) return absl::CancelledError("the client cancelled the call");
+  }
+  {
+    std::lock_guard<std::mutex> lock(seq_->mu);
+    LayerState& layer = seq_->layers[static_cast<size_t>(layer_)];
+    layer.layout.Commit(std::move(delta_));
+    layer.stripes = std::move(new_stripes_);
+    for (size_t i = 0; i < pieces_.size(); ++i) {
+      seq_->bytes_on_worker[pieces_[i].worker] += PieceBytes(i);
+    }
+  }
+  out_.length = lk_;
+  out_.stats.set_causal_pairs(hq_ * (lk_ * (lk_ + 1) / 2 - t0_ * (t0_ + 1) / 2));
+  out_.stats.set_total_seconds(Seconds(Clock::now() - start_));
+  return std::move(out_);
+}
+
+absl::Status LayerCall::WorkerFailure(int worker, const char* what, const absl::Status& status) {
+  core_.pool->ReportCallStatus(worker, status);
+  const std::string where =
+      absl::StrCat(what, " worker ", core_.pool->address(worker), " (sequence '", seq_->id,
+                   "', layer ", layer_, "): ", status.message());
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+      return absl::InternalError(absl::StrCat("the worker rejected the router's request ", where));
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kNotFound:
+      return absl::UnavailableError(
+          absl::StrCat("the worker no longer holds keys it was given (restarted?) ", where));
+    default:
+      return absl::Status(status.code(), where);
+  }
+}
+
+int64_t LayerCall::PieceBytes(size_t i) const {
+  return (pieces_[i].end - pieces_[i].begin) * seq_->bytes_per_token;
+}
+
+void LayerCall::Rollback(absl::Status status) {
+  // Pieces the workers hold now: a StoreKv that failed stored nothing (the worker commits only
+  // once it has every byte; the race left is described in router.h).
+  std::vector<size_t> stored;
+  std::set<int> attempted;  // Workers that were sent a StoreKv.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < store_status_.size(); ++i) {
+      if (store_status_[i].ok()) stored.push_back(i);
+      if (store_sent_[i]) attempted.insert(pieces_[i].worker);
+    }
+  }
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    if (std::find(stored.begin(), stored.end(), i) == stored.end()) {
+      core_.pool->Unreserve(pieces_[i].worker, PieceBytes(i));
+    }
+  }
+  if (stored.empty()) {
+    Finish(std::move(status));
+    return;
+  }
+  if (t0_ > 0) {
+    // The keys appended to stripes that hold older keys cannot be taken back with Drop.
+    const std::string why = absl::StrCat("keys [", t0_, ", ", lk_,
+                                         ") of a failed call remain on workers; release the "
+                                         "sequence");
+    MarkBroken(stored, why);
+    Finish(absl::Status(status.code(), absl::StrCat(status.message(), "; layer ", layer_,
+                                                    " is now unusable: ", why)));
+    return;
+  }
+  // The layer held nothing before this call: dropping its worker sequence undoes the call. Workers
+  // holding a stored piece must confirm; the others (their StoreKv failed, so they stored nothing)
+  // are asked too, in case a failure raced the commit, but may be unreachable.
+  std::set<int> must;
+  for (size_t i : stored) must.insert(pieces_[i].worker);
+  struct Pending {
+    std::mutex mu;
+    size_t left = 0;
+    absl::Status first_error;
+  };
+  auto pending = std::make_shared<Pending>();
+  pending->left = attempted.size();
+  for (int w : attempted) {
+    const bool required = must.count(w) > 0;
+    DropOnWorker(core_.pool->stub(w), WorkerSequenceId(seq_->id, layer_), core_.cleanup_timeout,
+                 [self = shared_from_this(), pending, stored, status, required](absl::Status s) {
+                   bool last;
+                   {
+                     std::lock_guard<std::mutex> lock(pending->mu);
+                     if (required && !s.ok() && pending->first_error.ok()) pending->first_error = s;
+                     last = --pending->left == 0;
+                   }
+                   if (!last) return;
+                   self->core_.executor->Submit([self, pending, stored, status] {
+                     if (pending->first_error.ok()) {
+                       for (size_t i : stored) {
+                         self->core_.pool->Unreserve(self->pieces_[i].worker, self->PieceBytes(i));
+                       }
+                       self->Finish(status);
+                       return;
+                     }
+                     const std::string why =
+                         absl::StrCat("keys of a failed call could not be dropped: ",
+                                      pending->first_error.message());
+                     self->MarkBroken(stored, why);
+                     self->Finish(absl::Status(
+                         status.code(), absl::StrCat(status.message(), "; layer ", self->layer_,
+                                                     " is now unusable: ", why)));
+                   });
+                 });
+  }
+}
+
+void LayerCall::MarkBroken(const std::vector<size_t>& stored, const std::string& why) {
+  std::lock_guard<std::mutex> lock(seq_->mu);
+  seq_->layers[static_cast<size_t>(layer_)].broken = why;
+  for (size_t i : stored) seq_->bytes_on_worker[pieces_[i].worker] += PieceBytes(i);
+}
+
+void LayerCall::Finish(absl::StatusOr<LayerCallOutput> result) {
+  EndLayerCall(*seq_, layer_);
+  Done done = std::move(done_);
+  done(std::move(result));
+}
+
+}  // namespace dhsa::router

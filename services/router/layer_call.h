@@ -1,0 +1,116 @@
+// One Prefill or Decode of one layer, distributed: boundaries and summaries of the new keys,
+// selection, placement of the new keys on stripes, StoreKv to their workers, Attend on every worker
+// holding selected keys, the LSE merge, then the commit of the layer's new layout. Heavy steps run
+// on the router's executor; worker calls are asynchronous and hand back to the executor when the
+// last one answers. A failed call leaves the layer as it was: nothing is committed, reservations
+// are returned, and keys already stored on workers are dropped (see Rollback in layer_call.cc).
+#ifndef DHSA_SERVICES_ROUTER_LAYER_CALL_H_
+#define DHSA_SERVICES_ROUTER_LAYER_CALL_H_
+
+#include <grpcpp/client_context.h>
+#include <grpcpp/server_context.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "dhsa/v1/attention.pb.h"
+#include "kernels/common/tensor.h"
+#include "services/common/executor.h"
+#include "services/router/layout.h"
+#include "services/router/placement.h"
+#include "services/router/plan.h"
+#include "services/router/sequence.h"
+#include "services/router/worker_calls.h"
+#include "services/router/workers.h"
+
+namespace dhsa::router {
+
+// What every call shares with the router.
+struct RouterCore {
+  WorkerPool* pool = nullptr;
+  Executor* executor = nullptr;
+  const PlacementPolicy* policy = nullptr;
+  int64_t stripe_tokens = 4096;
+  int64_t piece_bytes = 1 << 20;  // Data bytes per TensorPiece sent to workers.
+  // Deadline of the Drop calls that undo a failed call's stores.
+  std::chrono::milliseconds cleanup_timeout{5000};
+};
+
+struct LayerCallOutput {
+  Tensor o;            // [Hq, Lq, d] float32.
+  Tensor lse;          // [Hq, Lq] float32.
+  int64_t length = 0;  // Tokens in the layer after the call.
+  v1::CallStats stats;
+};
+
+class LayerCall : public std::enable_shared_from_this<LayerCall> {
+ public:
+  using Done = std::function<void(absl::StatusOr<LayerCallOutput>)>;
+
+  // Runs the call; `done` is called once, from an executor thread. The caller has claimed the
+  // layer (BeginLayerCall) and checked the shapes: q [Hq, Lq, d], k and v [Hkv, Lq, d] in the
+  // sequence's dtype. Worker calls inherit the deadline and cancellation of `server_context` (may
+  // be null), which must stay alive until `done`.
+  static std::shared_ptr<LayerCall> Start(const RouterCore& core,
+                                          std::shared_ptr<SequenceState> seq, int layer,
+                                          std::shared_ptr<const Tensor> q,
+                                          std::shared_ptr<const Tensor> k,
+                                          std::shared_ptr<const Tensor> v, bool decode,
+                                          const grpc::CallbackServerContext* server_context,
+                                          Done done);
+
+  // The client went away: worker calls are cancelled and `done` gets CANCELLED soon.
+  void Cancel();
+
+ private:
+  LayerCall() = default;
+  using Clock = std::chrono::steady_clock;
+
+  absl::Status PlanAndStore();
+  void AfterStores();
+  void AfterAttends();
+  absl::StatusOr<LayerCallOutput> MergeAndCommit();
+  // A context for one worker call, or null when the call was cancelled.
+  grpc::ClientContext* NewWorkerContext();
+  // A worker call failed: the status the client gets.
+  absl::Status WorkerFailure(int worker, const char* what, const absl::Status& status);
+  int64_t PieceBytes(size_t piece) const;  // KV bytes of pieces_[piece].
+  void Rollback(absl::Status status);
+  void MarkBroken(const std::vector<size_t>& stored, const std::string& why);
+  void Finish(absl::StatusOr<LayerCallOutput> result);
+
+  RouterCore core_;
+  std::shared_ptr<SequenceState> seq_;
+  int layer_ = 0;
+  std::shared_ptr<const Tensor> q_, k_, v_;
+  bool decode_ = false;
+  const grpc::CallbackServerContext* server_context_ = nullptr;
+  Done done_;
+
+  // Shapes of the call: queries [t0_, lk_).
+  int64_t hq_ = 0, hkv_ = 0, dim_ = 0, t0_ = 0, lk_ = 0;
+  LayoutDelta delta_;
+  std::vector<StorePiece> pieces_;
+  std::vector<Stripe> new_stripes_;
+  std::vector<WorkerWork> works_;
+  LayerCallOutput out_;
+  Clock::time_point start_, stage_start_;
+
+  std::mutex mu_;
+  bool cancelled_ = false;                                      // Guarded by mu_.
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;  // Guarded by mu_.
+  size_t pending_ = 0;                                          // Guarded by mu_.
+  std::vector<absl::Status> store_status_;                      // Guarded by mu_.
+  std::vector<bool> store_sent_;                                // Guarded by mu_.
+  std::vector<absl::Status> attend_status_;                     // Guarded by mu_.
+  std::vector<PartialResult> partials_;                         // Guarded by mu_.
+};
+
+}  // namespace dhsa::router
+
+#endif  // DHSA_SERVICES_ROUTER_LAYER_CALL_H_

@@ -1,0 +1,147 @@
+#include "services/router/worker_calls.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "services/common/status.h"
+
+namespace dhsa::router {
+
+StoreKvCall::StoreKvCall(std::shared_ptr<const Tensor> k, std::shared_ptr<const Tensor> v,
+                         int64_t row_begin, int64_t row_end, int64_t piece_bytes, Done done)
+    : k_(std::move(k), row_begin, row_end, "k", piece_bytes),
+      v_(std::move(v), row_begin, row_end, "v", piece_bytes),
+      done_(std::move(done)) {}
+
+void StoreKvCall::Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
+                        const v1::StoreKvHeader& header, std::shared_ptr<const Tensor> k,
+                        std::shared_ptr<const Tensor> v, int64_t row_begin, int64_t row_end,
+                        int64_t piece_bytes, Done done) {
+  auto* call =
+      new StoreKvCall(std::move(k), std::move(v), row_begin, row_end, piece_bytes, std::move(done));
+  stub->async()->StoreKv(context, &call->response_, call);
+  *call->request_.mutable_header() = header;
+  call->StartWrite(&call->request_);
+  call->StartCall();
+}
+
+void StoreKvCall::WriteNext() {
+  v1::TensorPiece* piece = request_.mutable_piece();
+  if (k_.Next(piece) || v_.Next(piece)) {
+    StartWrite(&request_);
+  } else {
+    StartWritesDone();  // The worker commits the tokens now.
+  }
+}
+
+void StoreKvCall::OnWriteDone(bool ok) {
+  if (ok) WriteNext();  // Otherwise the stream is broken; OnDone brings the status.
+}
+
+void StoreKvCall::OnDone(const grpc::Status& status) {
+  done_(FromGrpcStatus(status));
+  delete this;
+}
+
+AttendCall::AttendCall(grpc::ClientContext* context, std::shared_ptr<const Tensor> q,
+                       int64_t row_begin, int64_t row_end, int64_t piece_bytes, int64_t o_bytes,
+                       Done done)
+    : context_(context),
+      q_(std::move(q), row_begin, row_end, "q", piece_bytes),
+      done_(std::move(done)),
+      o_("o", o_bytes),
+      lse_("lse", o_bytes) {}
+
+void AttendCall::Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
+                       const v1::AttendHeader& header, std::shared_ptr<const Tensor> q,
+                       int64_t row_begin, int64_t row_end, int64_t piece_bytes, Done done) {
+  const int64_t o_bytes =
+      q->shape[0] * (row_end - row_begin) * q->shape[2] * static_cast<int64_t>(sizeof(float));
+  auto* call = new AttendCall(context, std::move(q), row_begin, row_end, piece_bytes, o_bytes,
+                              std::move(done));
+  stub->async()->Attend(context, call);
+  *call->request_.mutable_header() = header;
+  call->StartWrite(&call->request_);
+  call->StartRead(&call->response_);
+  call->StartCall();
+}
+
+void AttendCall::WriteNext() {
+  if (q_.Next(request_.mutable_piece())) {
+    StartWrite(&request_);
+  } else {
+    StartWritesDone();
+  }
+}
+
+void AttendCall::OnWriteDone(bool ok) {
+  if (ok) WriteNext();
+}
+
+void AttendCall::Fail(absl::Status status) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (error_.ok()) error_ = std::move(status);
+  }
+  context_->TryCancel();
+}
+
+void AttendCall::OnReadDone(bool ok) {
+  if (!ok) return;  // The worker finished; OnDone follows.
+  absl::Status status;
+  if (response_.has_piece()) {
+    status = o_.complete() ? lse_.Add(response_.piece()) : o_.Add(response_.piece());
+  } else if (response_.has_result()) {
+    have_result_ = true;
+    partial_.result = response_.result();
+  } else {
+    status = absl::InternalError("empty Attend response message");
+  }
+  if (!status.ok()) {
+    Fail(absl::InternalError(absl::StrCat("bad Attend answer: ", status.message())));
+    return;
+  }
+  StartRead(&response_);
+}
+
+void AttendCall::OnDone(const grpc::Status& grpc_status) {
+  absl::Status status;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    status = error_;
+  }
+  if (status.ok()) status = FromGrpcStatus(grpc_status);
+  if (status.ok()) {
+    absl::StatusOr<Tensor> o = o_.Take();
+    absl::StatusOr<Tensor> lse = lse_.Take();
+    if (!o.ok() || !lse.ok() || !have_result_) {
+      status = absl::InternalError(
+          absl::StrCat("Attend answer incomplete: ", !o.ok() ? o.status().message() : "",
+                       !lse.ok() ? lse.status().message() : "", have_result_ ? "" : " no result"));
+    } else {
+      partial_.o = *std::move(o);
+      partial_.lse = *std::move(lse);
+    }
+  }
+  done_(std::move(status), std::move(partial_));
+  delete this;
+}
+
+void DropOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id,
+                  std::chrono::milliseconds timeout, std::function<void(absl::Status)> done) {
+  struct State {
+    grpc::ClientContext context;
+    v1::DropRequest request;
+    v1::DropResponse response;
+  };
+  auto* state = new State;
+  state->request.set_sequence_id(worker_sequence_id);
+  state->context.set_deadline(std::chrono::system_clock::now() + timeout);
+  stub->async()->Drop(&state->context, &state->request, &state->response,
+                      [state, done = std::move(done)](grpc::Status s) {
+                        done(FromGrpcStatus(s));
+                        delete state;
+                      });
+}
+
+}  // namespace dhsa::router

@@ -1,0 +1,95 @@
+// Asynchronous calls from the router to one worker (gRPC callback API): storing keys and values,
+// partial attention, and dropping a layer. Each call deletes itself when done and reports once
+// through its callback, on a gRPC thread: callbacks must only record the result and hand heavier
+// work to the router's executor.
+#ifndef DHSA_SERVICES_ROUTER_WORKER_CALLS_H_
+#define DHSA_SERVICES_ROUTER_WORKER_CALLS_H_
+
+#include <grpcpp/client_context.h>
+#include <grpcpp/support/client_callback.h>
+
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "absl/status/status.h"
+#include "dhsa/v1/worker.grpc.pb.h"
+#include "kernels/common/tensor.h"
+#include "services/common/wire.h"
+#include "services/router/pieces.h"
+
+namespace dhsa::router {
+
+// StoreKv: the header, then "k" and "v" rows [row_begin, row_end) of the call's new keys and
+// values.
+class StoreKvCall : public grpc::ClientWriteReactor<v1::StoreKvRequest> {
+ public:
+  using Done = std::function<void(absl::Status)>;
+  // `context` must outlive the call (the router's LayerCall owns it).
+  static void Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
+                    const v1::StoreKvHeader& header, std::shared_ptr<const Tensor> k,
+                    std::shared_ptr<const Tensor> v, int64_t row_begin, int64_t row_end,
+                    int64_t piece_bytes, Done done);
+
+  void OnWriteDone(bool ok) override;
+  void OnDone(const grpc::Status& status) override;
+
+ private:
+  StoreKvCall(std::shared_ptr<const Tensor> k, std::shared_ptr<const Tensor> v, int64_t row_begin,
+              int64_t row_end, int64_t piece_bytes, Done done);
+  void WriteNext();
+
+  PieceStream k_;
+  PieceStream v_;
+  Done done_;
+  v1::StoreKvRequest request_;
+  v1::StoreKvResponse response_;
+};
+
+// What a worker's Attend returned: o [Hq, rows, d] and lse [Hq, rows] float32.
+struct PartialResult {
+  Tensor o;
+  Tensor lse;
+  v1::AttendResult result;
+};
+
+// Attend: the header, then "q" rows [row_begin, row_end) of the call's queries; reads "o", "lse"
+// and the result.
+class AttendCall : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendResponse> {
+ public:
+  using Done = std::function<void(absl::Status, PartialResult)>;
+  static void Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
+                    const v1::AttendHeader& header, std::shared_ptr<const Tensor> q,
+                    int64_t row_begin, int64_t row_end, int64_t piece_bytes, Done done);
+
+  void OnWriteDone(bool ok) override;
+  void OnReadDone(bool ok) override;
+  void OnDone(const grpc::Status& status) override;
+
+ private:
+  AttendCall(grpc::ClientContext* context, std::shared_ptr<const Tensor> q, int64_t row_begin,
+             int64_t row_end, int64_t piece_bytes, int64_t o_bytes, Done done);
+  void WriteNext();
+  void Fail(absl::Status status);
+
+  grpc::ClientContext* context_;
+  PieceStream q_;
+  Done done_;
+  v1::AttendRequest request_;
+  v1::AttendResponse response_;
+  TensorAssembler o_;
+  TensorAssembler lse_;
+  bool have_result_ = false;
+  PartialResult partial_;
+  std::mutex mu_;
+  absl::Status error_;  // Guarded by mu_: a bad answer found while reading.
+};
+
+// Drop: frees every stripe a worker holds under `worker_sequence_id`.
+void DropOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id,
+                  std::chrono::milliseconds timeout, std::function<void(absl::Status)> done);
+
+}  // namespace dhsa::router
+
+#endif  // DHSA_SERVICES_ROUTER_WORKER_CALLS_H_

@@ -1,0 +1,263 @@
+#include "services/router/workers.h"
+
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <netdb.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <set>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "services/common/server.h"
+#include "services/common/status.h"
+
+namespace dhsa::router {
+namespace {
+
+// Reconnect quickly to a worker that comes back (gRPC's default backoff grows to two minutes).
+constexpr int kMaxReconnectBackoffMs = 2000;
+
+}  // namespace
+
+absl::StatusOr<std::vector<std::string>> ResolveDnsTarget(const std::string& target) {
+  std::string rest;
+  if (absl::StartsWith(target, "dns:///")) {
+    rest = target.substr(7);
+  } else if (absl::StartsWith(target, "dns://")) {  // dns://authority/name:port: authority ignored.
+    const size_t slash = target.find('/', 6);
+    if (slash == std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("worker DNS target '", target, "' is not dns:///name:port"));
+    }
+    rest = target.substr(slash + 1);
+  } else if (absl::StartsWith(target, "dns:")) {
+    rest = target.substr(4);
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker DNS target '", target, "' must start with dns:///"));
+  }
+  const size_t colon = rest.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == rest.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker DNS target '", target, "' needs a name and a port: dns:///name:port"));
+  }
+  std::string host = rest.substr(0, colon);
+  const std::string port = rest.substr(colon + 1);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &found);
+  if (rc != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot resolve worker DNS target '", target, "': ", gai_strerror(rc)));
+  }
+  std::set<std::string> out;
+  for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    char text[NI_MAXHOST];
+    if (getnameinfo(a->ai_addr, a->ai_addrlen, text, sizeof(text), nullptr, 0, NI_NUMERICHOST) !=
+        0) {
+      continue;
+    }
+    out.insert(a->ai_family == AF_INET6 ? absl::StrCat("[", text, "]:", port)
+                                        : absl::StrCat(text, ":", port));
+  }
+  freeaddrinfo(found);
+  return std::vector<std::string>(out.begin(), out.end());
+}
+
+WorkerPool::WorkerPool(const WorkerPoolOptions& options) : options_(options) {}
+
+absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Create(const WorkerPoolOptions& options) {
+  if (options.addresses.empty() && options.dns_target.empty()) {
+    return absl::InvalidArgumentError(
+        "the router needs workers: a list of host:port addresses or a dns:///name:port target");
+  }
+  std::unique_ptr<WorkerPool> pool(new WorkerPool(options));
+  {
+    std::lock_guard<std::mutex> lock(pool->mu_);
+    for (const std::string& a : options.addresses) pool->AddWorkerLocked(a);
+  }
+  if (options.addresses.empty()) {
+    // A malformed target is a configuration error; a name that does not resolve yet is not (the
+    // workers may start after the router).
+    absl::StatusOr<std::vector<std::string>> resolved = ResolveDnsTarget(options.dns_target);
+    if (!resolved.ok() && resolved.status().code() == absl::StatusCode::kInvalidArgument) {
+      return resolved.status();
+    }
+  }
+  pool->ProbeNow();
+  pool->prober_ = std::thread([p = pool.get()] { p->ProbeLoop(); });
+  return pool;
+}
+
+WorkerPool::~WorkerPool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (prober_.joinable()) prober_.join();
+}
+
+void WorkerPool::AddWorkerLocked(const std::string& address) {
+  auto w = std::make_unique<Worker>();
+  w->address = address;
+  grpc::ChannelArguments args = ChannelArgumentsForMessageLimit(options_.max_message_bytes);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, kMaxReconnectBackoffMs);
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 200);
+  w->channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  w->stub = v1::Worker::NewStub(w->channel);
+  workers_.push_back(std::move(w));
+  WorkerLoad load;
+  load.available = false;  // Until a probe answers.
+  loads_.push_back(load);
+}
+
+void WorkerPool::RefreshDnsLocked() {
+  absl::StatusOr<std::vector<std::string>> resolved = ResolveDnsTarget(options_.dns_target);
+  if (!resolved.ok()) return;  // Keep the last answer: DNS hiccups must not drop workers.
+  const std::set<std::string> now(resolved->begin(), resolved->end());
+  for (auto& w : workers_) w->listed = now.count(w->address) > 0;
+  for (const std::string& a : now) {
+    const bool known = std::any_of(workers_.begin(), workers_.end(),
+                                   [&](const auto& w) { return w->address == a; });
+    if (!known) AddWorkerLocked(a);
+  }
+}
+
+int WorkerPool::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(workers_.size());
+}
+
+v1::Worker::Stub* WorkerPool::stub(int worker) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return workers_[static_cast<size_t>(worker)]->stub.get();
+}
+
+std::string WorkerPool::address(int worker) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return workers_[static_cast<size_t>(worker)]->address;
+}
+
+absl::StatusOr<std::vector<StorePiece>> WorkerPool::Place(const std::vector<Stripe>& stripes,
+                                                          const PlaceRequest& request,
+                                                          const PlacementPolicy& policy) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return PlaceAppend(stripes, request, policy, loads_);
+}
+
+void WorkerPool::Unreserve(int worker, int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  loads_[static_cast<size_t>(worker)].used_bytes -= bytes;
+}
+
+std::vector<WorkerLoad> WorkerPool::Loads() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return loads_;
+}
+
+void WorkerPool::ReportCallStatus(int worker, const absl::Status& status) {
+  if (status.code() != absl::StatusCode::kUnavailable) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    loads_[static_cast<size_t>(worker)].available = false;
+  }
+  NotifyIfChanged();
+}
+
+bool WorkerPool::AnyAvailable() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return std::any_of(loads_.begin(), loads_.end(), [](const WorkerLoad& l) { return l.available; });
+}
+
+void WorkerPool::SetAvailabilityListener(std::function<void(bool)> listener) {
+  bool any;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    listener_ = std::move(listener);
+    any = last_any_available_ =
+        std::any_of(loads_.begin(), loads_.end(), [](const WorkerLoad& l) { return l.available; });
+  }
+  if (listener_) listener_(any);
+}
+
+void WorkerPool::NotifyIfChanged() {
+  std::function<void(bool)> listener;
+  bool any;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    any =
+        std::any_of(loads_.begin(), loads_.end(), [](const WorkerLoad& l) { return l.available; });
+    if (any == last_any_available_) return;
+    last_any_available_ = any;
+    listener = listener_;
+  }
+  if (listener) listener(any);
+}
+
+void WorkerPool::ProbeNow() {
+  struct Probe {
+    grpc::ClientContext context;
+    v1::StatsRequest request;
+    v1::StatsResponse response;
+    grpc::Status status;
+  };
+  std::vector<std::unique_ptr<Probe>> probes;
+  std::vector<v1::Worker::Stub*> stubs;
+  std::vector<bool> listed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (options_.addresses.empty()) RefreshDnsLocked();
+    for (const auto& w : workers_) {
+      stubs.push_back(w->stub.get());
+      listed.push_back(w->listed);
+    }
+  }
+  std::mutex done_mu;
+  std::condition_variable done_cv;
+  size_t remaining = stubs.size();
+  for (v1::Worker::Stub* stub : stubs) {
+    probes.push_back(std::make_unique<Probe>());
+    Probe* p = probes.back().get();
+    p->context.set_deadline(std::chrono::system_clock::now() + options_.probe_timeout);
+    stub->async()->Stats(&p->context, &p->request, &p->response, [&, p](grpc::Status s) {
+      std::lock_guard<std::mutex> lock(done_mu);
+      p->status = std::move(s);
+      if (--remaining == 0) done_cv.notify_all();
+    });
+  }
+  {
+    std::unique_lock<std::mutex> lock(done_mu);
+    done_cv.wait(lock, [&] { return remaining == 0; });
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < probes.size(); ++i) {
+      WorkerLoad& load = loads_[i];
+      load.available = probes[i]->status.ok() && listed[i];
+      if (probes[i]->status.ok()) load.capacity_bytes = probes[i]->response.capacity_bytes();
+    }
+  }
+  NotifyIfChanged();
+}
+
+void WorkerPool::ProbeLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    cv_.wait_for(lock, options_.probe_interval, [&] { return stopping_; });
+    if (stopping_) break;
+    lock.unlock();
+    ProbeNow();
+    lock.lock();
+  }
+}
+
+}  // namespace dhsa::router

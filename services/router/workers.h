@@ -1,0 +1,99 @@
+// The router's view of its workers: one channel and stub each, whether each is reachable, its
+// capacity (from the worker's Stats) and the KV bytes the router has placed there.
+//
+// Workers come from a fixed list of addresses or from a "dns:///name:port" target resolved with
+// getaddrinfo at start and on every probe (a Kubernetes headless Service lists one address per
+// ready pod). A worker once known keeps its index for the router's life (stripes refer to it); an
+// address that leaves DNS gets no new stripes. A background thread probes every worker with Stats.
+#ifndef DHSA_SERVICES_ROUTER_WORKERS_H_
+#define DHSA_SERVICES_ROUTER_WORKERS_H_
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "dhsa/v1/worker.grpc.pb.h"
+#include "services/router/placement.h"
+
+namespace dhsa::router {
+
+struct WorkerPoolOptions {
+  std::vector<std::string> addresses;  // "host:port" targets; or empty and:
+  std::string dns_target;              // "dns:///name:port", resolved to every address.
+  int64_t max_message_bytes = 4 << 20;
+  std::chrono::milliseconds probe_interval{2000};  // Stats probe and DNS refresh period.
+  std::chrono::milliseconds probe_timeout{1000};   // Deadline of one probe.
+};
+
+// Resolves "dns:///name:port" (or "dns:name:port") to "ip:port" strings ("[ip6]:port"), sorted.
+absl::StatusOr<std::vector<std::string>> ResolveDnsTarget(const std::string& target);
+
+class WorkerPool {
+ public:
+  // Connects to the workers and probes them once (unreachable workers are not an error: readiness
+  // reports them). InvalidArgument for no workers or a malformed DNS target.
+  static absl::StatusOr<std::unique_ptr<WorkerPool>> Create(const WorkerPoolOptions& options);
+  ~WorkerPool();
+
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+
+  int size() const;
+  v1::Worker::Stub* stub(int worker) const;
+  std::string address(int worker) const;
+
+  // Plans and reserves room for new keys (placement.h); Unreserve gives bytes back.
+  absl::StatusOr<std::vector<StorePiece>> Place(const std::vector<Stripe>& stripes,
+                                                const PlaceRequest& request,
+                                                const PlacementPolicy& policy);
+  void Unreserve(int worker, int64_t bytes);
+  std::vector<WorkerLoad> Loads() const;
+
+  // A call to `worker` failed with `status`: UNAVAILABLE marks it unreachable until a probe
+  // succeeds again.
+  void ReportCallStatus(int worker, const absl::Status& status);
+
+  // Whether at least one worker is reachable.
+  bool AnyAvailable() const;
+  // Called (from the probe thread or a reporting thread) whenever AnyAvailable() changes.
+  void SetAvailabilityListener(std::function<void(bool)> listener);
+
+  // Re-resolves DNS and probes every worker now, waiting for the answers.
+  void ProbeNow();
+
+ private:
+  struct Worker {
+    std::string address;
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<v1::Worker::Stub> stub;
+    bool listed = true;  // Still in the DNS answer (always true for a fixed list).
+  };
+
+  explicit WorkerPool(const WorkerPoolOptions& options);
+  void AddWorkerLocked(const std::string& address);
+  void RefreshDnsLocked();
+  void ProbeLoop();
+  void NotifyIfChanged();
+
+  const WorkerPoolOptions options_;
+  mutable std::mutex mu_;
+  std::vector<std::unique_ptr<Worker>> workers_;  // Guarded by mu_; never shrinks.
+  std::vector<WorkerLoad> loads_;                 // Guarded by mu_.
+  std::function<void(bool)> listener_;            // Guarded by mu_.
+  bool last_any_available_ = false;               // Guarded by mu_.
+  bool stopping_ = false;                         // Guarded by mu_.
+  std::condition_variable cv_;
+  std::thread prober_;
+};
+
+}  // namespace dhsa::router
+
+#endif  // DHSA_SERVICES_ROUTER_WORKERS_H_
