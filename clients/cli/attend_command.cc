@@ -9,6 +9,7 @@
 #include "clients/cli/dhsa_flags.h"
 #include "clients/cli/flags.h"
 #include "clients/cli/table.h"
+#include "clients/cpp/client.h"
 #include "kernels/common/status_macros.h"
 #include "kernels/dhsa.h"
 #include "kernels/fidelity/fidelity.h"
@@ -21,7 +22,9 @@ namespace dhsa::cli {
 namespace {
 
 struct AttendFlags {
-  std::string q, k, v, out, lse_out, selection_out;
+  std::string q, k, v, out, lse_out, selection_out, target;
+  std::string backend = "cpu";
+  double timeout = 600;
   int64_t threads = std::max(1u, std::thread::hardware_concurrency());
   int64_t check_rows = 0;
   bool json = false;
@@ -61,7 +64,69 @@ absl::StatusOr<Tensor> LoadInput(const std::string& path, const char* flag, cons
   return ReadTensorFile(path, name);
 }
 
-absl::Status Attend(const AttendFlags& f) {
+// The same call through a running service: a one-layer sequence; keys before t0 are sent first
+// as an earlier prefill (with zero queries, whose output is dropped), as the library assumes.
+// Errors the service returns are marked `*from_server`.
+absl::StatusOr<AttendResult> AttendThroughService(const AttendFlags& f, const Tensor& q,
+                                                  const Tensor& k, const Tensor& v,
+                                                  const DhsaConfig& config, bool* from_server) {
+  if (!f.selection_out.empty() || f.check_rows > 0) {
+    return absl::InvalidArgumentError(
+        "--selection-out and --check-rows need the selection, which the service keeps to itself; "
+        "run without --target for them");
+  }
+  if (q.shape.size() != 3 || k.shape.size() != 3 || v.shape.size() != 3) {
+    return absl::InvalidArgumentError("Q, K and V must be 3-D [heads, len, dim]");
+  }
+  if (q.dtype != k.dtype || q.dtype != v.dtype) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the service stores one dtype per sequence: Q, K and V must share it; got ",
+                     DTypeName(q.dtype), ", ", DTypeName(k.dtype), ", ", DTypeName(v.dtype)));
+  }
+  if (k.shape[1] < q.shape[1] || k.shape != v.shape) {
+    return absl::InvalidArgumentError(absl::StrCat("shapes do not fit: Q ", ShapeString(q.shape),
+                                                   ", K ", ShapeString(k.shape), ", V ",
+                                                   ShapeString(v.shape)));
+  }
+  *from_server = true;
+  ClientOptions options;
+  options.timeout = std::chrono::milliseconds(static_cast<int64_t>(f.timeout * 1000));
+  options.connect_timeout = std::min(options.connect_timeout, options.timeout);
+  DHSA_ASSIGN_OR_RETURN(Client client, Client::Connect(f.target, options));
+  SequenceOptions so;
+  so.q_heads = static_cast<int>(q.shape[0]);
+  so.kv_heads = static_cast<int>(k.shape[0]);
+  so.head_dim = static_cast<int>(q.shape[2]);
+  so.dtype = q.dtype;
+  so.config = config;
+  DHSA_ASSIGN_OR_RETURN(Sequence seq, client.CreateSequence(so));
+  const int64_t lk = k.shape[1], t0 = lk - q.shape[1];
+  absl::StatusOr<AttentionOutput> out;
+  if (t0 > 0) {
+    out = seq.Prefill(0, Tensor::Zeros(q.dtype, {q.shape[0], t0, q.shape[2]}),
+                      SliceTokens(k, 0, t0), SliceTokens(v, 0, t0));
+  }
+  if (out.ok() || t0 == 0) {
+    out =
+        seq.Prefill(0, q, t0 > 0 ? SliceTokens(k, t0, lk) : k, t0 > 0 ? SliceTokens(v, t0, lk) : v,
+                    /*want_lse=*/true);
+  }
+  const absl::Status released = seq.Release().status();
+  if (!out.ok()) return out.status();
+  if (!released.ok()) return released;
+  AttendResult result;
+  result.o = std::move(out->o);
+  result.lse = std::move(out->lse);
+  result.computed_pairs = out->stats.computed_pairs();
+  result.causal_pairs = out->stats.causal_pairs();
+  result.times.boundaries = out->stats.boundaries_seconds();
+  result.times.selection = out->stats.selection_seconds();
+  result.times.attention =
+      out->stats.dispatch_seconds() + out->stats.attention_seconds() + out->stats.merge_seconds();
+  return result;
+}
+
+absl::Status Attend(const AttendFlags& f, bool* from_server) {
   DHSA_ASSIGN_OR_RETURN(DhsaConfig config, ToDhsaConfig(f.dhsa));
   if (f.out.empty()) return absl::InvalidArgumentError("--out is required (the .npy file for O)");
   DHSA_ASSIGN_OR_RETURN(Tensor q, LoadInput(f.q, "q", "q"));
@@ -70,8 +135,12 @@ absl::Status Attend(const AttendFlags& f) {
 
   AttendOptions options;
   options.num_threads = static_cast<int>(std::max<int64_t>(1, f.threads));
+  DHSA_ASSIGN_OR_RETURN(options.backend, ParseBackend(f.backend));
   const auto start = std::chrono::steady_clock::now();
-  DHSA_ASSIGN_OR_RETURN(AttendResult result, AttendReference(q, k, v, config, options));
+  DHSA_ASSIGN_OR_RETURN(AttendResult result,
+                        f.target.empty() ? dhsa::Attend(q, k, v, config, options)
+                                         : AttendThroughService(f, q, k, v, config, from_server));
+  *from_server = false;
   const double total =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
@@ -102,7 +171,7 @@ absl::Status Attend(const AttendFlags& f) {
 
   const double density = static_cast<double>(result.computed_pairs) /
                          static_cast<double>(std::max<int64_t>(1, result.causal_pairs));
-  const int64_t chunks = static_cast<int64_t>(result.boundaries.size()) - 1;
+  const int64_t chunks = std::max<int64_t>(0, static_cast<int64_t>(result.boundaries.size()) - 1);
   if (f.json) {
     nlohmann::json j;
     j["policy"] = PolicyName(config.policy);
@@ -132,16 +201,20 @@ absl::Status Attend(const AttendFlags& f) {
   std::printf("dhsa attend: policy %s, budget %lld (sink %lld, local %lld, q_block %lld), %s\n",
               std::string(PolicyName(config.policy)).c_str(), static_cast<long long>(config.budget),
               static_cast<long long>(config.sink), static_cast<long long>(config.local),
-              static_cast<long long>(config.q_block), "reference backend");
+              static_cast<long long>(config.q_block),
+              f.target.empty() ? ("in process on the " + f.backend + " backend").c_str()
+                               : ("through the service at " + f.target).c_str());
   std::printf("  Q %s  K %s  V %s  %s, queries at positions [%lld, %lld)\n",
               ShapeString(q.shape).c_str(), ShapeString(k.shape).c_str(),
               ShapeString(v.shape).c_str(), std::string(DTypeName(q.dtype)).c_str(),
               static_cast<long long>(lk - q.shape[1]), static_cast<long long>(lk));
-  std::printf(
-      "  chunks: %lld (mean %.1f keys)   computed pairs: %s of %s causal = %.2f%% density\n\n",
-      static_cast<long long>(chunks), static_cast<double>(lk) / std::max<int64_t>(1, chunks),
-      FormatCount(static_cast<double>(result.computed_pairs)).c_str(),
-      FormatCount(static_cast<double>(result.causal_pairs)).c_str(), 100.0 * density);
+  if (chunks > 0) {
+    std::printf("  chunks: %lld (mean %.1f keys)\n", static_cast<long long>(chunks),
+                static_cast<double>(lk) / static_cast<double>(chunks));
+  }
+  std::printf("  computed pairs: %s of %s causal = %.2f%% density\n\n",
+              FormatCount(static_cast<double>(result.computed_pairs)).c_str(),
+              FormatCount(static_cast<double>(result.causal_pairs)).c_str(), 100.0 * density);
   Table stages({"stage", "time"});
   stages.AddRow({"boundaries", FormatSeconds(result.times.boundaries)});
   stages.AddRow({"summaries", FormatSeconds(result.times.summaries)});
@@ -188,18 +261,23 @@ int RunAttend(const std::vector<std::string>& args) {
   flags.String("lse-out", &f.lse_out, "where to write LSE (.npy), natural log");
   flags.String("selection-out", &f.selection_out, "where to write the selection (.json)");
   AddDhsaFlags(flags, &f.dhsa);
+  flags.String("backend", &f.backend,
+               "kernels for in-process attention: cpu (the fast path) or reference (the judge)");
   flags.Int("threads", &f.threads, "threads for attention");
   flags.Int("check-rows", &f.check_rows,
             "measure recall and error against dense attention on this many query rows (0: off)");
   flags.Bool("json", &f.json, "print the report as JSON");
+  flags.String("target", &f.target, "router HOST:PORT: compute through the service instead");
+  flags.Double("timeout", &f.timeout, "deadline of each service call, seconds");
   absl::Status parsed = flags.Parse(args);
   if (!parsed.ok()) return ReportError("attend", parsed);
   if (flags.help_requested()) {
     std::printf("%s", flags.Help().c_str());
     return kExitOk;
   }
-  absl::Status s = Attend(f);
-  if (!s.ok()) return ReportError("attend", s);
+  bool from_server = false;
+  absl::Status s = Attend(f, &from_server);
+  if (!s.ok()) return ReportError("attend", s, from_server);
   return kExitOk;
 }
 

@@ -22,6 +22,8 @@ int ReportError(const std::string& command, const absl::Status& status, bool fro
 
 int RunAttend(const std::vector<std::string>& args);
 int RunGen(const std::vector<std::string>& args);
+int RunServe(const std::vector<std::string>& args);
+int RunDemo(const std::vector<std::string>& args);
 
 }  // namespace dhsa::cli
 

@@ -33,6 +33,8 @@ constexpr char kUsage[] =
     "commands:\n"
     "  attend   DHSA attention of one layer: Q, K, V files in, O (and LSE, selection) out\n"
     "  gen      write a structured synthetic long-context workload (q.npy, k.npy, v.npy)\n"
+    "  serve    run the router and N workers in this process (the embedded service)\n"
+    "  demo     the main job: a multi-layer prefill + decode through the service, with a report\n"
     "\n"
     "exit codes: 0 ok, 2 bad usage or input, 3 service error, 1 other failure\n";
 
@@ -52,6 +54,8 @@ int main(int argc, char** argv) {
   }
   if (command == "attend") return RunAttend(args);
   if (command == "gen") return RunGen(args);
+  if (command == "serve") return RunServe(args);
+  if (command == "demo") return RunDemo(args);
   std::fprintf(stderr, "dhsa: unknown command '%s'\n\n%s", command.c_str(), kUsage);
   return kExitBadInput;
 }

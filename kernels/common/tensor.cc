@@ -38,6 +38,18 @@ std::vector<float> Tensor::ToFloats() const {
   return out;
 }
 
+Tensor SliceTokens(const Tensor& t, int64_t begin, int64_t end) {
+  const int64_t heads = t.shape[0], len = t.shape[1], d = t.shape[2];
+  const size_t row = static_cast<size_t>(d) * DTypeSize(t.dtype);
+  Tensor out = Tensor::Zeros(t.dtype, {heads, end - begin, d});
+  for (int64_t h = 0; h < heads; ++h) {
+    std::memcpy(out.bytes.data() + static_cast<size_t>(h * (end - begin)) * row,
+                t.bytes.data() + static_cast<size_t>(h * len + begin) * row,
+                static_cast<size_t>(end - begin) * row);
+  }
+  return out;
+}
+
 std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }

@@ -33,6 +33,9 @@ struct Tensor {
   std::vector<float> ToFloats() const;
 };
 
+// Rows [begin, end) of the second axis of a 3-D `[heads, len, dim]` tensor (a copy).
+Tensor SliceTokens(const Tensor& t, int64_t begin, int64_t end);
+
 // "[8, 32768, 128]".
 std::string ShapeString(const std::vector<int64_t>& shape);
 

@@ -1,0 +1,278 @@
+// `dhsa demo`: the main job. Starts the service (router + workers in this process, or uses
+// --target), sends a generated multi-layer long-context prefill and decode steps through the C++
+// SDK, runs the same work in process, and prints a short report.
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "bench/workload/workload.h"
+#include "clients/cli/commands.h"
+#include "clients/cli/dhsa_flags.h"
+#include "clients/cli/flags.h"
+#include "clients/cli/table.h"
+#include "clients/cpp/client.h"
+#include "kernels/common/status_macros.h"
+#include "kernels/dhsa.h"
+#include "kernels/fidelity/fidelity.h"
+#include "services/router/embedded.h"
+
+namespace dhsa::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+struct DemoFlags {
+  std::string target;
+  int64_t workers = 2, len = 32768, layers = 2, decode = 64;
+  int64_t hq = 8, hkv = 2, dim = 128, check_rows = 16, threads = 0;
+  DhsaFlags dhsa;
+};
+
+double MaxAbsDiff(const Tensor& a, const Tensor& b) {
+  double worst = 0;
+  for (int64_t i = 0; i < a.NumElements(); ++i) {
+    worst = std::max(worst, std::abs(static_cast<double>(a.Get(i)) - b.Get(i)));
+  }
+  return worst;
+}
+
+struct Totals {
+  double prefill_seconds = 0, decode_seconds = 0;
+  double boundaries = 0, selection = 0, dispatch = 0, attention = 0, merge = 0;
+  double bytes_to = 0, bytes_from = 0;
+  double computed = 0, causal = 0;
+  void Add(const v1::CallStats& s) {
+    boundaries += s.boundaries_seconds();
+    selection += s.selection_seconds();
+    dispatch += s.dispatch_seconds();
+    attention += s.attention_seconds();
+    merge += s.merge_seconds();
+    bytes_to += static_cast<double>(s.bytes_to_workers());
+    bytes_from += static_cast<double>(s.bytes_from_workers());
+    computed += static_cast<double>(s.computed_pairs());
+    causal += static_cast<double>(s.causal_pairs());
+  }
+};
+
+absl::Status Demo(const DemoFlags& f) {
+  DHSA_ASSIGN_OR_RETURN(DhsaConfig config, ToDhsaConfig(f.dhsa));
+  if (config.policy == Policy::kOracleTopk) {
+    return absl::InvalidArgumentError(
+        "oracle_topk is for evaluation only; the service does not serve it");
+  }
+  if (f.len < 1 || f.layers < 1 || f.decode < 0) {
+    return absl::InvalidArgumentError("--len and --layers must be >= 1, --decode >= 0");
+  }
+  const int threads = f.threads > 0
+                          ? static_cast<int>(f.threads)
+                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+
+  std::unique_ptr<EmbeddedService> embedded;
+  std::string target = f.target;
+  if (target.empty()) {
+    EmbeddedOptions options;
+    options.num_workers = static_cast<int>(f.workers);
+    options.threads = threads;
+    options.default_config = config;
+    DHSA_ASSIGN_OR_RETURN(embedded, EmbeddedService::Start(options));
+    target = embedded->router_address();
+  }
+
+  // The workload: one generated layer per model layer (different seeds), len + decode tokens.
+  std::fprintf(stderr, "generating %lld layers of %lld tokens...\n",
+               static_cast<long long>(f.layers), static_cast<long long>(f.len + f.decode));
+  std::vector<Workload> layers;
+  for (int64_t l = 0; l < f.layers; ++l) {
+    WorkloadConfig wc;
+    wc.len = f.len + f.decode;
+    wc.hq = f.hq;
+    wc.hkv = f.hkv;
+    wc.dim = f.dim;
+    wc.seed = static_cast<uint64_t>(l + 1);
+    wc.needles = static_cast<int>(std::min<int64_t>(8, (wc.len - 1) / 48));
+    DHSA_ASSIGN_OR_RETURN(Workload w, GenerateWorkload(wc));
+    layers.push_back(std::move(w));
+  }
+
+  ClientOptions client_options;
+  client_options.timeout = std::chrono::minutes(30);
+  DHSA_ASSIGN_OR_RETURN(Client client, Client::Connect(target, client_options));
+  SequenceOptions so;
+  so.num_layers = static_cast<int>(f.layers);
+  so.q_heads = static_cast<int>(f.hq);
+  so.kv_heads = static_cast<int>(f.hkv);
+  so.head_dim = static_cast<int>(f.dim);
+  so.config = config;
+  DHSA_ASSIGN_OR_RETURN(Sequence seq, client.CreateSequence(so));
+
+  // Through the service.
+  Totals service;
+  std::vector<Tensor> service_o;
+  for (int64_t l = 0; l < f.layers; ++l) {
+    std::fprintf(stderr, "service: prefill layer %lld...\n", static_cast<long long>(l));
+    const Workload& w = layers[l];
+    const auto start = Clock::now();
+    DHSA_ASSIGN_OR_RETURN(AttentionOutput out,
+                          seq.Prefill(static_cast<int>(l), SliceTokens(w.q, 0, f.len),
+                                      SliceTokens(w.k, 0, f.len), SliceTokens(w.v, 0, f.len)));
+    service.prefill_seconds += Since(start);
+    service.Add(out.stats);
+    service_o.push_back(std::move(out.o));
+  }
+  std::vector<std::vector<Tensor>> service_decode(static_cast<size_t>(f.layers));
+  for (int64_t step = 0; step < f.decode; ++step) {
+    const int64_t p = f.len + step;
+    for (int64_t l = 0; l < f.layers; ++l) {
+      const Workload& w = layers[l];
+      const auto start = Clock::now();
+      DHSA_ASSIGN_OR_RETURN(AttentionOutput out,
+                            seq.Decode(static_cast<int>(l), SliceTokens(w.q, p, p + 1),
+                                       SliceTokens(w.k, p, p + 1), SliceTokens(w.v, p, p + 1)));
+      service.decode_seconds += Since(start);
+      service.bytes_to += static_cast<double>(out.stats.bytes_to_workers());
+      service.bytes_from += static_cast<double>(out.stats.bytes_from_workers());
+      service_decode[l].push_back(std::move(out.o));
+    }
+  }
+  DHSA_ASSIGN_OR_RETURN(v1::SequenceInfo info, seq.Info());
+  DHSA_RETURN_IF_ERROR(seq.Release().status());
+
+  // The same work in process (the stateless library: decode recomputes chunk summaries each step).
+  AttendOptions options;
+  options.num_threads = threads;
+  double local_prefill = 0, local_decode = 0, worst_diff = 0;
+  int64_t local_decode_steps = 0;
+  FidelityReport fidelity;
+  for (int64_t l = 0; l < f.layers; ++l) {
+    std::fprintf(stderr, "in process: prefill layer %lld...\n", static_cast<long long>(l));
+    const Workload& w = layers[l];
+    const Tensor q = SliceTokens(w.q, 0, f.len), k = SliceTokens(w.k, 0, f.len),
+                 v = SliceTokens(w.v, 0, f.len);
+    const auto start = Clock::now();
+    DHSA_ASSIGN_OR_RETURN(AttendResult r, AttendReference(q, k, v, config, options));
+    local_prefill += Since(start);
+    worst_diff = std::max(worst_diff, MaxAbsDiff(r.o, service_o[l]));
+    if (l == 0 && f.check_rows > 0) {
+      DHSA_ASSIGN_OR_RETURN(HeadsView qv, HeadsView::Of(q, "Q"));
+      DHSA_ASSIGN_OR_RETURN(HeadsView kv, HeadsView::Of(k, "K"));
+      DHSA_ASSIGN_OR_RETURN(HeadsView vv, HeadsView::Of(v, "V"));
+      DHSA_ASSIGN_OR_RETURN(fidelity, MeasureFidelity(qv, kv, vv, r.selection, service_o[0],
+                                                      EffectiveScale(config, f.dim),
+                                                      SpreadRows(f.len, f.check_rows)));
+    }
+    // Decode: compare every 16th step and the last (each stateless call copies the whole cache).
+    std::vector<int64_t> boundaries = r.boundaries;
+    for (int64_t step = 0; step < f.decode; ++step) {
+      const int64_t p = f.len + step;
+      const Tensor kp = SliceTokens(w.k, 0, p + 1), vp = SliceTokens(w.v, 0, p + 1);
+      AttendOptions decode = options;
+      decode.prior_boundaries = &boundaries;
+      decode.decode = true;
+      const auto s = Clock::now();
+      DHSA_ASSIGN_OR_RETURN(AttendResult d,
+                            AttendReference(SliceTokens(w.q, p, p + 1), kp, vp, config, decode));
+      if (step % 16 == 0 || step + 1 == f.decode) {
+        local_decode += Since(s);
+        ++local_decode_steps;
+        worst_diff = std::max(worst_diff, MaxAbsDiff(d.o, service_decode[l][step]));
+      }
+      boundaries = d.boundaries;
+    }
+  }
+
+  const double prefill_tokens = static_cast<double>(f.len * f.layers);
+  const double decode_calls = static_cast<double>(f.decode * f.layers);
+  std::printf(
+      "dhsa demo: %lld layers x %lld tokens prefill + %lld decode steps; Hq %lld, Hkv %lld, "
+      "d %lld, float32; policy %s, budget %lld\n",
+      static_cast<long long>(f.layers), static_cast<long long>(f.len),
+      static_cast<long long>(f.decode), static_cast<long long>(f.hq), static_cast<long long>(f.hkv),
+      static_cast<long long>(f.dim), std::string(PolicyName(config.policy)).c_str(),
+      static_cast<long long>(config.budget));
+  std::printf("service: router %s, %d workers%s; KV held %s on %d workers\n\n", target.c_str(),
+              info.workers_size(), embedded ? " in this process (gRPC over loopback)" : "",
+              FormatBytes(static_cast<double>(info.kv_bytes())).c_str(), info.workers_size());
+  Table t({"", "service", "in process"});
+  t.AddRow({"prefill, all layers", FormatSeconds(service.prefill_seconds),
+            FormatSeconds(local_prefill)});
+  t.AddRow({"prefill tokens/s", absl::StrFormat("%.0f", prefill_tokens / service.prefill_seconds),
+            absl::StrFormat("%.0f", prefill_tokens / local_prefill)});
+  if (f.decode > 0) {
+    t.AddRow({"decode, per token per layer", FormatSeconds(service.decode_seconds / decode_calls),
+              FormatSeconds(local_decode /
+                            static_cast<double>(std::max<int64_t>(1, local_decode_steps)))});
+    t.AddRow({"decode tokens/s (all layers)",
+              absl::StrFormat("%.1f", static_cast<double>(f.decode) / service.decode_seconds),
+              "-"});
+  }
+  std::printf("%s\n", t.Render().c_str());
+  std::printf("prefill time per stage, summed over layers (router view):\n");
+  Table stages({"stage", "time"});
+  stages.AddRow({"boundaries", FormatSeconds(service.boundaries)});
+  stages.AddRow({"summaries + selection", FormatSeconds(service.selection)});
+  stages.AddRow({"dispatch (KV + queries to workers)", FormatSeconds(service.dispatch)});
+  stages.AddRow({"worker attention", FormatSeconds(service.attention)});
+  stages.AddRow({"merge", FormatSeconds(service.merge)});
+  std::printf("%s\n", stages.Render().c_str());
+  std::printf(
+      "bytes moved over gRPC: %s to workers, %s from workers; density %.2f%% of causal pairs\n",
+      FormatBytes(service.bytes_to).c_str(), FormatBytes(service.bytes_from).c_str(),
+      100.0 * service.computed / std::max(1.0, service.causal));
+  std::printf(
+      "service vs in process: max |O difference| = %.3g over all prefill rows and %lld "
+      "compared decode steps\n",
+      worst_diff, static_cast<long long>(local_decode_steps));
+  if (f.check_rows > 0) {
+    std::printf(
+        "fidelity vs dense attention (layer 0, %lld (head, row) pairs): recall mean %.4f, "
+        "5th percentile %.4f; output relative error %.4f\n",
+        static_cast<long long>(fidelity.rows), fidelity.recall_mean, fidelity.recall_p5,
+        fidelity.output_rel_error);
+  }
+  if (embedded) embedded->Shutdown();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunDemo(const std::vector<std::string>& args) {
+  DemoFlags f;
+  FlagSet flags("demo", "[--workers N | --target HOST:PORT] [flags]",
+                "The main job: starts the service (router + N workers in this process) unless\n"
+                "--target names a running router, sends a generated long-context workload of\n"
+                "several layers through the C++ SDK (prefill, then decode steps), runs the same\n"
+                "work in process, and reports time per stage, bytes moved, tokens/s, the\n"
+                "difference between the two results and the fidelity against dense attention.",
+                "  dhsa demo\n"
+                "  dhsa demo --len 8192 --layers 1 --decode 16\n"
+                "  dhsa demo --target 127.0.0.1:50051 --policy block_topk");
+  flags.String("target", &f.target, "router address; empty: start router + workers here");
+  flags.Int("workers", &f.workers, "workers to start when there is no --target");
+  flags.Int("len", &f.len, "tokens prefilled per layer");
+  flags.Int("layers", &f.layers, "layers");
+  flags.Int("decode", &f.decode, "decode steps after the prefill");
+  flags.Int("hq", &f.hq, "query heads");
+  flags.Int("hkv", &f.hkv, "KV heads");
+  flags.Int("dim", &f.dim, "head dim");
+  flags.Int("check-rows", &f.check_rows, "rows checked against dense attention (0: off)");
+  flags.Int("threads", &f.threads, "threads (0: all cores)");
+  AddDhsaFlags(flags, &f.dhsa);
+  absl::Status parsed = flags.Parse(args);
+  if (!parsed.ok()) return ReportError("demo", parsed);
+  if (flags.help_requested()) {
+    std::printf("%s", flags.Help().c_str());
+    return kExitOk;
+  }
+  absl::Status s = Demo(f);
+  if (!s.ok()) return ReportError("demo", s, s.code() != absl::StatusCode::kInvalidArgument);
+  return kExitOk;
+}
+
+}  // namespace dhsa::cli
