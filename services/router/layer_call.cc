@@ -61,6 +61,12 @@ grpc::ClientContext* LayerCall::NewWorkerContext() {
   std::unique_ptr<grpc::ClientContext> context =
       server_context_ != nullptr ? grpc::ClientContext::FromCallbackServerContext(*server_context_)
                                  : std::make_unique<grpc::ClientContext>();
+  // The client's deadline propagates from server_context_; without one, the default bounds the
+  // call.
+  if (server_context_ == nullptr ||
+      server_context_->deadline() == std::chrono::system_clock::time_point::max()) {
+    context->set_deadline(std::chrono::system_clock::now() + core_.worker_call_timeout);
+  }
   std::lock_guard<std::mutex> lock(mu_);
   if (cancelled_) return nullptr;
   contexts_.push_back(std::move(context));
@@ -129,6 +135,7 @@ absl::Status LayerCall::PlanAndStore() {
     std::lock_guard<std::mutex> lock(mu_);
     store_status_.assign(pieces_.size(), absl::UnknownError("not sent"));
     store_sent_.assign(pieces_.size(), false);
+    store_maybe_.assign(pieces_.size(), false);
     pending_ = pieces_.size();
   }
   const std::string worker_id = WorkerSequenceId(seq.id, layer_);
@@ -145,18 +152,19 @@ absl::Status LayerCall::PlanAndStore() {
     header.set_head_dim(static_cast<int32_t>(dim_));
     header.set_dtype(ToProtoDType(seq.dtype));
     header.set_append(p.append);
-    auto on_done = [self = shared_from_this(), i](absl::Status s) {
+    auto on_done = [self = shared_from_this(), i](absl::Status s, bool may_have_stored) {
       bool last;
       {
         std::lock_guard<std::mutex> lock(self->mu_);
         self->store_status_[i] = std::move(s);
+        self->store_maybe_[i] = may_have_stored;
         last = --self->pending_ == 0;
       }
       if (last) self->core_.executor->Submit([self] { self->AfterStores(); });
     };
     grpc::ClientContext* context = NewWorkerContext();
     if (context == nullptr) {
-      on_done(absl::CancelledError("the client cancelled the call"));
+      on_done(absl::CancelledError("the client cancelled the call"), false);
       continue;
     }
     {
@@ -344,83 +352,92 @@ int64_t LayerCall::PieceBytes(size_t i) const {
 }
 
 void LayerCall::Rollback(absl::Status status) {
-  // Pieces the workers hold now: a StoreKv that failed stored nothing (the worker commits only
-  // once it has every byte; the race left is described in router.h).
-  std::vector<size_t> stored;
+  // Pieces the workers may hold now: those stored, and those whose StoreKv failed with an unknown
+  // outcome (it may have committed as it failed). The others stored nothing.
+  std::vector<size_t> held;
   std::set<int> attempted;  // Workers that were sent a StoreKv.
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (size_t i = 0; i < store_status_.size(); ++i) {
-      if (store_status_[i].ok()) stored.push_back(i);
+      if (store_maybe_[i]) held.push_back(i);
       if (store_sent_[i]) attempted.insert(pieces_[i].worker);
     }
   }
+  std::vector<bool> is_held(pieces_.size(), false);
+  for (size_t i : held) is_held[i] = true;
   for (size_t i = 0; i < pieces_.size(); ++i) {
-    if (std::find(stored.begin(), stored.end(), i) == stored.end()) {
-      core_.pool->Unreserve(pieces_[i].worker, PieceBytes(i));
-    }
+    if (!is_held[i]) core_.pool->Unreserve(pieces_[i].worker, PieceBytes(i));
   }
-  if (stored.empty()) {
+  if (held.empty()) {
     Finish(std::move(status));
     return;
   }
-  if (t0_ > 0) {
-    // The keys appended to stripes that hold older keys cannot be taken back with Drop.
-    const std::string why = absl::StrCat("keys [", t0_, ", ", lk_,
-                                         ") of a failed call remain on workers; release the "
-                                         "sequence");
-    MarkBroken(stored, why);
-    Finish(absl::Status(status.code(), absl::StrCat(status.message(), "; layer ", layer_,
-                                                    " is now unusable: ", why)));
-    return;
-  }
-  // The layer held nothing before this call: dropping its worker sequence undoes the call. Workers
-  // holding a stored piece must confirm; the others (their StoreKv failed, so they stored nothing)
-  // are asked too, in case a failure raced the commit, but may be unreachable.
+  // Truncate(t0) on every worker sent a StoreKv takes the layer back to its state before the call
+  // (all of it when t0 is 0), and fences this call's writes still in flight there. The workers that
+  // may hold a piece must confirm; the others stored nothing, and may be unreachable.
   std::set<int> must;
-  for (size_t i : stored) must.insert(pieces_[i].worker);
+  for (size_t i : held) must.insert(pieces_[i].worker);
   struct Pending {
     std::mutex mu;
     size_t left = 0;
-    absl::Status first_error;
+    std::map<int, absl::Status> failed;  // Required truncates that failed, per worker.
   };
   auto pending = std::make_shared<Pending>();
   pending->left = attempted.size();
+  const std::string worker_id = WorkerSequenceId(seq_->id, layer_);
   for (int w : attempted) {
     const bool required = must.count(w) > 0;
-    DropOnWorker(core_.pool->stub(w), WorkerSequenceId(seq_->id, layer_), core_.cleanup_timeout,
-                 [self = shared_from_this(), pending, stored, status, required](absl::Status s) {
-                   bool last;
-                   {
-                     std::lock_guard<std::mutex> lock(pending->mu);
-                     if (required && !s.ok() && pending->first_error.ok()) pending->first_error = s;
-                     last = --pending->left == 0;
-                   }
-                   if (!last) return;
-                   self->core_.executor->Submit([self, pending, stored, status] {
-                     if (pending->first_error.ok()) {
-                       for (size_t i : stored) {
-                         self->core_.pool->Unreserve(self->pieces_[i].worker, self->PieceBytes(i));
-                       }
-                       self->Finish(status);
-                       return;
-                     }
-                     const std::string why =
-                         absl::StrCat("keys of a failed call could not be dropped: ",
-                                      pending->first_error.message());
-                     self->MarkBroken(stored, why);
-                     self->Finish(absl::Status(
-                         status.code(), absl::StrCat(status.message(), "; layer ", self->layer_,
-                                                     " is now unusable: ", why)));
-                   });
-                 });
+    TruncateOnWorker(
+        core_.pool->stub(w), worker_id, layer_, t0_, core_.cleanup_timeout,
+        [self = shared_from_this(), pending, held, status, required, w](absl::Status s) {
+          bool last;
+          {
+            std::lock_guard<std::mutex> lock(pending->mu);
+            if (required && !s.ok()) pending->failed.emplace(w, std::move(s));
+            last = --pending->left == 0;
+          }
+          if (!last) return;
+          self->core_.executor->Submit([self, pending, held, status] {
+            self->AfterTruncates(held, pending->failed, status);
+          });
+        });
   }
 }
 
-void LayerCall::MarkBroken(const std::vector<size_t>& stored, const std::string& why) {
+void LayerCall::AfterTruncates(const std::vector<size_t>& held,
+                               const std::map<int, absl::Status>& failed, absl::Status status) {
+  std::vector<size_t> stranded;  // Pieces on workers whose truncate failed.
+  for (size_t i : held) {
+    if (failed.count(pieces_[i].worker) > 0) {
+      stranded.push_back(i);
+    } else {
+      core_.pool->Unreserve(pieces_[i].worker, PieceBytes(i));
+    }
+  }
+  if (stranded.empty()) {
+    Finish(std::move(status));
+    return;
+  }
+  std::string why = absl::StrCat("keys [", t0_, ", ", lk_,
+                                 ") of a failed call may remain on workers that could not "
+                                 "truncate them (");
+  bool first = true;
+  for (const auto& [worker, s] : failed) {
+    core_.pool->ReportCallStatus(worker, s);
+    absl::StrAppend(&why, first ? "" : "; ", core_.pool->address(worker), ": ", s.message());
+    first = false;
+  }
+  absl::StrAppend(&why, "); release the sequence and prefill it again");
+  MarkBroken(stranded, why);
+  Finish(absl::Status(status.code(), absl::StrCat(status.message(), "; layer ", layer_,
+                                                  " is now unusable: ", why)));
+}
+
+void LayerCall::MarkBroken(const std::vector<size_t>& pieces, const std::string& why) {
   std::lock_guard<std::mutex> lock(seq_->mu);
   seq_->layers[static_cast<size_t>(layer_)].broken = why;
-  for (size_t i : stored) seq_->bytes_on_worker[pieces_[i].worker] += PieceBytes(i);
+  // Their bytes stay placed until the sequence is released.
+  for (size_t i : pieces) seq_->bytes_on_worker[pieces_[i].worker] += PieceBytes(i);
 }
 
 void LayerCall::Finish(absl::StatusOr<LayerCallOutput> result) {

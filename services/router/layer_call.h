@@ -3,7 +3,9 @@
 // holding selected keys, the LSE merge, then the commit of the layer's new layout. Heavy steps run
 // on the router's executor; worker calls are asynchronous and hand back to the executor when the
 // last one answers. A failed call leaves the layer as it was: nothing is committed, reservations
-// are returned, and keys already stored on workers are dropped (see Rollback in layer_call.cc).
+// are returned, and keys it may have stored on workers are truncated away (see Rollback in
+// layer_call.cc); only when a worker that may hold such keys cannot be reached is the layer marked
+// unusable instead.
 #ifndef DHSA_SERVICES_ROUTER_LAYER_CALL_H_
 #define DHSA_SERVICES_ROUTER_LAYER_CALL_H_
 
@@ -13,6 +15,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -37,8 +40,11 @@ struct RouterCore {
   const PlacementPolicy* policy = nullptr;
   int64_t stripe_tokens = 4096;
   int64_t piece_bytes = 1 << 20;  // Data bytes per TensorPiece sent to workers.
-  // Deadline of the Drop calls that undo a failed call's stores.
+  // Deadline of the Truncate calls that undo a failed call's stores.
   std::chrono::milliseconds cleanup_timeout{5000};
+  // Deadline of each StoreKv and Attend of a client call that has no deadline of its own (a
+  // client's deadline propagates to the worker calls as is): a stalled worker cannot hang a call.
+  std::chrono::milliseconds worker_call_timeout{120000};
 };
 
 struct LayerCallOutput {
@@ -55,7 +61,8 @@ class LayerCall : public std::enable_shared_from_this<LayerCall> {
   // Runs the call; `done` is called once, from an executor thread. The caller has claimed the
   // layer (BeginLayerCall) and checked the shapes: q [Hq, Lq, d], k and v [Hkv, Lq, d] in the
   // sequence's dtype. Worker calls inherit the deadline and cancellation of `server_context` (may
-  // be null), which must stay alive until `done`.
+  // be null), which must stay alive until `done`; without a client deadline each worker call gets
+  // core.worker_call_timeout.
   static std::shared_ptr<LayerCall> Start(const RouterCore& core,
                                           std::shared_ptr<SequenceState> seq, int layer,
                                           std::shared_ptr<const Tensor> q,
@@ -80,8 +87,13 @@ class LayerCall : public std::enable_shared_from_this<LayerCall> {
   // A worker call failed: the status the client gets.
   absl::Status WorkerFailure(int worker, const char* what, const absl::Status& status);
   int64_t PieceBytes(size_t piece) const;  // KV bytes of pieces_[piece].
+  // Undoes the call (Truncate to t0_ on every worker sent a StoreKv), then finishes with `status`.
   void Rollback(absl::Status status);
-  void MarkBroken(const std::vector<size_t>& stored, const std::string& why);
+  // The truncates of Rollback have answered: `held` are the pieces workers may hold, `failed` the
+  // workers holding some of them whose Truncate failed (with why).
+  void AfterTruncates(const std::vector<size_t>& held, const std::map<int, absl::Status>& failed,
+                      absl::Status status);
+  void MarkBroken(const std::vector<size_t>& pieces, const std::string& why);
   void Finish(absl::StatusOr<LayerCallOutput> result);
 
   RouterCore core_;
@@ -107,6 +119,7 @@ class LayerCall : public std::enable_shared_from_this<LayerCall> {
   size_t pending_ = 0;                                          // Guarded by mu_.
   std::vector<absl::Status> store_status_;                      // Guarded by mu_.
   std::vector<bool> store_sent_;                                // Guarded by mu_.
+  std::vector<bool> store_maybe_;                               // Guarded by mu_: may be held.
   std::vector<absl::Status> attend_status_;                     // Guarded by mu_.
   std::vector<PartialResult> partials_;                         // Guarded by mu_.
 };

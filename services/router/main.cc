@@ -2,7 +2,7 @@
 //
 //   dhsa-router [--config FILE.json] [--listen HOST:PORT] (--workers H:P,H:P | --worker-dns
 //               dns:///NAME:PORT) [--max-message-bytes N] [--stripe-tokens N] [--threads N]
-//               [--max-inflight N] [--drain-seconds S]
+//               [--max-inflight N] [--drain-seconds S] [--worker-call-timeout S]
 //
 // Flags override the JSON ServiceConfig. SIGTERM or SIGINT: readiness goes NOT_SERVING, calls in
 // flight get drain_seconds to finish, then the process exits 0.
@@ -24,7 +24,7 @@ namespace {
 constexpr char kUsage[] =
     "usage: dhsa-router [--config FILE.json] [--listen HOST:PORT] (--workers HOST:PORT,... | "
     "--worker-dns dns:///NAME:PORT) [--max-message-bytes N] [--stripe-tokens N] [--threads N] "
-    "[--max-inflight N] [--drain-seconds S]\n";
+    "[--max-inflight N] [--drain-seconds S] [--worker-call-timeout S]\n";
 
 // One line naming the problem; exit status 2.
 int Usage(const std::string& problem) {
@@ -45,6 +45,7 @@ int main(int argc, char** argv) {
                                              {"--threads", true},
                                              {"--max-inflight", true},
                                              {"--drain-seconds", true},
+                                             {"--worker-call-timeout", true},
                                              {"--help", false}};
   std::map<std::string, std::string> flags;
   for (int i = 1; i < argc; ++i) {
@@ -95,7 +96,8 @@ int main(int argc, char** argv) {
       number("--threads", [&](double v) { config.set_threads(static_cast<int32_t>(v)); }) &&
       number("--max-inflight",
              [&](double v) { config.set_max_inflight(static_cast<int32_t>(v)); }) &&
-      number("--drain-seconds", [&](double v) { config.set_drain_seconds(v); });
+      number("--drain-seconds", [&](double v) { config.set_drain_seconds(v); }) &&
+      number("--worker-call-timeout", [&](double v) { config.set_worker_call_timeout_seconds(v); });
   if (!numbers_ok) return Usage("a numeric flag has a value that is not a number");
   if (config.worker_addresses_size() > 0 && !config.worker_dns().empty() &&
       flags.count("--workers") + flags.count("--worker-dns") == 2) {

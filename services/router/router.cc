@@ -2,6 +2,8 @@
 
 #include <grpcpp/health_check_service_interface.h>
 
+#include <algorithm>
+#include <cmath>
 #include <random>
 #include <thread>
 #include <utility>
@@ -242,6 +244,16 @@ absl::StatusOr<RouterOptions> RouterOptionsFromServiceConfig(const v1::ServiceCo
   if (config.stripe_tokens() != 0) o.stripe_tokens = config.stripe_tokens();
   if (config.threads() != 0) o.threads = config.threads();
   if (config.max_inflight() != 0) o.max_inflight = config.max_inflight();
+  if (!(config.worker_call_timeout_seconds() >= 0) || config.worker_call_timeout_seconds() > 1e9) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("router config: worker_call_timeout_seconds must be >= 0 (0: the default, ",
+                     "120 s); got ", config.worker_call_timeout_seconds()));
+  }
+  if (config.worker_call_timeout_seconds() > 0) {
+    o.worker_call_timeout = std::max(std::chrono::milliseconds(1),
+                                     std::chrono::milliseconds(static_cast<int64_t>(std::llround(
+                                         config.worker_call_timeout_seconds() * 1000))));
+  }
   DHSA_ASSIGN_OR_RETURN(o.default_config,
                         DhsaConfigFromProto(config.default_params(), DhsaConfig{}));
   if (o.max_message_bytes < 4096 || o.stripe_tokens < 1 || o.threads < 0 || o.max_inflight < 1) {
@@ -264,6 +276,10 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Route
   if (options.default_config.policy == Policy::kOracleTopk) {
     return absl::InvalidArgumentError("oracle_topk cannot be the service's default policy");
   }
+  if (options.worker_call_timeout <= std::chrono::milliseconds(0)) {
+    return absl::InvalidArgumentError(absl::StrCat("worker_call_timeout must be positive; got ",
+                                                   options.worker_call_timeout.count(), " ms"));
+  }
   std::unique_ptr<RouterService> service(new RouterService(options));
   WorkerPoolOptions pool_options;
   pool_options.addresses = options.worker_addresses;
@@ -280,6 +296,7 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Route
   service->core_.policy = &service->placement_;
   service->core_.stripe_tokens = options.stripe_tokens;
   service->core_.piece_bytes = PieceBytesForMessageLimit(options.max_message_bytes);
+  service->core_.worker_call_timeout = options.worker_call_timeout;
   return service;
 }
 

@@ -8,15 +8,21 @@
 // heavy runs on the router's executor, and worker calls are asynchronous.
 //
 // Choices beyond the brief, and why:
-// - Workers hold each layer under its own worker sequence id "<id>.L<layer>". worker.proto can
-//   drop a whole sequence but not truncate one, so a failed call's stored keys can be taken back
-//   only by dropping what holds nothing else: the first prefill of a layer (the usual case) is
-//   undone exactly. A failed call that appended to older keys (chunked prefill, decode) after some
-//   StoreKv succeeded marks the layer unusable (FAILED_PRECONDITION, "release the sequence")
-//   rather than leave keys the router does not know about. A worker-side truncate would remove
-//   this case. A StoreKv that fails is taken to have stored nothing (the worker commits on the
-//   client's half-close); a cancellation that races that commit could leave an unknown tail on a
-//   stripe, which the worker then reports on the next append.
+// - Workers hold each layer under its own worker sequence id "<id>.L<layer>". A failed call is
+//   undone with the worker's Truncate(end = the layer's length before the call) on every worker it
+//   sent a StoreKv: stripes it opened are freed and stripes it appended to are cut back, so a
+//   failed first prefill, chunked prefill or decode leaves the layer exactly as it was, and its
+//   reserved bytes return once the truncates are confirmed. A StoreKv whose outcome is unknown
+//   (it failed by cancellation, deadline or a transport error after its half-close, when the
+//   worker may have committed) counts as stored: its worker must confirm the truncate too, and the
+//   truncate also fences that layer's writes still in flight on the worker (they fail ABORTED
+//   instead of landing after it). Only when a worker that may hold such keys cannot be reached is
+//   the layer marked unusable (FAILED_PRECONDITION, "release the sequence") rather than risk keys
+//   the router does not know about. A StoreKv the worker refused, or whose stream broke before the
+//   half-close, stored nothing.
+// - Worker calls carry the client's deadline and cancellation; when the client sets no deadline,
+//   each StoreKv and Attend gets worker_call_timeout (default 120 s), so a stalled worker ends a
+//   call with DEADLINE_EXCEEDED (and the rollback above) instead of hanging it.
 // - Each sequence's zigzag starts at a different worker (round robin over creations), so short
 //   sequences (one stripe per layer) spread over the cluster instead of all landing on worker 0.
 // - A stripe opens at the first chunk boundary at least stripe_tokens after the previous stripe's
@@ -71,6 +77,9 @@ struct RouterOptions {
   int max_inflight = 64;                      // Requests beyond it get RESOURCE_EXHAUSTED.
   DhsaConfig default_config;                  // For sequences created without parameters.
   std::chrono::milliseconds probe_interval{2000};  // Worker probe and DNS refresh period.
+  // Deadline of each StoreKv and Attend made for a client call that sets no deadline (a client's
+  // deadline propagates as is). Positive.
+  std::chrono::milliseconds worker_call_timeout{120000};
 };
 
 // Router options from a ServiceConfig (zero fields keep the defaults above).

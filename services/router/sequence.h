@@ -58,8 +58,9 @@ void EndLayerCall(SequenceState& seq, int layer);
 // Checks a client-chosen id: 1 to 128 of letters, digits, '-', '_', '.'.
 absl::Status ValidateSequenceId(const std::string& id);
 
-// The id under which workers hold one layer of a sequence. One worker sequence per layer lets the
-// router drop exactly one layer (the keys of a failed first prefill) with the worker's Drop.
+// The id under which workers hold one layer of a sequence. One worker sequence per layer keeps the
+// layers apart on the workers: the rollback of a failed call truncates exactly its layer, and
+// ReleaseSequence drops each layer with the worker's Drop.
 std::string WorkerSequenceId(const std::string& id, int layer);
 
 }  // namespace dhsa::router

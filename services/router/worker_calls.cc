@@ -30,6 +30,7 @@ void StoreKvCall::WriteNext() {
   if (k_.Next(piece) || v_.Next(piece)) {
     StartWrite(&request_);
   } else {
+    half_closed_ = true;
     StartWritesDone();  // The worker commits the tokens now.
   }
 }
@@ -38,8 +39,29 @@ void StoreKvCall::OnWriteDone(bool ok) {
   if (ok) WriteNext();  // Otherwise the stream is broken; OnDone brings the status.
 }
 
-void StoreKvCall::OnDone(const grpc::Status& status) {
-  done_(FromGrpcStatus(status));
+void StoreKvCall::OnDone(const grpc::Status& grpc_status) {
+  absl::Status status = FromGrpcStatus(grpc_status);
+  bool may_have_stored = status.ok();
+  if (!status.ok() && half_closed_) {
+    switch (status.code()) {
+      // The worker's own refusals: it checked the write and stored nothing.
+      case absl::StatusCode::kInvalidArgument:
+      case absl::StatusCode::kFailedPrecondition:
+      case absl::StatusCode::kResourceExhausted:
+      case absl::StatusCode::kNotFound:
+      case absl::StatusCode::kOutOfRange:
+      case absl::StatusCode::kAlreadyExists:
+      case absl::StatusCode::kPermissionDenied:
+      case absl::StatusCode::kUnauthenticated:
+      case absl::StatusCode::kUnimplemented:
+        break;
+      // Cancelled, deadline, transport errors: the worker may have committed on the half-close
+      // before the failure reached it (or before its answer reached us).
+      default:
+        may_have_stored = true;
+    }
+  }
+  done_(std::move(status), may_have_stored);
   delete this;
 }
 
@@ -142,6 +164,26 @@ void DropOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id,
                         done(FromGrpcStatus(s));
                         delete state;
                       });
+}
+
+void TruncateOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id, int layer,
+                      int64_t end, std::chrono::milliseconds timeout,
+                      std::function<void(absl::Status)> done) {
+  struct State {
+    grpc::ClientContext context;
+    v1::TruncateRequest request;
+    v1::TruncateResponse response;
+  };
+  auto* state = new State;
+  state->request.set_sequence_id(worker_sequence_id);
+  state->request.set_layer(layer);
+  state->request.set_end(end);
+  state->context.set_deadline(std::chrono::system_clock::now() + timeout);
+  stub->async()->Truncate(&state->context, &state->request, &state->response,
+                          [state, done = std::move(done)](grpc::Status s) {
+                            done(FromGrpcStatus(s));
+                            delete state;
+                          });
 }
 
 }  // namespace dhsa::router

@@ -1,7 +1,7 @@
 // Asynchronous calls from the router to one worker (gRPC callback API): storing keys and values,
-// partial attention, and dropping a layer. Each call deletes itself when done and reports once
-// through its callback, on a gRPC thread: callbacks must only record the result and hand heavier
-// work to the router's executor.
+// partial attention, and dropping or truncating a layer. Each call deletes itself when done and
+// reports once through its callback, on a gRPC thread: callbacks must only record the result and
+// hand heavier work to the router's executor.
 #ifndef DHSA_SERVICES_ROUTER_WORKER_CALLS_H_
 #define DHSA_SERVICES_ROUTER_WORKER_CALLS_H_
 
@@ -25,7 +25,12 @@ namespace dhsa::router {
 // values.
 class StoreKvCall : public grpc::ClientWriteReactor<v1::StoreKvRequest> {
  public:
-  using Done = std::function<void(absl::Status)>;
+  // `may_have_stored`: true when the call succeeded, or failed in a way that leaves its outcome
+  // unknown (every byte and the half-close went out, so the worker may have committed, and the
+  // failure is a cancellation, a deadline or a transport error rather than the worker's own
+  // refusal). False when the worker cannot hold the tokens: it refused them, or the stream ended
+  // before the half-close (the worker commits only on it).
+  using Done = std::function<void(absl::Status status, bool may_have_stored)>;
   // `context` must outlive the call (the router's LayerCall owns it).
   static void Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
                     const v1::StoreKvHeader& header, std::shared_ptr<const Tensor> k,
@@ -45,6 +50,7 @@ class StoreKvCall : public grpc::ClientWriteReactor<v1::StoreKvRequest> {
   Done done_;
   v1::StoreKvRequest request_;
   v1::StoreKvResponse response_;
+  bool half_closed_ = false;  // Every piece was written and StartWritesDone issued.
 };
 
 // What a worker's Attend returned: o [Hq, rows, d] and lse [Hq, rows] float32.
@@ -89,6 +95,12 @@ class AttendCall : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendR
 // Drop: frees every stripe a worker holds under `worker_sequence_id`.
 void DropOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id,
                   std::chrono::milliseconds timeout, std::function<void(absl::Status)> done);
+
+// Truncate: drops the tokens at positions >= end that a worker holds for one layer under
+// `worker_sequence_id` (and fences that layer's writes still in flight there).
+void TruncateOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id, int layer,
+                      int64_t end, std::chrono::milliseconds timeout,
+                      std::function<void(absl::Status)> done);
 
 }  // namespace dhsa::router
 

@@ -100,7 +100,8 @@ HeadsView LayerSnapshot::Values(size_t i) const {
 KvReservation::KvReservation(KvReservation&& other) noexcept
     : store_(std::exchange(other.store_, nullptr)),
       write_(std::move(other.write_)),
-      bytes_(std::exchange(other.bytes_, 0)) {}
+      bytes_(std::exchange(other.bytes_, 0)),
+      epoch_(other.epoch_) {}
 
 KvReservation& KvReservation::operator=(KvReservation&& other) noexcept {
   if (this != &other) {
@@ -108,6 +109,7 @@ KvReservation& KvReservation::operator=(KvReservation&& other) noexcept {
     store_ = std::exchange(other.store_, nullptr);
     write_ = std::move(other.write_);
     bytes_ = std::exchange(other.bytes_, 0);
+    epoch_ = other.epoch_;
   }
   return *this;
 }
@@ -126,9 +128,14 @@ int64_t KvStore::WriteBytes(const KvWrite& w) {
   return 2 * w.kv_heads * w.num_tokens * w.head_dim * static_cast<int64_t>(DTypeSize(w.dtype));
 }
 
+void KvStore::EndReservationLocked(int64_t bytes) {
+  reserved_bytes_ -= bytes;
+  if (--reservations_ == 0) fences_.clear();  // No write left to fence.
+}
+
 void KvStore::ReleaseBytes(int64_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
-  reserved_bytes_ -= bytes;
+  EndReservationLocked(bytes);
 }
 
 absl::Status KvStore::CheckWriteLocked(const KvWrite& w) const {
@@ -193,10 +200,12 @@ absl::StatusOr<KvReservation> KvStore::Reserve(const KvWrite& w) {
                      reserved_bytes_, " reserved by calls in progress"));
   }
   reserved_bytes_ += bytes;
+  ++reservations_;
   KvReservation r;
   r.store_ = this;
   r.write_ = w;
   r.bytes_ = bytes;
+  r.epoch_ = epoch_;
   return r;
 }
 
@@ -211,6 +220,12 @@ absl::StatusOr<KvCommit> KvStore::Commit(KvReservation reservation, const Tensor
   const int64_t row_bytes = w.head_dim * static_cast<int64_t>(DTypeSize(w.dtype));
 
   std::lock_guard<std::mutex> lock(mu_);
+  const auto fence = fences_.find({w.sequence_id, w.layer});
+  if (fence != fences_.end() && fence->second > reservation.epoch_) {
+    return absl::AbortedError(absl::StrCat("sequence '", w.sequence_id, "' layer ", w.layer,
+                                           " was truncated while this write was in flight; ",
+                                           Describe(w), " are not stored"));
+  }
   DHSA_RETURN_IF_ERROR(CheckWriteLocked(w));
   Sequence& seq = sequences_[w.sequence_id];
   if (seq.layers.empty()) {
@@ -224,12 +239,19 @@ absl::StatusOr<KvCommit> KvStore::Commit(KvReservation reservation, const Tensor
     auto it = std::prev(stripes.upper_bound(w.begin));
     Stripe& stripe = it->second;
     const int64_t needed = stripe.len + w.num_tokens;
-    if (needed > stripe.buffer->capacity_tokens) {
-      const int64_t capacity = std::max(2 * stripe.buffer->capacity_tokens, needed);
+    // Below the high-water mark (the stripe was truncated), a snapshot taken before the truncate
+    // may still read the rows this write would fill: write into a copy then. use_count() is exact
+    // here: snapshots copy the pointer only under mu_.
+    const bool shared_rows = stripe.len < stripe.high_water && stripe.buffer.use_count() > 1;
+    if (needed > stripe.buffer->capacity_tokens || shared_rows) {
+      const int64_t capacity = needed > stripe.buffer->capacity_tokens
+                                   ? std::max(2 * stripe.buffer->capacity_tokens, needed)
+                                   : stripe.buffer->capacity_tokens;
       std::shared_ptr<StripeBuffer> grown =
           GrowBuffer(*stripe.buffer, w.kv_heads, stripe.len, row_bytes, capacity);
       allocated_bytes_ += BufferBytes(*grown) - BufferBytes(*stripe.buffer);
       stripe.buffer = std::move(grown);
+      stripe.high_water = stripe.len;
     }
     // Rows past every snapshot's length: readers of this buffer never look at them.
     CopyRows(k, w.kv_heads, w.num_tokens, row_bytes, stripe.buffer->capacity_tokens, stripe.len,
@@ -237,11 +259,13 @@ absl::StatusOr<KvCommit> KvStore::Commit(KvReservation reservation, const Tensor
     CopyRows(v, w.kv_heads, w.num_tokens, row_bytes, stripe.buffer->capacity_tokens, stripe.len,
              &stripe.buffer->v);
     stripe.len = needed;
+    stripe.high_water = std::max(stripe.high_water, needed);
     out.stripe_begin = it->first;
     out.stripe_length = stripe.len;
   } else {
     Stripe stripe;
     stripe.len = w.num_tokens;
+    stripe.high_water = w.num_tokens;
     stripe.buffer = std::make_shared<StripeBuffer>();
     stripe.buffer->capacity_tokens = w.num_tokens;
     stripe.buffer->k = k.bytes;
@@ -252,7 +276,7 @@ absl::StatusOr<KvCommit> KvStore::Commit(KvReservation reservation, const Tensor
     out.stripe_length = w.num_tokens;
   }
   const int64_t bytes = reservation.bytes_;
-  reserved_bytes_ -= bytes;
+  EndReservationLocked(bytes);
   reservation.store_ = nullptr;  // Committed: the bytes move from reserved to held.
   held_bytes_ += bytes;
   seq.held_bytes += bytes;
@@ -292,6 +316,52 @@ int64_t KvStore::Drop(const std::string& sequence_id) {
   held_bytes_ -= freed;
   sequences_.erase(seq);
   return freed;
+}
+
+absl::StatusOr<KvTruncation> KvStore::Truncate(const std::string& sequence_id, int32_t layer,
+                                               int64_t end) {
+  if (sequence_id.empty()) return absl::InvalidArgumentError("sequence_id is empty");
+  if (layer < 0) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " < 0"));
+  if (end < 0) return absl::InvalidArgumentError(absl::StrCat("truncate end ", end, " < 0"));
+
+  std::lock_guard<std::mutex> lock(mu_);
+  // Writes to this layer reserved before now must not commit, whether or not it holds anything.
+  if (reservations_ > 0) fences_[{sequence_id, layer}] = ++epoch_;
+  KvTruncation out;
+  out.held_bytes = held_bytes_;
+  const auto seq = sequences_.find(sequence_id);
+  if (seq == sequences_.end()) return out;
+  Sequence& s = seq->second;
+  const auto layer_it = s.layers.find(layer);
+  if (layer_it == s.layers.end()) return out;
+  std::map<int64_t, Stripe>& stripes = layer_it->second;
+  const int64_t token_bytes =
+      2 * s.kv_heads * s.head_dim * static_cast<int64_t>(DTypeSize(s.dtype));
+  int64_t freed_tokens = 0;
+  // Stripes that start at or after `end` go whole.
+  for (auto it = stripes.lower_bound(end); it != stripes.end();) {
+    freed_tokens += it->second.len;
+    allocated_bytes_ -= BufferBytes(*it->second.buffer);
+    it = stripes.erase(it);
+  }
+  // The stripe before may straddle `end`: it keeps its buffer (a snapshot may be reading it) and
+  // its high-water mark.
+  if (!stripes.empty()) {
+    auto last = std::prev(stripes.end());
+    const int64_t keep = end - last->first;
+    if (keep < last->second.len) {
+      freed_tokens += last->second.len - keep;
+      last->second.len = keep;
+    }
+  }
+  const int64_t freed = freed_tokens * token_bytes;
+  held_bytes_ -= freed;
+  s.held_bytes -= freed;
+  if (stripes.empty()) s.layers.erase(layer_it);
+  if (s.layers.empty()) sequences_.erase(seq);
+  out.freed_bytes = freed;
+  out.held_bytes = held_bytes_;
+  return out;
 }
 
 KvStats KvStore::Stats() const {

@@ -7,6 +7,12 @@
 // Readers take a snapshot (shared ownership of the buffers plus the lengths at that time): appends
 // only write past those lengths and growth swaps in a new buffer, and Drop only releases the
 // store's reference, so a snapshot stays valid and unchanged while an Attend computes on it.
+// Truncate shortens a stripe in place; an append that would then overwrite rows a snapshot may
+// still read (below the buffer's high-water mark) copies the buffer first.
+//
+// Truncate also fences the writes in flight on its (sequence, layer): a reservation made before the
+// truncate fails to commit (ABORTED), so a cancelled write of a call the router has undone cannot
+// land after the undo.
 #ifndef DHSA_SERVICES_WORKER_KV_STORE_H_
 #define DHSA_SERVICES_WORKER_KV_STORE_H_
 
@@ -15,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -92,6 +99,13 @@ class KvReservation {
   KvStore* store_ = nullptr;
   KvWrite write_;
   int64_t bytes_ = 0;
+  uint64_t epoch_ = 0;  // The store's truncate epoch when the reservation was made.
+};
+
+// What a truncate released.
+struct KvTruncation {
+  int64_t freed_bytes = 0;  // Held bytes released.
+  int64_t held_bytes = 0;   // Over all sequences, after the truncate.
 };
 
 // Where a committed write landed.
@@ -121,6 +135,13 @@ class KvStore {
   // Frees every stripe of the sequence; returns the held bytes released (0 if unknown).
   int64_t Drop(const std::string& sequence_id);
 
+  // Drops the tokens at positions >= end of one layer: stripes starting at or after `end` are
+  // freed, a stripe straddling it is cut (its buffer keeps its capacity). A layer left empty is
+  // removed, and so is a sequence left without layers. Reservations on this (sequence, layer) made
+  // before the call will not commit. Nothing is freed for an unknown sequence or layer.
+  // InvalidArgument for an empty id, a negative layer or a negative end.
+  absl::StatusOr<KvTruncation> Truncate(const std::string& sequence_id, int32_t layer, int64_t end);
+
   KvStats Stats() const;
 
  private:
@@ -128,6 +149,9 @@ class KvStore {
 
   struct Stripe {
     int64_t len = 0;
+    // Rows of `buffer` ever written (>= len once a truncate has cut the stripe): snapshots may read
+    // rows below it, so appends there need a buffer of their own while a snapshot holds this one.
+    int64_t high_water = 0;
     std::shared_ptr<StripeBuffer> buffer;
   };
   struct Sequence {
@@ -142,6 +166,8 @@ class KvStore {
   static int64_t WriteBytes(const KvWrite& write);
   // Shape and placement checks of Reserve and Commit; mu_ held.
   absl::Status CheckWriteLocked(const KvWrite& write) const;
+  // An uncommitted reservation ends: its bytes and its count go back; mu_ held.
+  void EndReservationLocked(int64_t bytes);
   void ReleaseBytes(int64_t bytes);
 
   const int64_t capacity_bytes_;
@@ -150,6 +176,11 @@ class KvStore {
   int64_t held_bytes_ = 0;                     // Guarded by mu_.
   int64_t reserved_bytes_ = 0;                 // Guarded by mu_.
   int64_t allocated_bytes_ = 0;                // Guarded by mu_.
+  int64_t reservations_ = 0;                   // Guarded by mu_: reservations not yet ended.
+  uint64_t epoch_ = 0;                         // Guarded by mu_: counts fencing truncates.
+  // Guarded by mu_: (sequence, layer) -> epoch of its last truncate, kept while reservations
+  // exist (only those made before it are fenced; with none left, nothing is).
+  std::map<std::pair<std::string, int32_t>, uint64_t> fences_;
 };
 
 }  // namespace dhsa

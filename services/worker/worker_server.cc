@@ -70,6 +70,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(const WorkerOp
   service_options.threads = o.threads;
   service_options.max_message_bytes = o.max_message_bytes;
   service_options.backend = o.backend;
+  service_options.test_attend_stall = o.test_attend_stall;
   server->service_ = std::make_unique<WorkerService>(service_options);
   DHSA_ASSIGN_OR_RETURN(server->server_, StartGrpcServer(o.listen_address, o.max_message_bytes,
                                                          {server->service_.get()}, &server->port_));

@@ -23,6 +23,10 @@ struct WorkerOptions {
   int threads = 0;                // Attention threads (default: hardware concurrency).
   int64_t max_message_bytes = 0;  // gRPC message limit both ways (default 4 MiB).
   std::string backend;            // "cpu" (default); "cuda" needs a build with the CUDA backend.
+  // TEST ONLY (never set in production; no flag or config field sets it): every Attend waits this
+  // long before computing, or until the caller cancels it or its deadline passes. Lets tests stall
+  // a worker to exercise deadlines and the router's rollback.
+  absl::Duration test_attend_stall = absl::ZeroDuration();
 };
 
 // The worker's fields of a ServiceConfig (listen_address, capacity_bytes, threads,

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "kernels/common/status_macros.h"
 #include "services/common/config.h"
 #include "services/common/status.h"
@@ -206,12 +207,21 @@ class WorkerService::AttendReactor final
 
   // On the executor: attention, then the reply (writes continue on gRPC threads).
   void Run() {
+    Stall();
     const absl::Status status = Compute();
     if (!status.ok()) {
       Finish(ToGrpcStatus(status));
       return;
     }
     StartWrite(&responses_.front());
+  }
+
+  // Test only: holds this executor thread for options_.test_attend_stall, or until the call is
+  // cancelled (then Compute reports CANCELLED).
+  void Stall() {
+    if (options_.test_attend_stall <= absl::ZeroDuration()) return;
+    const absl::Time until = absl::Now() + options_.test_attend_stall;
+    while (absl::Now() < until && !context_->IsCancelled()) absl::SleepFor(absl::Milliseconds(5));
   }
 
   absl::Status Compute() {
@@ -287,6 +297,21 @@ grpc::ServerUnaryReactor* WorkerService::Drop(grpc::CallbackServerContext* conte
   }
   response->set_freed_bytes(store_.Drop(request->sequence_id()));
   reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::Truncate(grpc::CallbackServerContext* context,
+                                                  const v1::TruncateRequest* request,
+                                                  v1::TruncateResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // Only bookkeeping under the store's lock (no copy of key data): fine on a gRPC thread.
+  const absl::StatusOr<KvTruncation> truncated =
+      store_.Truncate(request->sequence_id(), request->layer(), request->end());
+  if (truncated.ok()) {
+    response->set_freed_bytes(truncated->freed_bytes);
+    response->set_held_bytes(truncated->held_bytes);
+  }
+  reactor->Finish(ToGrpcStatus(truncated.status()));
   return reactor;
 }
 

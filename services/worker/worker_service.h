@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/time/time.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "services/common/executor.h"
 #include "services/worker/kv_store.h"
@@ -19,6 +20,9 @@ class WorkerService final : public v1::Worker::CallbackService {
     int threads = 1;                // Executor threads (attention jobs and their kernel threads).
     int64_t max_message_bytes = 0;  // Message limit; response tensors go in pieces below it.
     std::string backend = "cpu";    // Reported by Stats.
+    // Test only (WorkerOptions::test_attend_stall): every Attend waits this long on the executor,
+    // or until it is cancelled, before it computes.
+    absl::Duration test_attend_stall = absl::ZeroDuration();
   };
 
   explicit WorkerService(const Options& options);
@@ -32,6 +36,9 @@ class WorkerService final : public v1::Worker::CallbackService {
   grpc::ServerUnaryReactor* Drop(grpc::CallbackServerContext* context,
                                  const v1::DropRequest* request,
                                  v1::DropResponse* response) override;
+  grpc::ServerUnaryReactor* Truncate(grpc::CallbackServerContext* context,
+                                     const v1::TruncateRequest* request,
+                                     v1::TruncateResponse* response) override;
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context,
                                   const v1::StatsRequest* request,
                                   v1::StatsResponse* response) override;

@@ -127,5 +127,132 @@ TEST_F(KvStoreTest, CancelledBetweenStripes) {
   ExpectMatchesReference(full->o, full->lse, Reference(q, 36, all, all, sel, 0.5f));
 }
 
+// Attention of `q` (rows from q_begin) over every key `store` holds for ("s", 0), with every entry
+// selecting [0, lk), against the reference over `keys` (k = v = keys, as Store writes them).
+void ExpectAttendsLike(const KvStore& store, const Tensor& keys, int64_t lk, std::mt19937_64& rng) {
+  const LayerSnapshot snap = store.Snapshot("s", 0).value();
+  const int64_t lq = 4, q_begin = lk - lq;
+  const Tensor q = RandomNormal(DType::kF32, {6, lq, 5}, rng);
+  Selection sel = RandomSelection(3, 2, 8, q_begin, lq, lk, rng);
+  for (std::vector<Span>& spans : sel.spans) spans = {{0, lk}};
+  ASSERT_TRUE(CheckSpansHeld(sel, snap, "s", 0).ok());
+  PartialAttentionInputs in;
+  in.q = &q;
+  in.q_begin = q_begin;
+  in.selection = &sel;
+  in.keys = &snap;
+  in.scale = 0.5f;
+  absl::StatusOr<PartialAttention> got = ComputePartialAttention(in);
+  ASSERT_TRUE(got.ok()) << got.status();
+  const Tensor prefix = SliceRows(keys, 0, lk);
+  ExpectMatchesReference(got->o, got->lse, Reference(q, q_begin, prefix, prefix, sel, 0.5f));
+}
+
+// Bytes of n tokens of Write()'s shapes.
+constexpr int64_t Tokens(int64_t n) { return 2 * 3 * n * 5 * 4; }
+
+TEST_F(KvStoreTest, TruncateCutsStripesAndAppendsResume) {
+  SCOPED_TRACE(Seed());
+  KvStore store(1 << 20);
+  const Tensor all = RandomNormal(DType::kF32, {3, 60, 5}, rng_);
+  // Stripe A [0, 20), stripe B [20, 45) grown by an append to [20, 50).
+  ASSERT_TRUE(Store(store, Write(0, 20, false), all).ok());
+  ASSERT_TRUE(Store(store, Write(20, 25, false), all).ok());
+  ASSERT_TRUE(Store(store, Write(45, 5, true), all).ok());
+  const int64_t allocated = store.Stats().allocated_bytes;
+  const LayerSnapshot before = store.Snapshot("s", 0).value();
+
+  // In the middle of B: B keeps [20, 30) and its buffer.
+  absl::StatusOr<KvTruncation> cut = store.Truncate("s", 0, 30);
+  ASSERT_TRUE(cut.ok()) << cut.status();
+  EXPECT_EQ(cut->freed_bytes, Tokens(20));
+  EXPECT_EQ(cut->held_bytes, Tokens(30));
+  KvStats stats = store.Stats();
+  EXPECT_EQ(stats.held_bytes, Tokens(30));
+  EXPECT_EQ(stats.allocated_bytes, allocated);
+  EXPECT_EQ(stats.stripes, 2);
+  LayerSnapshot snap = store.Snapshot("s", 0).value();
+  ASSERT_EQ(snap.stripes.size(), 2u);
+  EXPECT_EQ(snap.stripes[1].begin, 20);
+  EXPECT_EQ(snap.stripes[1].len, 10);
+  // Again, and past the end: nothing more goes.
+  EXPECT_EQ(store.Truncate("s", 0, 30)->freed_bytes, 0);
+  EXPECT_EQ(store.Truncate("s", 0, 1000)->freed_bytes, 0);
+  EXPECT_EQ(store.Stats().held_bytes, Tokens(30));
+  // Positions past the cut are no longer held: appending must start at 30 exactly.
+  EXPECT_EQ(store.Reserve(Write(50, 1, true)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  // Other keys at the cut point. `before` still reads B's old rows [30, 50): the append writes a
+  // copy of the buffer, not over them.
+  const Tensor fresh = RandomNormal(DType::kF32, {3, 60, 5}, rng_);
+  ASSERT_TRUE(Store(store, Write(30, 25, true), fresh).ok());
+  EXPECT_EQ(store.Stats().held_bytes, Tokens(55));
+  const HeadsView old_b = before.Keys(1), all_view = HeadsView::Of(all, "k").value();
+  for (int64_t h = 0; h < 3; ++h) {
+    for (int64_t t = 20; t < 50; ++t) {
+      for (int64_t c = 0; c < 5; ++c) ASSERT_EQ(old_b.At(h, t - 20, c), all_view.At(h, t, c));
+    }
+  }
+  const Tensor keys = WithRows(all, fresh, 30, 55);
+  ExpectAttendsLike(store, keys, 55, rng_);
+
+  // At a stripe start: B goes whole (and its buffers with it); A takes the next tokens.
+  cut = store.Truncate("s", 0, 20);
+  ASSERT_TRUE(cut.ok());
+  EXPECT_EQ(cut->freed_bytes, Tokens(35));
+  stats = store.Stats();
+  EXPECT_EQ(stats.held_bytes, Tokens(20));
+  EXPECT_EQ(stats.stripes, 1);
+  EXPECT_EQ(stats.allocated_bytes, Tokens(20));  // A alone, never grown.
+  ASSERT_TRUE(Store(store, Write(20, 15, true), fresh).ok());
+  ExpectAttendsLike(store, WithRows(all, fresh, 20, 35), 35, rng_);
+
+  // Another layer and unknown ids are untouched; bad arguments are refused.
+  KvWrite other = Write(0, 7, false);
+  other.layer = 1;
+  ASSERT_TRUE(Store(store, other, all).ok());
+  EXPECT_EQ(store.Truncate("s", 2, 0)->freed_bytes, 0);
+  EXPECT_EQ(store.Truncate("nope", 0, 0)->freed_bytes, 0);
+  EXPECT_EQ(store.Truncate("", 0, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store.Truncate("s", -1, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store.Truncate("s", 0, -1).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store.Stats().held_bytes, Tokens(35 + 7));
+
+  // To 0: the layer goes, then the sequence with its last layer.
+  EXPECT_EQ(store.Truncate("s", 0, 0)->freed_bytes, Tokens(35));
+  EXPECT_EQ(store.Snapshot("s", 0).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store.Stats().sequences, 1);
+  EXPECT_EQ(store.Truncate("s", 1, 0)->freed_bytes, Tokens(7));
+  stats = store.Stats();
+  EXPECT_EQ(stats.held_bytes, 0);
+  EXPECT_EQ(stats.allocated_bytes, 0);
+  EXPECT_EQ(stats.sequences, 0);
+  EXPECT_EQ(stats.stripes, 0);
+}
+
+TEST_F(KvStoreTest, TruncateFencesWritesInFlight) {
+  SCOPED_TRACE(Seed());
+  KvStore store(Tokens(40));
+  const Tensor all = RandomNormal(DType::kF32, {3, 40, 5}, rng_);
+  ASSERT_TRUE(Store(store, Write(0, 10, false), all).ok());
+  // Reserved before the truncate: an append to layer 0, a new stripe of layer 1.
+  absl::StatusOr<KvReservation> stale = store.Reserve(Write(10, 10, true));
+  KvWrite layer1 = Write(0, 10, false);
+  layer1.layer = 1;
+  absl::StatusOr<KvReservation> elsewhere = store.Reserve(layer1);
+  ASSERT_TRUE(stale.ok() && elsewhere.ok());
+  ASSERT_EQ(store.Truncate("s", 0, 10)->freed_bytes, 0);  // Nothing to cut; the write is fenced.
+  const Tensor part = SliceRows(all, 10, 20);
+  const absl::Status s = store.Commit(std::move(*stale), part, part).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("truncated while this write was in flight"));
+  EXPECT_TRUE(store.Commit(std::move(*elsewhere), part, part).ok());  // Other layer: not fenced.
+  EXPECT_EQ(store.Stats().held_bytes, Tokens(20));
+  // A write reserved after the truncate lands, and the fenced bytes came back: 20 tokens fit.
+  ASSERT_TRUE(Store(store, Write(10, 20, true), all).ok());
+  EXPECT_EQ(store.Stats().held_bytes, Tokens(40));
+}
+
 }  // namespace
 }  // namespace dhsa

@@ -105,6 +105,17 @@ class WorkerTest : public ::testing::Test {
     return response.freed_bytes();
   }
 
+  absl::StatusOr<v1::TruncateResponse> Truncate(const std::string& seq, int layer, int64_t end) {
+    grpc::ClientContext context;
+    v1::TruncateRequest request;
+    request.set_sequence_id(seq);
+    request.set_layer(layer);
+    request.set_end(end);
+    v1::TruncateResponse response;
+    DHSA_RETURN_IF_ERROR(FromGrpcStatus(stub_->Truncate(&context, request, &response)));
+    return response;
+  }
+
   // Attends rows [q_begin, lk) with `sel` and compares with the reference over all keys.
   void ExpectAttendMatches(const std::string& seq, const Selection& sel, const Tensor& q,
                            int64_t q_begin, const Tensor& k_all, const Tensor& v_all) {
@@ -389,6 +400,74 @@ TEST_F(WorkerTest, StatsCountAndDropFrees) {
   const Tensor q = RandomNormal(DType::kF32, {2, 1, 8}, rng_);
   const Selection sel = RandomSelection(2, 1, 16, 49, 1, 50, rng_);
   EXPECT_EQ(Attend(Header("a", 0, sel, q, 49), q).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(WorkerTest, TruncateCutsStripesAndStoresResumeAtTheCut) {
+  SCOPED_TRACE(Seed());
+  const int64_t hq = 4, hkv = 2, d = 8, lk = 80;
+  const int64_t token = 2 * hkv * d * 4;
+  const Tensor k = RandomNormal(DType::kF32, {hkv, lk, d}, rng_);
+  const Tensor v = RandomNormal(DType::kF32, {hkv, lk, d}, rng_);
+  // [0, 37), then [37, 60) grown by an append to [37, 70).
+  ASSERT_TRUE(Store("s", 0, 0, 37, false, k, v).ok());
+  ASSERT_TRUE(Store("s", 0, 37, 60, false, k, v).ok());
+  ASSERT_TRUE(Store("s", 0, 60, 70, true, k, v).ok());
+  ASSERT_TRUE(Store("s", 1, 0, 5, false, k, v).ok());
+
+  // In the middle of the second stripe.
+  absl::StatusOr<v1::TruncateResponse> cut = Truncate("s", 0, 50);
+  ASSERT_TRUE(cut.ok()) << cut.status();
+  EXPECT_EQ(cut->freed_bytes(), 20 * token);
+  EXPECT_EQ(cut->held_bytes(), 55 * token);
+  v1::StatsResponse stats = Stats();
+  EXPECT_EQ(stats.held_bytes(), 55 * token);
+  EXPECT_GE(stats.allocated_bytes(), stats.held_bytes());
+  EXPECT_EQ(stats.stripes(), 3);
+  // Idempotent; past the end, unknown layers and sequences: nothing freed.
+  for (auto [seq, layer, end] : {std::tuple{"s", 0, 50}, std::tuple{"s", 0, 1000},
+                                 std::tuple{"s", 7, 0}, std::tuple{"unknown", 0, 0}}) {
+    cut = Truncate(seq, layer, end);
+    ASSERT_TRUE(cut.ok()) << cut.status();
+    EXPECT_EQ(cut->freed_bytes(), 0);
+    EXPECT_EQ(cut->held_bytes(), 55 * token);
+  }
+  EXPECT_EQ(Truncate("", 0, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Truncate("s", 0, -5).status().code(), absl::StatusCode::kInvalidArgument);
+  // The cut positions are free again: other keys append at the cut, and attention sees them.
+  const Tensor k2 = RandomNormal(DType::kF32, {hkv, lk, d}, rng_);
+  const Tensor v2 = RandomNormal(DType::kF32, {hkv, lk, d}, rng_);
+  EXPECT_EQ(Store("s", 0, 70, 80, true, k2, v2).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  absl::StatusOr<v1::StoreKvResponse> stored = Store("s", 0, 50, lk, true, k2, v2);
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  EXPECT_EQ(stored->stripe_begin(), 37);
+  EXPECT_EQ(stored->stripe_length(), lk - 37);
+  EXPECT_EQ(stored->held_bytes(), 85 * token);
+  const int64_t q_begin = 45;
+  const Tensor q = RandomNormal(DType::kF32, {hq, lk - q_begin, d}, rng_);
+  Selection sel = RandomSelection(hkv, hq / hkv, 16, q_begin, lk - q_begin, lk, rng_);
+  sel.At(0, 0) = {{0, lk}};
+  sel.At(1, 1) = {{36, 51}, {60, 75}};
+  ExpectAttendMatches("s", sel, q, q_begin, WithRows(k, k2, 50, lk), WithRows(v, v2, 50, lk));
+
+  // At a stripe start: the second stripe goes whole.
+  cut = Truncate("s", 0, 37);
+  ASSERT_TRUE(cut.ok());
+  EXPECT_EQ(cut->freed_bytes(), (lk - 37) * token);
+  stats = Stats();
+  EXPECT_EQ(stats.held_bytes(), 42 * token);
+  EXPECT_EQ(stats.stripes(), 2);
+  // To 0: layer 0 is gone (Attend: NOT_FOUND); layer 1 and the sequence remain.
+  ASSERT_TRUE(Truncate("s", 0, 0).ok());
+  const Tensor q1 = RandomNormal(DType::kF32, {hq, 1, d}, rng_);
+  EXPECT_EQ(Attend(Header("s", 0, RandomSelection(hkv, hq / hkv, 16, 4, 1, 5, rng_), q1, 4), q1)
+                .status()
+                .code(),
+            absl::StatusCode::kNotFound);
+  stats = Stats();
+  EXPECT_EQ(stats.held_bytes(), 5 * token);
+  EXPECT_EQ(stats.sequences(), 1);
+  EXPECT_EQ(Drop("s"), 5 * token);
 }
 
 TEST_F(WorkerTest, SpansOutsideHeldKeysFailPrecondition) {

@@ -38,6 +38,18 @@ inline Tensor SliceRows(const Tensor& t, int64_t begin, int64_t end) {
   return out;
 }
 
+// `t` ([heads, len, dim]) with rows [begin, end) of every head replaced by those of `src` (same
+// shape and dtype).
+inline Tensor WithRows(Tensor t, const Tensor& src, int64_t begin, int64_t end) {
+  const int64_t heads = t.shape[0], len = t.shape[1], dim = t.shape[2];
+  const size_t row = static_cast<size_t>(dim) * DTypeSize(t.dtype);
+  for (int64_t h = 0; h < heads; ++h) {
+    std::memcpy(t.bytes.data() + (h * len + begin) * row,
+                src.bytes.data() + (h * len + begin) * row, (end - begin) * row);
+  }
+  return t;
+}
+
 // Up to `max_spans` random sorted disjoint spans inside [0, lk).
 inline std::vector<Span> RandomSpans(int64_t lk, int max_spans, std::mt19937_64& rng) {
   const int n = std::uniform_int_distribution<int>(0, max_spans)(rng);
