@@ -1,0 +1,13 @@
+// Sparse attention kernel instantiation: f16 storage, head dim 64.
+#include "kernels/cuda/sparse_attention_kernel.cuh"
+#include "kernels/cuda/sparse_attention_launch.h"
+
+namespace dhsa {
+namespace sparse_attention_kernel {
+
+cudaError_t LaunchF16Dim64(const SparseAttentionCudaParams& params, cudaStream_t stream) {
+  return Launch<__half, 64>(params, stream);
+}
+
+}  // namespace sparse_attention_kernel
+}  // namespace dhsa

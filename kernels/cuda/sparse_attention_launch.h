@@ -1,0 +1,22 @@
+// The per-instantiation launchers of the sparse attention kernel, one .cu file each (kept apart so
+// the builds run in parallel); sparse_attention_cuda.cc dispatches to them.
+#ifndef DHSA_KERNELS_CUDA_SPARSE_ATTENTION_LAUNCH_H_
+#define DHSA_KERNELS_CUDA_SPARSE_ATTENTION_LAUNCH_H_
+
+#include <cuda_runtime_api.h>
+
+#include "kernels/cuda/sparse_attention_cuda.h"
+
+namespace dhsa {
+namespace sparse_attention_kernel {
+
+// Enqueue the kernel for the params' dtype and head dim (the params passed CanImplement).
+cudaError_t LaunchBf16Dim64(const SparseAttentionCudaParams& params, cudaStream_t stream);
+cudaError_t LaunchBf16Dim128(const SparseAttentionCudaParams& params, cudaStream_t stream);
+cudaError_t LaunchF16Dim64(const SparseAttentionCudaParams& params, cudaStream_t stream);
+cudaError_t LaunchF16Dim128(const SparseAttentionCudaParams& params, cudaStream_t stream);
+
+}  // namespace sparse_attention_kernel
+}  // namespace dhsa
+
+#endif  // DHSA_KERNELS_CUDA_SPARSE_ATTENTION_LAUNCH_H_
