@@ -21,9 +21,11 @@ inline constexpr int kExitServerError = 3;
 int ReportError(const std::string& command, const absl::Status& status, bool from_server = false);
 
 int RunAttend(const std::vector<std::string>& args);
+int RunBench(const std::vector<std::string>& args);
 int RunGen(const std::vector<std::string>& args);
 int RunServe(const std::vector<std::string>& args);
 int RunDemo(const std::vector<std::string>& args);
+int RunEval(const std::vector<std::string>& args);
 
 }  // namespace dhsa::cli
 

@@ -32,9 +32,11 @@ constexpr char kUsage[] =
     "\n"
     "commands:\n"
     "  attend   DHSA attention of one layer: Q, K, V files in, O (and LSE, selection) out\n"
+    "  bench    time the fast CPU path against the reference, dense attention and a GEMM peak\n"
     "  gen      write a structured synthetic long-context workload (q.npy, k.npy, v.npy)\n"
     "  serve    run the router and N workers in this process (the embedded service)\n"
     "  demo     the main job: a multi-layer prefill + decode through the service, with a report\n"
+    "  eval     fidelity of dhsa vs block_topk, streaming and oracle_topk against dense attention\n"
     "\n"
     "exit codes: 0 ok, 2 bad usage or input, 3 service error, 1 other failure\n";
 
@@ -53,9 +55,11 @@ int main(int argc, char** argv) {
     return kExitOk;
   }
   if (command == "attend") return RunAttend(args);
+  if (command == "bench") return RunBench(args);
   if (command == "gen") return RunGen(args);
   if (command == "serve") return RunServe(args);
   if (command == "demo") return RunDemo(args);
+  if (command == "eval") return RunEval(args);
   std::fprintf(stderr, "dhsa: unknown command '%s'\n\n%s", command.c_str(), kUsage);
   return kExitBadInput;
 }

@@ -9,6 +9,8 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/sparse_attention.h"
 #include "kernels/common/status_macros.h"
+#include "kernels/cpu/merge.h"
+#include "kernels/cpu/sparse_attention.h"
 #include "kernels/merge/merge.h"
 
 namespace dhsa {
@@ -123,11 +125,11 @@ absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionI
     p.o = OutputView{first ? o : part_o.data(), hq, lq, d};
     p.lse = OutputView{first ? lse : part_lse.data(), hq, lq, 1};
     p.num_threads = in.num_threads;
-    DHSA_RETURN_IF_ERROR(SparseAttentionReference(p));
+    DHSA_RETURN_IF_ERROR(SparseAttentionCpu(p));
     if (!first) {
       DHSA_RETURN_IF_ERROR(
-          MergePartialsReference({PartialView{o, lse}, PartialView{part_o.data(), part_lse.data()}},
-                                 rows, d, merged_o.data(), merged_lse.data()));
+          MergePartialsCpu({PartialView{o, lse}, PartialView{part_o.data(), part_lse.data()}}, rows,
+                           d, merged_o.data(), merged_lse.data(), in.num_threads));
       std::copy(merged_o.begin(), merged_o.end(), o);
       std::copy(merged_lse.begin(), merged_lse.end(), lse);
     }

@@ -60,7 +60,8 @@ TEST_F(CliTest, AttendWritesWhatTheLibraryComputes) {
   CliRun run =
       Dhsa("attend --q " + Path("w/q.npy") + " --k " + Path("w/k.npy") + " --v " + Path("w/v.npy") +
            " --out " + Path("o.npy") + " --lse-out " + Path("lse.npy") + " --selection-out " +
-           Path("sel.json") + " --budget 512 --sink 32 --local 128 --q-block 64 --check-rows 8");
+           Path("sel.json") +
+           " --budget 512 --sink 32 --local 128 --q-block 64 --check-rows 8 --backend reference");
   ASSERT_EQ(run.exit_code, 0) << run.out;
   EXPECT_THAT(run.out, HasSubstr("attention recall, mean"));
 
@@ -106,7 +107,7 @@ TEST_F(CliTest, SafetensorsInputsWithBFloat16) {
   ASSERT_TRUE(WriteSafetensors(Path("in.safetensors"), f).ok());
   const std::string in = Path("in.safetensors");
   CliRun run = Dhsa("attend --q " + in + " --k " + in + " --v " + in + " --out " + Path("o.npy") +
-                    " --policy dense --json");
+                    " --policy dense --json --backend reference");
   ASSERT_EQ(run.exit_code, 0) << run.out;
   EXPECT_EQ(nlohmann::json::parse(run.out)["density"], 1.0);
   DhsaConfig dense;

@@ -1,0 +1,36 @@
+// The selection policies `dhsa eval` compares, by name: the spec's policies plus dhsa variants
+// that each change one ingredient, to show where a difference comes from.
+#ifndef DHSA_BENCH_EVAL_VARIANTS_H_
+#define DHSA_BENCH_EVAL_VARIANTS_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "kernels/common/config.h"
+
+namespace dhsa {
+
+struct Variant {
+  DhsaConfig config;
+  // Chunks are the input's true segments (split above chunk_max), not a boundary rule: the best
+  // any boundary rule could do on a generated workload. Evaluation only.
+  bool true_boundaries = false;
+  // True when the variant cuts keys into chunks (dhsa variants and block_topk).
+  bool has_chunks() const {
+    return config.policy == Policy::kDhsa || config.policy == Policy::kBlockTopk;
+  }
+};
+
+// `name` is a policy (dhsa, block_topk, streaming, dense, oracle_topk) or dhsa followed by
+// modifiers joined with '_', applied to `base` in order:
+//   fixed, dynamic or any other boundary mode name: the chunking rule (fixed = chunks of
+//   chunk_mean keys); truth: the true segments of the input; mean: plain-mean summaries instead
+//   of sqrt; shared: one selection for all KV heads (shared_heads).
+// e.g. dhsa_fixed, dhsa_mean, dhsa_shared, dhsa_truth, dhsa_fixed_mean. The budget is left as in
+// `base`.
+absl::StatusOr<Variant> ParseVariant(absl::string_view name, const DhsaConfig& base);
+
+}  // namespace dhsa
+
+#endif  // DHSA_BENCH_EVAL_VARIANTS_H_
