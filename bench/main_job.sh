@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a generated 32K-token structured workload for one layer
-# (Hq=8, Hkv=2, d=128), DHSA attention over it in process, and a readable report: chunks, density,
-# time per stage, and fidelity against dense attention on sampled rows.
+# The main job on the embedded default: `dhsa demo` starts the router and 2 workers in one process,
+# sends a generated 32K-token structured workload of 2 layers (Hq=8, Hkv=2, d=128) through the C++
+# SDK (prefill, then 64 decode steps), runs the same work in process, and prints a report: time per
+# stage, bytes moved, tokens/s, the difference between the two results, and the fidelity against
+# dense attention on sampled rows. Extra arguments go to `dhsa demo` (see dhsa demo --help).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-dhsa="$root/build/dhsa"
-work="$root/build/main-job"
-mkdir -p "$work"
-"$dhsa" gen --out "$work" --len "${DHSA_LEN:-32768}"
-echo
-"$dhsa" attend --q "$work/q.npy" --k "$work/k.npy" --v "$work/v.npy" \
-  --out "$work/o.npy" --lse-out "$work/lse.npy" --selection-out "$work/selection.json" \
-  --check-rows 32
+exec "$root/build/dhsa" demo "$@"

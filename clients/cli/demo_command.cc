@@ -156,7 +156,7 @@ absl::Status Demo(const DemoFlags& f) {
     const Tensor q = SliceTokens(w.q, 0, f.len), k = SliceTokens(w.k, 0, f.len),
                  v = SliceTokens(w.v, 0, f.len);
     const auto start = Clock::now();
-    DHSA_ASSIGN_OR_RETURN(AttendResult r, AttendReference(q, k, v, config, options));
+    DHSA_ASSIGN_OR_RETURN(AttendResult r, Attend(q, k, v, config, options));
     local_prefill += Since(start);
     worst_diff = std::max(worst_diff, MaxAbsDiff(r.o, service_o[l]));
     if (l == 0 && f.check_rows > 0) {
@@ -177,7 +177,7 @@ absl::Status Demo(const DemoFlags& f) {
       decode.decode = true;
       const auto s = Clock::now();
       DHSA_ASSIGN_OR_RETURN(AttendResult d,
-                            AttendReference(SliceTokens(w.q, p, p + 1), kp, vp, config, decode));
+                            Attend(SliceTokens(w.q, p, p + 1), kp, vp, config, decode));
       if (step % 16 == 0 || step + 1 == f.decode) {
         local_decode += Since(s);
         ++local_decode_steps;
