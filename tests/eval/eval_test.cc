@@ -132,7 +132,12 @@ TEST(EvalTest, RecallRisesWithBudget) {
                 Result(*r, "oracle_topk", budget).fidelity.recall_mean + 1e-9)
           << policy << " " << budget;
     }
-    EXPECT_DOUBLE_EQ(Result(*r, "oracle_topk", budget).needle_hit_rate(), 1.0);
+  }
+  // The oracle's top-k sets are nested as the budget grows (ties broken by position), so its needle
+  // hit rate never drops. (It need not be 1: a needle key can rank below `budget` other keys.)
+  for (size_t i = 1; i < options.budgets.size(); ++i) {
+    EXPECT_GE(Result(*r, "oracle_topk", options.budgets[i]).needle_hit_rate(),
+              Result(*r, "oracle_topk", options.budgets[i - 1]).needle_hit_rate());
   }
   // Boundary quality: the true segments are found exactly by the truth variant, and dynamic
   // boundaries beat fixed ones.
