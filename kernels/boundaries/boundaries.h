@@ -22,6 +22,12 @@ namespace dhsa {
 std::vector<double> GapDissimilarityReference(const HeadsView& k, int64_t begin, int64_t end,
                                               int64_t window);
 
+// Splits every chunk longer than `max_len` into the fewest equal parts (lengths differ by <= 1).
+std::vector<int64_t> SplitLongChunks(const std::vector<int64_t>& b, int64_t max_len);
+
+// `fixed` boundaries of [begin, end): multiples of `chunk` (absolute positions) in between.
+std::vector<int64_t> FixedBoundaries(int64_t begin, int64_t end, int64_t chunk);
+
 // Segments keys [begin, end) on their own (spec Step 1): `dynamic` greedy NMS over the gap
 // dissimilarity then splitting chunks longer than chunk_max, or `fixed` chunks of chunk_mean.
 // Returns [begin, ..., end].

@@ -35,7 +35,8 @@ absl::Status CheckRange(const HeadsView& k, int64_t begin, int64_t end) {
   return absl::OkStatus();
 }
 
-// Splits every chunk longer than `max_len` into the fewest equal parts (lengths differ by <= 1).
+}  // namespace
+
 std::vector<int64_t> SplitLongChunks(const std::vector<int64_t>& b, int64_t max_len) {
   std::vector<int64_t> out = {b.front()};
   for (size_t j = 0; j + 1 < b.size(); ++j) {
@@ -53,8 +54,6 @@ std::vector<int64_t> FixedBoundaries(int64_t begin, int64_t end, int64_t chunk) 
   b.push_back(end);
   return b;
 }
-
-}  // namespace
 
 std::vector<double> GapDissimilarityReference(const HeadsView& k, int64_t begin, int64_t end,
                                               int64_t window) {

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/boundaries/boundaries.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/cpu/vector_ops.h"
 
@@ -30,25 +31,6 @@ const float* KeyRow(const HeadsView& k, int64_t h, int64_t t, float* buffer) {
   cpu::ToFloat(static_cast<const char*>(k.data) + k.Index(h, t - k.offset) * DTypeSize(k.dtype),
                k.dtype, k.dim, buffer);
   return buffer;
-}
-
-// Splits every chunk longer than `max_len` into the fewest equal parts (lengths differ by <= 1).
-std::vector<int64_t> SplitLongChunks(const std::vector<int64_t>& b, int64_t max_len) {
-  std::vector<int64_t> out = {b.front()};
-  for (size_t j = 0; j + 1 < b.size(); ++j) {
-    const int64_t len = b[j + 1] - b[j];
-    const int64_t parts = (len + max_len - 1) / max_len;
-    for (int64_t p = 1; p < parts; ++p) out.push_back(b[j] + p * len / parts);
-    out.push_back(b[j + 1]);
-  }
-  return out;
-}
-
-std::vector<int64_t> FixedBoundaries(int64_t begin, int64_t end, int64_t chunk) {
-  std::vector<int64_t> b = {begin};
-  for (int64_t t = (begin / chunk + 1) * chunk; t < end; t += chunk) b.push_back(t);
-  b.push_back(end);
-  return b;
 }
 
 // Greedy 1-D NMS (spec Step 1): gaps by descending delta, ties to the lower position; a gap is

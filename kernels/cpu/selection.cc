@@ -10,39 +10,6 @@
 namespace dhsa {
 namespace {
 
-Selection EmptyBlockSelection(const AttentionShape& shape, int64_t q_block) {
-  Selection s;
-  s.unit = SelectionUnit::kKvHeadBlock;
-  s.block_size = q_block;
-  s.first_block = shape.t0() / q_block;
-  s.num_blocks = (shape.lk - 1) / q_block - s.first_block + 1;
-  s.num_heads = shape.hkv;
-  s.group = shape.group();
-  s.spans.resize(static_cast<size_t>(s.num_heads * s.num_blocks));
-  return s;
-}
-
-// Number of chunks ending at or before `position` (b[j + 1] is the end of chunk j).
-int64_t EligibleChunks(const std::vector<int64_t>& b, int64_t position) {
-  return static_cast<int64_t>(std::upper_bound(b.begin() + 1, b.end(), position) - (b.begin() + 1));
-}
-
-// Sorted, merged, non-empty spans (NormaliseSpans of the reference).
-std::vector<Span> Merged(std::vector<Span> spans) {
-  std::sort(spans.begin(), spans.end(),
-            [](const Span& a, const Span& b) { return a.begin < b.begin; });
-  std::vector<Span> out;
-  for (const Span& s : spans) {
-    if (s.end <= s.begin) continue;
-    if (!out.empty() && s.begin <= out.back().end) {
-      out.back().end = std::max(out.back().end, s.end);
-    } else {
-      out.push_back(s);
-    }
-  }
-  return out;
-}
-
 // Visits chunk indices in descending score order (ties: the later chunk first) until `visit`
 // returns false, ranking `batch` more candidates at a time by partial selection.
 template <typename Visit>
@@ -77,7 +44,7 @@ std::vector<Span> SelectDhsaBlock(const std::vector<int64_t>& b, const std::vect
   std::vector<Span> spans = {sink, local};
   const int64_t kept = sink.size() + local.size() - std::max<int64_t>(0, sink.end - local.begin);
   int64_t remaining = c.budget - kept;
-  if (remaining <= 0 || scores.empty()) return Merged(std::move(spans));
+  if (remaining <= 0 || scores.empty()) return NormaliseSpans(std::move(spans));
   // Enough candidates for the budget at the eligible chunks' mean length, twice over.
   const int64_t covered = b[scores.size()] - b[0];
   const int64_t mean_len = std::max<int64_t>(1, covered / static_cast<int64_t>(scores.size()));
@@ -93,7 +60,7 @@ std::vector<Span> SelectDhsaBlock(const std::vector<int64_t>& b, const std::vect
     }
     return remaining > 0;
   });
-  return Merged(std::move(spans));
+  return NormaliseSpans(std::move(spans));
 }
 
 // block_topk for one (KV head, block) whose row block [block_begin, e) ends past the budget.
@@ -110,7 +77,7 @@ std::vector<Span> SelectBlockTopkBlock(const std::vector<float>& scores, const D
       return --remaining > 0;
     });
   }
-  return Merged(std::move(spans));
+  return NormaliseSpans(std::move(spans));
 }
 
 }  // namespace
@@ -172,7 +139,8 @@ absl::StatusOr<Selection> SelectSpansCpu(const SelectionInputs& in, const DhsaCo
       }
       switch (config.policy) {
         case Policy::kStreaming:
-          spans = Merged({{0, std::min(config.sink, e)}, {e - (config.budget - config.sink), e}});
+          spans = NormaliseSpans(
+              {{0, std::min(config.sink, e)}, {e - (config.budget - config.sink), e}});
           break;
         case Policy::kDhsa:
           spans = SelectDhsaBlock(*in.boundaries, ChunkScoresCpu(in, config, h, block), config, e,

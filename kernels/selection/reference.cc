@@ -8,24 +8,6 @@
 namespace dhsa {
 namespace {
 
-Selection EmptyBlockSelection(const AttentionShape& shape, int64_t q_block) {
-  Selection s;
-  s.unit = SelectionUnit::kKvHeadBlock;
-  s.block_size = q_block;
-  s.first_block = shape.t0() / q_block;
-  s.num_blocks = (shape.lk - 1) / q_block - s.first_block + 1;
-  s.num_heads = shape.hkv;
-  s.group = shape.group();
-  s.spans.resize(static_cast<size_t>(s.num_heads * s.num_blocks));
-  return s;
-}
-
-// Number of chunks ending at or before `position` (chunks are in order).
-int64_t EligibleChunks(const std::vector<int64_t>& b, int64_t position) {
-  // b[j + 1] is the end of chunk j.
-  return static_cast<int64_t>(std::upper_bound(b.begin() + 1, b.end(), position) - (b.begin() + 1));
-}
-
 // Chunk indices by descending score; ties put the later chunk first.
 std::vector<int64_t> RankChunks(const std::vector<float>& scores) {
   std::vector<int64_t> order(scores.size());
@@ -74,6 +56,23 @@ std::vector<Span> SelectBlockTopkBlock(const std::vector<float>& scores, const D
 }
 
 }  // namespace
+
+Selection EmptyBlockSelection(const AttentionShape& shape, int64_t q_block) {
+  Selection s;
+  s.unit = SelectionUnit::kKvHeadBlock;
+  s.block_size = q_block;
+  s.first_block = shape.t0() / q_block;
+  s.num_blocks = (shape.lk - 1) / q_block - s.first_block + 1;
+  s.num_heads = shape.hkv;
+  s.group = shape.group();
+  s.spans.resize(static_cast<size_t>(s.num_heads * s.num_blocks));
+  return s;
+}
+
+int64_t EligibleChunks(const std::vector<int64_t>& b, int64_t position) {
+  // b[j + 1] is the end of chunk j.
+  return static_cast<int64_t>(std::upper_bound(b.begin() + 1, b.end(), position) - (b.begin() + 1));
+}
 
 std::vector<Span> NormaliseSpans(std::vector<Span> spans) {
   std::sort(spans.begin(), spans.end(),

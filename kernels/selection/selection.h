@@ -75,6 +75,12 @@ absl::StatusOr<Selection> SelectSpansReference(const SelectionInputs& in, const 
 absl::StatusOr<Selection> SelectOracleTopkReference(const HeadsView& q, const HeadsView& k,
                                                     const DhsaConfig& config);
 
+// An empty per-(KV head, query block) selection for `shape` with blocks of `q_block` rows.
+Selection EmptyBlockSelection(const AttentionShape& shape, int64_t q_block);
+
+// Number of chunks ending at or before `position` (boundaries b: b[j + 1] ends chunk j).
+int64_t EligibleChunks(const std::vector<int64_t>& b, int64_t position);
+
 // Sorts and merges overlapping or adjacent spans, dropping empty ones.
 std::vector<Span> NormaliseSpans(std::vector<Span> spans);
 
