@@ -26,6 +26,7 @@ int RunGen(const std::vector<std::string>& args);
 int RunServe(const std::vector<std::string>& args);
 int RunDemo(const std::vector<std::string>& args);
 int RunEval(const std::vector<std::string>& args);
+int RunLm(const std::vector<std::string>& args);
 
 }  // namespace dhsa::cli
 

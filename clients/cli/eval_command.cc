@@ -11,6 +11,8 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "bench/eval/eval.h"
+#include "bench/lm/lm_eval.h"
+#include "bench/lm/tinylm.h"
 #include "bench/workload/workload.h"
 #include "clients/cli/commands.h"
 #include "clients/cli/dhsa_flags.h"
@@ -42,6 +44,14 @@ struct EvalFlags {
   WorkloadConfig gen;
   int64_t retrieve = WorkloadConfig().retrieve;
   int64_t needles = WorkloadConfig().needles;
+  // --model: the language-model table (bench/lm).
+  std::string model;
+  std::string text = "/usr/lib/python3.11";
+  std::string lm_policies = "local,streaming,block_topk,dhsa,oracle_block";
+  std::string trace_policies = "dhsa,block_topk,streaming";
+  int64_t windows = 8;
+  int64_t window = 8192;
+  int64_t trace_rows = 256;
 };
 
 absl::StatusOr<std::vector<int64_t>> ParseIntList(const std::string& text, const char* flag) {
@@ -158,7 +168,74 @@ void PrintReport(const EvalReport& r, const std::vector<EvalReport>& per_input,
   }
 }
 
-absl::Status Eval(EvalFlags& f) {
+std::string Percent(double x) { return absl::StrFormat("%+.2f%%", 100.0 * x); }
+
+void PrintLmReport(const LmEvalReport& r, const std::string& model, const std::string& text) {
+  std::printf(
+      "dhsa eval --model %s: bits per byte on the second half of %zu windows of %lld bytes "
+      "of %s\n",
+      model.c_str(), r.offsets.size(), static_cast<long long>(r.window), text.c_str());
+  std::printf("window offsets: %s\n\n", absl::StrJoin(r.offsets, " ").c_str());
+  const LmRun& dense = r.runs.front();
+  std::vector<std::string> header = {"budget", "policy", "bpb", "vs dense", "density"};
+  for (size_t w = 0; w < r.offsets.size(); ++w) header.push_back(absl::StrCat("w", w));
+  header.push_back("time");
+  Table t(header);
+  for (const LmRun& run : r.runs) {
+    std::vector<std::string> row = {run.budget > 0 ? absl::StrCat(run.budget) : "-", run.policy,
+                                    Fixed(run.MeanBpb(), 4),
+                                    Percent(run.MeanBpb() / dense.MeanBpb() - 1.0),
+                                    absl::StrFormat("%.1f%%", 100.0 * run.MeanDensity())};
+    for (size_t w = 0; w < run.bpb.size(); ++w) {
+      row.push_back(run.budget > 0 ? Percent(run.bpb[w] / dense.bpb[w] - 1.0)
+                                   : Fixed(run.bpb[w], 4));
+    }
+    row.push_back(FormatSeconds(run.seconds));
+    t.AddRow(row);
+  }
+  std::printf("%s", t.Render().c_str());
+  std::printf(
+      "  vs dense: mean bpb over windows relative to dense; w<n>: window n (dense: its bpb,"
+      " others: relative to dense on that window)\n");
+  if (r.layers.empty()) return;
+  std::printf("\nattention fidelity per layer on the dense run's traces (mean over windows):\n");
+  Table f({"layer", "budget", "policy", "recall", "recall p5", "out err", "density"});
+  for (size_t l = 0; l < r.layers.size(); ++l) {
+    for (const PolicyResult& p : r.layers[l].results) {
+      f.AddRow({absl::StrCat(l), absl::StrCat(p.budget), p.policy, Fixed(p.fidelity.recall_mean, 4),
+                Fixed(p.fidelity.recall_p5, 4), Fixed(p.fidelity.output_rel_error, 4),
+                absl::StrFormat("%.2f%%", 100.0 * p.density())});
+    }
+  }
+  std::printf("%s", f.Render().c_str());
+}
+
+absl::Status EvalModel(EvalFlags& f, const EvalOptions& options, bool show) {
+  DHSA_ASSIGN_OR_RETURN(TinyLm model, LoadTinyLm(f.model));
+  DHSA_ASSIGN_OR_RETURN(std::string text, ReadCorpus(f.text));
+  LmEvalOptions lm;
+  lm.base = options.base;
+  lm.budgets = options.budgets;
+  lm.window = f.window;
+  lm.num_threads = options.num_threads;
+  lm.trace_rows = f.trace_rows;
+  DHSA_ASSIGN_OR_RETURN(lm.offsets,
+                        EvenWindowOffsets(static_cast<int64_t>(text.size()), f.window, f.windows));
+  for (absl::string_view p : absl::StrSplit(f.lm_policies, ',', absl::SkipWhitespace())) {
+    lm.policies.emplace_back(p);
+  }
+  for (absl::string_view p : absl::StrSplit(f.trace_policies, ',', absl::SkipWhitespace())) {
+    lm.trace_policies.emplace_back(p);
+  }
+  ProgressBar bar(show);
+  lm.progress = [&](double fraction, const std::string& stage) { bar.Update(fraction, stage); };
+  DHSA_ASSIGN_OR_RETURN(LmEvalReport report, RunLmEval(model, text, lm));
+  bar.Finish();
+  PrintLmReport(report, f.model, f.text);
+  return absl::OkStatus();
+}
+
+absl::Status Eval(EvalFlags& f, bool budgets_given, bool policies_given) {
   DHSA_ASSIGN_OR_RETURN(DhsaConfig base, ToDhsaConfig(f.dhsa));
   EvalOptions options;
   options.base = base;
@@ -183,6 +260,11 @@ absl::Status Eval(EvalFlags& f) {
   bool show = f.progress == "on" || (f.progress == "auto" && isatty(STDERR_FILENO) && !f.json);
   if (f.progress != "on" && f.progress != "off" && f.progress != "auto") {
     return absl::InvalidArgumentError("--progress must be auto, on or off");
+  }
+  if (!f.model.empty()) {
+    if (!budgets_given) options.budgets = {512, 1024, 2048};
+    if (policies_given) f.lm_policies = f.policies;
+    return EvalModel(f, options, show);
   }
   ProgressBar bar(show);
   f.gen.retrieve = static_cast<int>(f.retrieve);
@@ -258,8 +340,19 @@ int RunEval(const std::vector<std::string>& args) {
       "  dhsa eval --len 32768 --seeds 1,2,3,4,5 --budgets 1024,2048,4096\n"
       "  dhsa eval --len 8192 --policies dhsa,dhsa_fixed,dhsa_mean,dhsa_shared,block_topk"
       " --budgets 1024\n"
-      "  dhsa gen --out /tmp/w --len 16384 && dhsa eval --workload /tmp/w --json");
+      "  dhsa gen --out /tmp/w --len 16384 && dhsa eval --workload /tmp/w --json\n"
+      "  dhsa eval --model ../shared/data/tinylm/tinylm.safetensors --text /usr/lib/python3.11");
   flags.String("workload", &f.workload, "directory with q.npy k.npy v.npy [meta.json]");
+  flags.String("model", &f.model,
+               "tinylm .safetensors: bits per byte of the model with each policy in every layer"
+               " (policies also local, oracle_block; budgets default 512,1024,2048)");
+  flags.String("text", &f.text, "--model: text file or directory of *.py files");
+  flags.Int("windows", &f.windows, "--model: windows spread evenly over the text");
+  flags.Int("window", &f.window, "--model: bytes per window (bpb on its second half)");
+  flags.Int("trace-rows", &f.trace_rows,
+            "--model: rows per layer and window for the per-layer fidelity (0: none)");
+  flags.String("trace-policies", &f.trace_policies,
+               "--model: policies of the per-layer fidelity table");
   flags.String("budgets", &f.budgets, "comma-separated token budgets (Nb)");
   flags.String("policies", &f.policies, "comma-separated policies and dhsa variants");
   flags.Int("rows", &f.rows, "query rows sampled (one per stratum) for recall and error");
@@ -305,7 +398,7 @@ int RunEval(const std::vector<std::string>& args) {
     std::printf("%s", flags.Help().c_str());
     return kExitOk;
   }
-  absl::Status s = Eval(f);
+  absl::Status s = Eval(f, flags.Given("budgets"), flags.Given("policies"));
   if (!s.ok()) return ReportError("eval", s);
   return kExitOk;
 }

@@ -37,6 +37,7 @@ constexpr char kUsage[] =
     "  serve    run the router and N workers in this process (the embedded service)\n"
     "  demo     the main job: a multi-layer prefill + decode through the service, with a report\n"
     "  eval     fidelity of dhsa vs block_topk, streaming and oracle_topk against dense attention\n"
+    "  lm       bits per byte of the trained tinylm with every layer's attention done by dhsa\n"
     "\n"
     "exit codes: 0 ok, 2 bad usage or input, 3 service error, 1 other failure\n";
 
@@ -60,6 +61,7 @@ int main(int argc, char** argv) {
   if (command == "serve") return RunServe(args);
   if (command == "demo") return RunDemo(args);
   if (command == "eval") return RunEval(args);
+  if (command == "lm") return RunLm(args);
   std::fprintf(stderr, "dhsa: unknown command '%s'\n\n%s", command.c_str(), kUsage);
   return kExitBadInput;
 }

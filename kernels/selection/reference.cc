@@ -19,9 +19,11 @@ std::vector<int64_t> RankChunks(const std::vector<float>& scores) {
   return order;
 }
 
-// dhsa, Step 4, for one (KV head, block) whose row block ends at `e` (> budget).
-std::vector<Span> SelectDhsaBlock(const std::vector<int64_t>& b, const std::vector<float>& scores,
-                                  const DhsaConfig& c, int64_t e) {
+}  // namespace
+
+std::vector<Span> SelectDhsaSpansReference(const std::vector<int64_t>& b,
+                                           const std::vector<float>& scores, const DhsaConfig& c,
+                                           int64_t e) {
   const Span sink = {0, std::min(c.sink, e)};
   const Span local = {std::max<int64_t>(0, e - c.local), e};
   std::vector<Span> spans = {sink, local};
@@ -39,6 +41,8 @@ std::vector<Span> SelectDhsaBlock(const std::vector<int64_t>& b, const std::vect
   }
   return NormaliseSpans(std::move(spans));
 }
+
+namespace {
 
 // block_topk for one (KV head, block) whose row block [block_begin, e) ends past the budget.
 std::vector<Span> SelectBlockTopkBlock(const std::vector<float>& scores, const DhsaConfig& c,
@@ -149,8 +153,8 @@ absl::StatusOr<Selection> SelectSpansReference(const SelectionInputs& in,
           if (config.shared_heads && h > 0) {
             spans = sel.At(0, bi);
           } else {
-            spans = SelectDhsaBlock(*in.boundaries, ChunkScoresReference(in, config, h, block),
-                                    config, e);
+            spans = SelectDhsaSpansReference(*in.boundaries,
+                                             ChunkScoresReference(in, config, h, block), config, e);
           }
           break;
         case Policy::kBlockTopk:

@@ -67,6 +67,15 @@ struct SelectionInputs {
 std::vector<float> ChunkScoresReference(const SelectionInputs& in, const DhsaConfig& config,
                                         int64_t kv_head, int64_t block);
 
+// Step 4 of dhsa for one (KV head, query block) whose row block ends at `e` (> budget): sink and
+// local window, then the eligible chunks (scores[j] for chunk j of `boundaries`) in descending
+// score, ties to the later chunk, counting only their tokens not yet kept, the last one cut to the
+// budget. Sorted, disjoint spans. Exposed so that evaluation can rank chunks by other scores (the
+// block oracle ranks them by true attention mass).
+std::vector<Span> SelectDhsaSpansReference(const std::vector<int64_t>& boundaries,
+                                           const std::vector<float>& scores,
+                                           const DhsaConfig& config, int64_t e);
+
 // Selection for dhsa, block_topk, streaming and dense. oracle_topk needs Q and K: see below.
 absl::StatusOr<Selection> SelectSpansReference(const SelectionInputs& in, const DhsaConfig& config);
 
