@@ -8,6 +8,7 @@
 #include "clients/cli/dhsa_flags.h"
 #include "clients/cli/flags.h"
 #include "kernels/common/status_macros.h"
+#include "services/common/metrics.h"
 #include "services/router/embedded.h"
 
 namespace dhsa::cli {
@@ -16,8 +17,16 @@ namespace {
 volatile std::sig_atomic_t g_stop = 0;
 void OnSignal(int) { g_stop = 1; }
 
-absl::Status Serve(const EmbeddedOptions& options, double drain_seconds) {
+absl::Status Serve(const EmbeddedOptions& options, double drain_seconds, int64_t metrics_port) {
   DHSA_ASSIGN_OR_RETURN(std::unique_ptr<EmbeddedService> service, EmbeddedService::Start(options));
+  if (metrics_port > 0) {
+    // On the router's host: 127.0.0.1 by default, 0.0.0.0 when serving others.
+    const std::string host = options.listen_address.substr(0, options.listen_address.rfind(':'));
+    DHSA_ASSIGN_OR_RETURN(const int port,
+                          metrics::StartExposer(absl::StrCat(host, ":", metrics_port)));
+    std::printf("dhsa serve: metrics of the router and workers on http://%s:%d/metrics\n",
+                host.c_str(), port);
+  }
   std::printf(
       "dhsa serve: router on %s with %d workers (stripes of %lld tokens); Ctrl-C or SIGTERM "
       "stops it\n",
@@ -39,7 +48,7 @@ int RunServe(const std::vector<std::string>& args) {
   EmbeddedOptions options;
   options.listen_address = "127.0.0.1:50051";
   int64_t workers = options.num_workers, threads = 0, max_message = options.max_message_bytes;
-  int64_t capacity = 0;
+  int64_t capacity = 0, metrics_port = 0;
   double drain = 30;
   DhsaFlags dhsa;
   FlagSet flags("serve", "[--workers N] [--listen HOST:PORT] [flags]",
@@ -57,12 +66,18 @@ int RunServe(const std::vector<std::string>& args) {
   flags.Int("capacity-bytes", &capacity, "KV bytes per worker (0: half the memory, shared)");
   flags.Int("max-message-bytes", &max_message, "largest gRPC message; tensors go in pieces");
   flags.Double("drain-seconds", &drain, "how long SIGTERM waits for calls in flight");
+  flags.Int("metrics-port", &metrics_port,
+            "Prometheus /metrics port on the --listen host, for the router and workers (0: off)");
   AddDhsaFlags(flags, &dhsa);
   absl::Status parsed = flags.Parse(args);
   if (!parsed.ok()) return ReportError("serve", parsed);
   if (flags.help_requested()) {
     std::printf("%s", flags.Help().c_str());
     return kExitOk;
+  }
+  if (metrics_port < 0 || metrics_port > 65535) {
+    return ReportError("serve", absl::InvalidArgumentError(absl::StrCat(
+                                    "--metrics-port must be 0 to 65535; got ", metrics_port)));
   }
   if (workers < 1 || workers > 64) {
     return ReportError("serve", absl::InvalidArgumentError(
@@ -75,7 +90,7 @@ int RunServe(const std::vector<std::string>& args) {
   options.capacity_bytes_per_worker = capacity;
   options.max_message_bytes = max_message;
   options.default_config = *config;
-  absl::Status s = Serve(options, drain);
+  absl::Status s = Serve(options, drain, metrics_port);
   if (!s.ok()) return ReportError("serve", s);
   return kExitOk;
 }

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "services/common/metrics.h"
 
 namespace dhsa {
 namespace {
@@ -39,6 +40,9 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(const std::string&
   builder.SetMaxReceiveMessageSize(ClampToInt(max_message_bytes));
   builder.SetMaxSendMessageSize(ClampToInt(max_message_bytes));
   for (grpc::Service* service : services) builder.RegisterService(service);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(metrics::NewRpcInterceptorFactory());  // Request counts and latency.
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     if (server != nullptr) server->Shutdown();

@@ -3,6 +3,7 @@
 //   dhsa-router [--config FILE.json] [--listen HOST:PORT] (--workers H:P,H:P | --worker-dns
 //               dns:///NAME:PORT) [--max-message-bytes N] [--stripe-tokens N] [--threads N]
 //               [--max-inflight N] [--drain-seconds S] [--worker-call-timeout S]
+//               [--metrics-port N]
 //
 // Flags override the JSON ServiceConfig. SIGTERM or SIGINT: readiness goes NOT_SERVING, calls in
 // flight get drain_seconds to finish, then the process exits 0.
@@ -14,9 +15,11 @@
 #include <string>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "dhsa/v1/service_config.pb.h"
 #include "services/common/config.h"
+#include "services/common/metrics.h"
 #include "services/router/router.h"
 
 namespace {
@@ -24,7 +27,8 @@ namespace {
 constexpr char kUsage[] =
     "usage: dhsa-router [--config FILE.json] [--listen HOST:PORT] (--workers HOST:PORT,... | "
     "--worker-dns dns:///NAME:PORT) [--max-message-bytes N] [--stripe-tokens N] [--threads N] "
-    "[--max-inflight N] [--drain-seconds S] [--worker-call-timeout S]\n";
+    "[--max-inflight N] [--drain-seconds S] [--worker-call-timeout S] [--metrics-port N]\n"
+    "--metrics-port N serves Prometheus /metrics on 0.0.0.0:N (0: off; deployments use 9464).\n";
 
 // One line naming the problem; exit status 2.
 int Usage(const std::string& problem) {
@@ -46,6 +50,7 @@ int main(int argc, char** argv) {
                                              {"--max-inflight", true},
                                              {"--drain-seconds", true},
                                              {"--worker-call-timeout", true},
+                                             {"--metrics-port", true},
                                              {"--help", false}};
   std::map<std::string, std::string> flags;
   for (int i = 1; i < argc; ++i) {
@@ -97,13 +102,18 @@ int main(int argc, char** argv) {
       number("--max-inflight",
              [&](double v) { config.set_max_inflight(static_cast<int32_t>(v)); }) &&
       number("--drain-seconds", [&](double v) { config.set_drain_seconds(v); }) &&
-      number("--worker-call-timeout", [&](double v) { config.set_worker_call_timeout_seconds(v); });
+      number("--worker-call-timeout",
+             [&](double v) { config.set_worker_call_timeout_seconds(v); }) &&
+      number("--metrics-port", [&](double v) { config.set_metrics_port(static_cast<int32_t>(v)); });
   if (!numbers_ok) return Usage("a numeric flag has a value that is not a number");
   if (config.worker_addresses_size() > 0 && !config.worker_dns().empty() &&
       flags.count("--workers") + flags.count("--worker-dns") == 2) {
     return Usage("give --workers or --worker-dns, not both");
   }
   if (config.listen_address().empty()) config.set_listen_address("0.0.0.0:50051");
+  if (config.metrics_port() < 0 || config.metrics_port() > 65535) {
+    return Usage("metrics_port must be in [0, 65535]");
+  }
 
   absl::StatusOr<dhsa::router::RouterOptions> options =
       dhsa::router::RouterOptionsFromServiceConfig(config);
@@ -124,6 +134,16 @@ int main(int argc, char** argv) {
     }
     std::fprintf(stderr, "dhsa-router: %s\n", std::string(server.status().message()).c_str());
     return 1;
+  }
+  if (config.metrics_port() > 0) {
+    absl::StatusOr<int> metrics_port =
+        dhsa::metrics::StartExposer(absl::StrCat("0.0.0.0:", config.metrics_port()));
+    if (!metrics_port.ok()) {
+      std::fprintf(stderr, "dhsa-router: %s\n",
+                   std::string(metrics_port.status().message()).c_str());
+      return 1;
+    }
+    std::fprintf(stderr, "dhsa-router: metrics on http://0.0.0.0:%d/metrics\n", *metrics_port);
   }
   std::fprintf(stderr, "dhsa-router: listening on port %d, %zu worker(s)%s%s\n", (*server)->port(),
                options->worker_addresses.size(), options->worker_dns.empty() ? "" : " from ",

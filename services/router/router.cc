@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "kernels/common/status_macros.h"
 #include "services/common/config.h"
+#include "services/common/metrics.h"
 #include "services/common/server.h"
 #include "services/common/status.h"
 #include "services/common/wire.h"
@@ -162,6 +163,8 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
       return;
     }
     output_ = *std::move(out);
+    metrics::ObserveLayerCall(/*decode=*/false, seq_->dhsa.policy, output_.o.shape[1],
+                              output_.stats);
     const int64_t piece_bytes = service_->response_piece_bytes();
     const int64_t lq = output_.o.shape[1];
     o_stream_ = std::make_unique<PieceStream>(std::make_shared<const Tensor>(std::move(output_.o)),
@@ -269,7 +272,10 @@ RouterService::RouterService(const RouterOptions& options)
     : options_(options),
       response_piece_bytes_(PieceBytesForMessageLimit(options.max_message_bytes)) {}
 
-RouterService::~RouterService() { executor_.reset(); }
+RouterService::~RouterService() {
+  metrics::RemoveSource(this);
+  executor_.reset();
+}
 
 absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const RouterOptions& options) {
   DHSA_RETURN_IF_ERROR(ValidateConfig(options.default_config));
@@ -297,6 +303,21 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Route
   service->core_.stripe_tokens = options.stripe_tokens;
   service->core_.piece_bytes = PieceBytesForMessageLimit(options.max_message_bytes);
   service->core_.worker_call_timeout = options.worker_call_timeout;
+  // Scrape-time gauges: sequences held, and each worker as the router sees it.
+  metrics::AddSource(service.get(), [s = service.get()](metrics::GaugeSink& sink) {
+    {
+      std::lock_guard<std::mutex> lock(s->mu_);
+      sink.Set("dhsa_active_sequences", {}, static_cast<double>(s->sequences_.size()));
+    }
+    const std::vector<WorkerLoad> loads = s->pool_->Loads();
+    for (size_t w = 0; w < loads.size(); ++w) {
+      const std::vector<std::string> worker = {s->pool_->address(static_cast<int>(w))};
+      sink.Set("dhsa_worker_up", worker, loads[w].available ? 1 : 0);
+      sink.Set("dhsa_router_placed_bytes", worker, static_cast<double>(loads[w].used_bytes));
+      sink.Set("dhsa_router_worker_capacity_bytes", worker,
+               static_cast<double>(loads[w].capacity_bytes));
+    }
+  });
   return service;
 }
 
@@ -446,7 +467,8 @@ grpc::ServerUnaryReactor* RouterService::Decode(grpc::CallbackServerContext* con
     LayerCall::Start(core_, seq, request->layer(), std::make_shared<const Tensor>(std::move(q)),
                      std::make_shared<const Tensor>(std::move(k)),
                      std::make_shared<const Tensor>(std::move(v)), /*decode=*/true, context,
-                     [response, want_lse, finish](absl::StatusOr<LayerCallOutput> out) {
+                     [response, want_lse, finish,
+                      policy = seq->dhsa.policy](absl::StatusOr<LayerCallOutput> out) {
                        if (!out.ok()) {
                          finish(out.status());
                          return;
@@ -455,6 +477,7 @@ grpc::ServerUnaryReactor* RouterService::Decode(grpc::CallbackServerContext* con
                        if (want_lse) TensorToProto(out->lse, response->mutable_lse());
                        response->set_length(out->length);
                        *response->mutable_stats() = out->stats;
+                       metrics::ObserveLayerCall(/*decode=*/true, policy, 1, out->stats);
                        finish(absl::OkStatus());
                      });
     return absl::OkStatus();

@@ -2,6 +2,7 @@
 //
 //   dhsa-worker [--config FILE.json] [--listen HOST:PORT] [--capacity-bytes N] [--threads N]
 //               [--backend cpu|cuda] [--max-message-bytes N] [--drain-seconds S]
+//               [--metrics-port N]
 //
 // Flags override the ServiceConfig read from --config. SIGTERM or SIGINT: health goes NOT_SERVING,
 // calls in flight drain (bounded by drain_seconds, default 30), exit 0.
@@ -17,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "services/common/config.h"
+#include "services/common/metrics.h"
 #include "services/worker/worker_server.h"
 
 namespace {
@@ -24,7 +26,8 @@ namespace {
 constexpr char kUsage[] =
     "usage: dhsa-worker [--config FILE.json] [--listen HOST:PORT] [--capacity-bytes N]\n"
     "                   [--threads N] [--backend cpu|cuda] [--max-message-bytes N]\n"
-    "                   [--drain-seconds S]\n"
+    "                   [--drain-seconds S] [--metrics-port N]\n"
+    "--metrics-port N serves Prometheus /metrics on 0.0.0.0:N (0: off; deployments use 9465).\n"
     "Flags override the dhsa.v1.ServiceConfig read from --config (protobuf JSON).\n";
 
 constexpr double kDefaultDrainSeconds = 30;
@@ -48,9 +51,10 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  static const char* const kValueFlags[] = {"--config",       "--listen",  "--capacity-bytes",
-                                            "--threads",      "--backend", "--max-message-bytes",
-                                            "--drain-seconds"};
+  static const char* const kValueFlags[] = {"--config",         "--listen",
+                                            "--capacity-bytes", "--threads",
+                                            "--backend",        "--max-message-bytes",
+                                            "--drain-seconds",  "--metrics-port"};
   std::map<std::string, std::string> flags;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
@@ -98,6 +102,10 @@ int main(int argc, char** argv) {
       (!absl::SimpleAtod(flags["--drain-seconds"], &drain_seconds) || drain_seconds < 0)) {
     return Fail("--drain-seconds takes a non-negative number", kUsageError);
   }
+  int64_t metrics_port = config->metrics_port();
+  if (!parse_int("--metrics-port", &metrics_port) || metrics_port < 0 || metrics_port > 65535) {
+    return Fail("--metrics-port (metrics_port) takes a port number, 0 to 65535", kUsageError);
+  }
   if (flags.count("--listen")) options.listen_address = flags["--listen"];
   if (flags.count("--backend")) options.backend = flags["--backend"];
 
@@ -107,6 +115,15 @@ int main(int argc, char** argv) {
     return Fail(std::string(server.status().message()), bad_options ? kUsageError : 1);
   }
   const dhsa::WorkerOptions& o = (*server)->options();
+  if (metrics_port > 0) {
+    absl::StatusOr<int> bound = dhsa::metrics::StartExposer(absl::StrCat("0.0.0.0:", metrics_port));
+    if (!bound.ok()) return Fail(std::string(bound.status().message()), 1);
+    if (o.backend == "cuda") {
+      const absl::Status gpu = dhsa::metrics::EnableGpuMemoryMetrics();
+      if (!gpu.ok()) std::cerr << "dhsa-worker: no GPU memory metrics: " << gpu.message() << "\n";
+    }
+    std::cout << "dhsa-worker: metrics on http://0.0.0.0:" << *bound << "/metrics" << std::endl;
+  }
   std::cout << "dhsa-worker listening on port " << (*server)->port() << " (" << o.listen_address
             << ", backend " << o.backend << ", capacity " << o.capacity_bytes << " bytes, "
             << o.threads << " threads)" << std::endl;

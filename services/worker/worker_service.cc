@@ -11,6 +11,7 @@
 #include "absl/time/clock.h"
 #include "kernels/common/status_macros.h"
 #include "services/common/config.h"
+#include "services/common/metrics.h"
 #include "services/common/status.h"
 #include "services/common/wire.h"
 #include "services/worker/partial_attention.h"
@@ -86,7 +87,9 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
     }
     DHSA_ASSIGN_OR_RETURN(Tensor k, k_->Take());
     DHSA_ASSIGN_OR_RETURN(Tensor v, v_->Take());
+    const int64_t bytes = reservation_.bytes();
     DHSA_ASSIGN_OR_RETURN(const KvCommit commit, store_->Commit(std::move(reservation_), k, v));
+    metrics::CountKvStored(bytes);
     response_->set_held_bytes(commit.held_bytes);
     response_->set_stripe_begin(commit.stripe_begin);
     response_->set_stripe_length(commit.stripe_length);
@@ -241,6 +244,7 @@ class WorkerService::AttendReactor final
     in.num_threads = std::max(1, executor_->num_threads() / std::max(1, executor_->pending()));
     in.cancelled = [this] { return context_->IsCancelled(); };
     DHSA_ASSIGN_OR_RETURN(const PartialAttention result, ComputePartialAttention(in));
+    metrics::ObserveWorkerAttention(options_.backend, result.seconds);
     snapshot_.reset();  // Let a concurrent Drop free the stripes while the reply is sent.
 
     const int64_t piece_bytes = PieceBytesForMessageLimit(options_.max_message_bytes);
@@ -273,9 +277,15 @@ class WorkerService::AttendReactor final
 };
 
 WorkerService::WorkerService(const Options& options)
-    : options_(options), store_(options.capacity_bytes), executor_(options.threads) {}
+    : options_(options), store_(options.capacity_bytes), executor_(options.threads) {
+  metrics::AddWorkerSource(this, options_.backend, [this] {
+    const KvStats s = store_.Stats();
+    return metrics::KvGauges{s.capacity_bytes, s.held_bytes, s.allocated_bytes, s.sequences,
+                             s.stripes};
+  });
+}
 
-WorkerService::~WorkerService() = default;
+WorkerService::~WorkerService() { metrics::RemoveSource(this); }
 
 grpc::ServerReadReactor<v1::StoreKvRequest>* WorkerService::StoreKv(
     grpc::CallbackServerContext* context, v1::StoreKvResponse* response) {
