@@ -8,7 +8,7 @@ packages=(
   libabsl-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev nlohmann-json3-dev libhwy-dev libdnnl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3-numpy python3-grpcio python3-protobuf
+  python3-numpy python3-grpcio python3-protobuf python3-pytest
   clang-format
 )
 
