@@ -10,6 +10,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-numpy python3-grpcio python3-protobuf python3-pytest
   clang-format
+  prometheus python3-yaml
 )
 
 missing=()
