@@ -65,9 +65,9 @@ struct Steps {
   Summaries Chunks(const HeadsView& k, const std::vector<int64_t>& b, SummaryNorm norm) const {
     return cpu ? ChunkSummariesCpu(k, b, norm, threads) : ChunkSummariesReference(k, b, norm);
   }
-  Summaries Blocks(const HeadsView& q, int64_t kv_heads, int64_t q_block, SummaryNorm norm) const {
-    return cpu ? QueryBlockSummariesCpu(q, kv_heads, q_block, norm, threads)
-               : QueryBlockSummariesReference(q, kv_heads, q_block, norm);
+  Summaries Queries(const HeadsView& q, int64_t kv_heads, const DhsaConfig& c) const {
+    return cpu ? ScoreQuerySummariesCpu(q, kv_heads, c, threads)
+               : ScoreQuerySummariesReference(q, kv_heads, c);
   }
 };
 
@@ -158,14 +158,15 @@ absl::StatusOr<AttendResult> Attend(const Tensor& q_tensor, const Tensor& k_tens
                             DhsaBoundaries(steps, k, shape.t0(), config, options));
       result.times.boundaries = SecondsSince(start);
       start = std::chrono::steady_clock::now();
+      const SummaryNorm norm = ChunkSummaryNorm(config);
       if (steps.cpu && options.prior_kappa != nullptr) {
         result.kappa =
-            UpdateChunkSummariesCpu(k, result.boundaries, config.summary_norm,
-                                    *options.prior_boundaries, *options.prior_kappa, steps.threads);
+            UpdateChunkSummariesCpu(k, result.boundaries, norm, *options.prior_boundaries,
+                                    *options.prior_kappa, steps.threads);
       } else {
-        result.kappa = steps.Chunks(k, result.boundaries, config.summary_norm);
+        result.kappa = steps.Chunks(k, result.boundaries, norm);
       }
-      rho = steps.Blocks(q, shape.hkv, config.q_block, config.summary_norm);
+      rho = steps.Queries(q, shape.hkv, config);
       result.times.summaries = SecondsSince(start);
       break;
     }
@@ -177,7 +178,7 @@ absl::StatusOr<AttendResult> Attend(const Tensor& q_tensor, const Tensor& k_tens
       result.times.boundaries = SecondsSince(start);
       start = std::chrono::steady_clock::now();
       result.kappa = steps.Chunks(k, result.boundaries, SummaryNorm::kMean);
-      rho = steps.Blocks(q, shape.hkv, config.q_block, SummaryNorm::kMean);
+      rho = steps.Queries(q, shape.hkv, config);
       result.times.summaries = SecondsSince(start);
       break;
     }

@@ -29,6 +29,8 @@ absl::StatusOr<Variant> ParseVariant(absl::string_view name, const DhsaConfig& b
       c.summary_norm = SummaryNorm::kMean;
     } else if (parts[i] == "shared") {
       c.shared_heads = true;
+    } else if (parts[i] == "mass" || parts[i] == "paper") {
+      c.chunk_score = parts[i] == "mass" ? ChunkScore::kMass : ChunkScore::kPaper;
     } else if (parts[i] == "truth") {
       variant.true_boundaries = true;
     } else {
@@ -36,7 +38,7 @@ absl::StatusOr<Variant> ParseVariant(absl::string_view name, const DhsaConfig& b
       if (!mode.ok()) {
         return absl::InvalidArgumentError(
             absl::StrCat("unknown modifier '", parts[i], "' in policy '", name,
-                         "'; expected mean, shared, truth or a boundary "
+                         "'; expected mean, shared, truth, mass, paper or a boundary "
                          "mode (",
                          mode.status().message(), ")"));
       }

@@ -42,6 +42,25 @@ absl::StatusOr<BoundaryMode> ParseBoundaryMode(absl::string_view name) {
       absl::StrCat("unknown boundary mode '", name, "'; expected dynamic or fixed"));
 }
 
+absl::string_view ChunkScoreName(ChunkScore s) {
+  return s == ChunkScore::kPaper ? "paper" : "mass";
+}
+
+absl::StatusOr<ChunkScore> ParseChunkScore(absl::string_view name) {
+  if (name == "paper") return ChunkScore::kPaper;
+  if (name == "mass") return ChunkScore::kMass;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown chunk score '", name, "'; expected paper or mass"));
+}
+
+SummaryNorm ChunkSummaryNorm(const DhsaConfig& config) {
+  if (config.policy == Policy::kBlockTopk) return SummaryNorm::kMean;
+  if (config.policy == Policy::kDhsa && config.chunk_score == ChunkScore::kMass) {
+    return SummaryNorm::kMean;
+  }
+  return config.summary_norm;
+}
+
 absl::Status ValidateConfig(const DhsaConfig& c) {
   auto positive = [](int64_t v, absl::string_view what) -> absl::Status {
     if (v <= 0) return absl::InvalidArgumentError(absl::StrCat(what, " must be positive; got ", v));
@@ -74,6 +93,12 @@ absl::Status ValidateConfig(const DhsaConfig& c) {
         return absl::InvalidArgumentError(absl::StrCat("local window (", c.local,
                                                        ") must be >= q_block (", c.q_block,
                                                        "): the window must cover the query block"));
+      }
+      if (c.chunk_score == ChunkScore::kMass &&
+          (c.score_rows <= 0 || c.q_block % c.score_rows != 0)) {
+        return absl::InvalidArgumentError(absl::StrCat("score_rows (", c.score_rows,
+                                                       ") must be positive and divide q_block (",
+                                                       c.q_block, ") for the mass chunk score"));
       }
       if (c.budget < c.sink + c.local) {
         return absl::InvalidArgumentError(

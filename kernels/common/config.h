@@ -33,10 +33,24 @@ enum class SummaryNorm {
   kMean   // Sum / count: plain mean (used by block_topk, and as an ablation of dhsa).
 };
 
+// How `dhsa` scores the chunks a query block may select (Step 3).
+enum class ChunkScore {
+  kPaper,  // The spec's rho . kappa: the block's mean query over the group against each chunk's
+           // summary (sum / sqrt(len) by default). Bit-for-bit the paper's method.
+  kMass    // Estimated attention mass (docs/fidelity.md): for every query head of the group and
+           // every `score_rows`-row piece of the block, the piece's mean query q against each
+           // chunk's mean key k gives the logit scale * q.k + log(len); a softmax over the chunks
+           // that start before the block's end turns the logits into shares of attention, and a
+           // chunk's score is its share summed over heads and pieces.
+};
+
 absl::string_view PolicyName(Policy p);
 absl::StatusOr<Policy> ParsePolicy(absl::string_view name);
 absl::string_view BoundaryModeName(BoundaryMode m);
 absl::StatusOr<BoundaryMode> ParseBoundaryMode(absl::string_view name);
+// "paper", "mass".
+absl::string_view ChunkScoreName(ChunkScore s);
+absl::StatusOr<ChunkScore> ParseChunkScore(absl::string_view name);
 
 // Every knob of the algorithm; the defaults are the spec's.
 struct DhsaConfig {
@@ -55,12 +69,19 @@ struct DhsaConfig {
 
   int64_t block = 64;         // Bk: key block length of `block_topk`.
   bool shared_heads = false;  // One selection for all KV heads (scores averaged).
-  SummaryNorm summary_norm = SummaryNorm::kSqrt;  // `dhsa` only; block_topk always uses kMean.
-  float scale = 0.0f;                             // Softmax scale; 0 means 1/sqrt(d).
+  SummaryNorm summary_norm = SummaryNorm::kSqrt;  // `dhsa` kPaper only; block_topk and kMass
+                                                  // always use kMean.
+  ChunkScore chunk_score = ChunkScore::kPaper;    // `dhsa` only.
+  int64_t score_rows = 16;  // kMass: query rows per mean query; must divide q_block.
+  float scale = 0.0f;       // Softmax scale; 0 means 1/sqrt(d).
 };
 
 // Checks the config on its own (sizes positive, W >= Bq, budget >= sink + local, ...).
 absl::Status ValidateConfig(const DhsaConfig& config);
+
+// The norm of the chunk summaries kappa under `config`: kMean for block_topk and the kMass score,
+// else summary_norm.
+SummaryNorm ChunkSummaryNorm(const DhsaConfig& config);
 
 // Softmax scale for head dim `d` under `config`.
 float EffectiveScale(const DhsaConfig& config, int64_t head_dim);

@@ -1,6 +1,8 @@
 #include "kernels/cpu/selection.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -80,10 +82,57 @@ std::vector<Span> SelectBlockTopkBlock(const std::vector<float>& scores, const D
   return NormaliseSpans(std::move(spans));
 }
 
+// ChunkScoresCpu for dhsa's kMass score: the reference's arithmetic, with the dot products of one
+// mean query against every visible chunk in one vectorised pass.
+std::vector<float> MassScoresCpu(const SelectionInputs& in, const DhsaConfig& config,
+                                 int64_t kv_head, int64_t block) {
+  const std::vector<int64_t>& b = *in.boundaries;
+  const AttentionShape& shape = in.shape;
+  const int64_t eligible = EligibleChunks(b, block * config.q_block);
+  const int64_t e = std::min((block + 1) * config.q_block, shape.lk);
+  const int64_t visible =
+      static_cast<int64_t>(std::lower_bound(b.begin(), b.end() - 1, e) - b.begin());
+  const int64_t dim = in.kappa->dim;
+  const double scale = EffectiveScale(config, dim);
+  const int64_t group = shape.group();
+  const int64_t g_begin = config.shared_heads ? 0 : kv_head * group;
+  const int64_t g_end = config.shared_heads ? shape.hq : (kv_head + 1) * group;
+  const int64_t rows = config.score_rows;
+  const int64_t first_piece = shape.t0() / rows;
+  const int64_t p_begin = std::max(shape.t0(), block * config.q_block) / rows;
+  const int64_t p_end = (e - 1) / rows + 1;
+  std::vector<double> log_len(static_cast<size_t>(visible));
+  for (int64_t c = 0; c < visible; ++c) {
+    log_len[static_cast<size_t>(c)] = std::log(static_cast<double>(b[c + 1] - b[c]));
+  }
+  std::vector<double> total(static_cast<size_t>(eligible), 0.0), logits(log_len.size());
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    for (int64_t piece = p_begin; piece < p_end; ++piece) {
+      cpu::RowDotsF32InF64(in.rho->Row(g, piece - first_piece), in.kappa->Row(g / group, 0),
+                           visible, dim, logits.data());
+      double top = -std::numeric_limits<double>::infinity();
+      for (size_t c = 0; c < logits.size(); ++c) {
+        logits[c] = scale * logits[c] + log_len[c];
+        top = std::max(top, logits[c]);
+      }
+      double z = 0.0;
+      for (size_t c = 0; c < logits.size(); ++c) {
+        logits[c] = std::exp(logits[c] - top);
+        z += logits[c];
+      }
+      for (size_t j = 0; j < total.size(); ++j) total[j] += logits[j] / z;
+    }
+  }
+  return std::vector<float>(total.begin(), total.end());
+}
+
 }  // namespace
 
 std::vector<float> ChunkScoresCpu(const SelectionInputs& in, const DhsaConfig& config,
                                   int64_t kv_head, int64_t block) {
+  if (config.policy == Policy::kDhsa && config.chunk_score == ChunkScore::kMass) {
+    return MassScoresCpu(in, config, kv_head, block);
+  }
   const std::vector<int64_t>& b = *in.boundaries;
   const int64_t eligible = EligibleChunks(b, block * config.q_block);
   const int64_t rho_index = block - in.shape.t0() / config.q_block;
@@ -119,6 +168,10 @@ absl::StatusOr<Selection> SelectSpansCpu(const SelectionInputs& in, const DhsaCo
                  in.kappa->count + 1 != static_cast<int64_t>(in.boundaries->size()))) {
     return absl::InvalidArgumentError(absl::StrCat(
         "boundaries must run from 0 to Lk = ", in.shape.lk, " with one summary per chunk"));
+  }
+  if (scored) {
+    absl::Status shapes = CheckScoreSummaries(in, config);
+    if (!shapes.ok()) return shapes;
   }
   Selection sel = EmptyBlockSelection(in.shape, config.q_block);
   // Later blocks have more eligible chunks: hand them out first.

@@ -112,4 +112,12 @@ Summaries QueryBlockSummariesCpu(const HeadsView& q, int64_t kv_heads, int64_t q
   return s;
 }
 
+Summaries ScoreQuerySummariesCpu(const HeadsView& q, int64_t kv_heads, const DhsaConfig& config,
+                                 int num_threads) {
+  if (config.policy == Policy::kDhsa && config.chunk_score == ChunkScore::kMass) {
+    return QueryBlockSummariesCpu(q, q.heads, config.score_rows, SummaryNorm::kMean, num_threads);
+  }
+  return QueryBlockSummariesCpu(q, kv_heads, config.q_block, ChunkSummaryNorm(config), num_threads);
+}
+
 }  // namespace dhsa

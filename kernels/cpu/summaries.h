@@ -31,6 +31,10 @@ Summaries UpdateChunkSummariesCpu(const HeadsView& k, const std::vector<int64_t>
 Summaries QueryBlockSummariesCpu(const HeadsView& q, int64_t kv_heads, int64_t q_block,
                                  SummaryNorm norm, int num_threads = 1);
 
+// As ScoreQuerySummariesReference.
+Summaries ScoreQuerySummariesCpu(const HeadsView& q, int64_t kv_heads, const DhsaConfig& config,
+                                 int num_threads = 1);
+
 }  // namespace dhsa
 
 #endif  // DHSA_KERNELS_CPU_SUMMARIES_H_

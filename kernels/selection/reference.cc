@@ -1,8 +1,11 @@
 // Reference selection: per (KV head, query block), chunks ranked by a full sort of their scores.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/common/status_macros.h"
 #include "kernels/selection/selection.h"
 
 namespace dhsa {
@@ -73,6 +76,24 @@ Selection EmptyBlockSelection(const AttentionShape& shape, int64_t q_block) {
   return s;
 }
 
+absl::Status CheckScoreSummaries(const SelectionInputs& in, const DhsaConfig& config) {
+  const AttentionShape& shape = in.shape;
+  const bool mass = config.policy == Policy::kDhsa && config.chunk_score == ChunkScore::kMass;
+  const int64_t rows = mass ? config.score_rows : config.q_block;
+  const int64_t heads = mass ? shape.hq : shape.hkv;
+  const int64_t count = (shape.lk - 1) / rows - shape.t0() / rows + 1;
+  if (in.rho->heads != heads || in.rho->count != count || in.rho->dim != shape.dim ||
+      in.kappa->heads != shape.hkv || in.kappa->dim != shape.dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query summaries must be [", heads, ", ", count, ", ", shape.dim, "] for the ",
+        mass ? "mass" : "paper", " chunk score (one per ", mass ? "query head" : "KV head", " and ",
+        rows, " rows) and chunk summaries [", shape.hkv, ", chunks, ", shape.dim, "]; got [",
+        in.rho->heads, ", ", in.rho->count, ", ", in.rho->dim, "] and [", in.kappa->heads, ", ",
+        in.kappa->count, ", ", in.kappa->dim, "]"));
+  }
+  return absl::OkStatus();
+}
+
 int64_t EligibleChunks(const std::vector<int64_t>& b, int64_t position) {
   // b[j + 1] is the end of chunk j.
   return static_cast<int64_t>(std::upper_bound(b.begin() + 1, b.end(), position) - (b.begin() + 1));
@@ -93,8 +114,55 @@ std::vector<Span> NormaliseSpans(std::vector<Span> spans) {
   return out;
 }
 
+namespace {
+
+// ChunkScoresReference for dhsa's kMass score.
+std::vector<float> MassScoresReference(const SelectionInputs& in, const DhsaConfig& config,
+                                       int64_t kv_head, int64_t block) {
+  const std::vector<int64_t>& b = *in.boundaries;
+  const AttentionShape& shape = in.shape;
+  const int64_t eligible = EligibleChunks(b, block * config.q_block);
+  const int64_t e = std::min((block + 1) * config.q_block, shape.lk);
+  // Chunks starting before e: b[j] < e.
+  const int64_t visible =
+      static_cast<int64_t>(std::lower_bound(b.begin(), b.end() - 1, e) - b.begin());
+  const int64_t dim = in.kappa->dim;
+  const double scale = EffectiveScale(config, dim);
+  const int64_t group = shape.group();
+  const int64_t g_begin = config.shared_heads ? 0 : kv_head * group;
+  const int64_t g_end = config.shared_heads ? shape.hq : (kv_head + 1) * group;
+  const int64_t rows = config.score_rows;
+  const int64_t first_piece = shape.t0() / rows;
+  const int64_t p_begin = std::max(shape.t0(), block * config.q_block) / rows;
+  const int64_t p_end = (e - 1) / rows + 1;
+  std::vector<double> total(static_cast<size_t>(eligible), 0.0),
+      logits(static_cast<size_t>(visible));
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    for (int64_t piece = p_begin; piece < p_end; ++piece) {
+      const float* r = in.rho->Row(g, piece - first_piece);
+      double top = -std::numeric_limits<double>::infinity();
+      for (int64_t c = 0; c < visible; ++c) {
+        const float* k = in.kappa->Row(g / group, c);
+        double dot = 0.0;
+        for (int64_t x = 0; x < dim; ++x) dot += static_cast<double>(r[x]) * k[x];
+        logits[c] = scale * dot + std::log(static_cast<double>(b[c + 1] - b[c]));
+        top = std::max(top, logits[c]);
+      }
+      double z = 0.0;
+      for (int64_t c = 0; c < visible; ++c) z += std::exp(logits[c] - top);
+      for (int64_t j = 0; j < eligible; ++j) total[j] += std::exp(logits[j] - top) / z;
+    }
+  }
+  return std::vector<float>(total.begin(), total.end());
+}
+
+}  // namespace
+
 std::vector<float> ChunkScoresReference(const SelectionInputs& in, const DhsaConfig& config,
                                         int64_t kv_head, int64_t block) {
+  if (config.policy == Policy::kDhsa && config.chunk_score == ChunkScore::kMass) {
+    return MassScoresReference(in, config, kv_head, block);
+  }
   const std::vector<int64_t>& b = *in.boundaries;
   const int64_t eligible = EligibleChunks(b, block * config.q_block);
   const int64_t rho_index = block - in.shape.t0() / config.q_block;
@@ -134,6 +202,7 @@ absl::StatusOr<Selection> SelectSpansReference(const SelectionInputs& in,
     return absl::InvalidArgumentError(absl::StrCat(
         "boundaries must run from 0 to Lk = ", in.shape.lk, " with one summary per chunk"));
   }
+  if (scored) DHSA_RETURN_IF_ERROR(CheckScoreSummaries(in, config));
   Selection sel = EmptyBlockSelection(in.shape, config.q_block);
   for (int64_t bi = 0; bi < sel.num_blocks; ++bi) {
     const int64_t block = sel.first_block + bi;

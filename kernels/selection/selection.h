@@ -52,8 +52,10 @@ struct Selection {
 };
 
 // What selection needs besides the config: shapes, and for `dhsa`/`block_topk` the chunk
-// boundaries over [0, lk) with their summaries kappa and the query-block summaries rho (for
-// block_topk: `fixed` boundaries of `block` keys, both summaries with kMean).
+// boundaries over [0, lk) with their summaries kappa (norm ChunkSummaryNorm(config)) and the query
+// summaries rho of ScoreQuerySummaries*(q, hkv, config) (for block_topk: `fixed` boundaries of
+// `block` keys, both summaries with kMean; for dhsa's kMass score, rho holds one mean query per
+// query head and score_rows-row piece).
 struct SelectionInputs {
   AttentionShape shape;
   const std::vector<int64_t>* boundaries = nullptr;
@@ -61,9 +63,13 @@ struct SelectionInputs {
   const Summaries* rho = nullptr;
 };
 
-// Scores s[j] = rho[h][i] . kappa[h][j] of the chunks eligible for absolute query block `block`
-// (those ending at or before block * q_block); with shared_heads the mean over KV heads. Returns
-// the scores of chunks 0 .. eligible-1.
+// Scores of the chunks eligible for absolute query block `block` (those ending at or before
+// block * q_block), chunks 0 .. eligible-1. kPaper (and block_topk): s[j] = rho[h][i] .
+// kappa[h][j], with shared_heads the mean over KV heads. kMass: for each query head g of KV head
+// h's group (every query head with shared_heads) and each piece p of score_rows rows of the block
+// inside the query range, l[c] = scale * rho[g][p] . kappa[g / G][c] + log(len c) over the chunks c
+// that start before the block's end e = min((block+1) * q_block, lk); s[j] = sum over (g, p) of
+// exp(l[j] - max l) / sum_c exp(l[c] - max l). In double, rounded to fp32 once.
 std::vector<float> ChunkScoresReference(const SelectionInputs& in, const DhsaConfig& config,
                                         int64_t kv_head, int64_t block);
 
@@ -86,6 +92,10 @@ absl::StatusOr<Selection> SelectOracleTopkReference(const HeadsView& q, const He
 
 // An empty per-(KV head, query block) selection for `shape` with blocks of `q_block` rows.
 Selection EmptyBlockSelection(const AttentionShape& shape, int64_t q_block);
+
+// InvalidArgument unless rho and kappa have the shapes `config`'s chunk score reads (see
+// SelectionInputs): checked by SelectSpans* before any scoring.
+absl::Status CheckScoreSummaries(const SelectionInputs& in, const DhsaConfig& config);
 
 // Number of chunks ending at or before `position` (boundaries b: b[j + 1] ends chunk j).
 int64_t EligibleChunks(const std::vector<int64_t>& b, int64_t position);

@@ -66,4 +66,12 @@ Summaries QueryBlockSummariesReference(const HeadsView& q, int64_t kv_heads, int
   return s;
 }
 
+Summaries ScoreQuerySummariesReference(const HeadsView& q, int64_t kv_heads,
+                                       const DhsaConfig& config) {
+  if (config.policy == Policy::kDhsa && config.chunk_score == ChunkScore::kMass) {
+    return QueryBlockSummariesReference(q, q.heads, config.score_rows, SummaryNorm::kMean);
+  }
+  return QueryBlockSummariesReference(q, kv_heads, config.q_block, ChunkSummaryNorm(config));
+}
+
 }  // namespace dhsa

@@ -31,6 +31,15 @@ Summaries ChunkSummariesReference(const HeadsView& k, const std::vector<int64_t>
 Summaries QueryBlockSummariesReference(const HeadsView& q, int64_t kv_heads, int64_t q_block,
                                        SummaryNorm norm);
 
+// The query summaries rho that `config`'s selection scores chunks with:
+//  - dhsa with ChunkScore::kPaper: QueryBlockSummariesReference(q, kv_heads, q_block,
+//    summary_norm) (block_topk: kMean);
+//  - dhsa with ChunkScore::kMass: one mean query per query head and `score_rows`-row piece,
+//    QueryBlockSummariesReference(q, q.heads, score_rows, kMean) ([Hq, pieces, d], piece index
+//    from q.offset / score_rows).
+Summaries ScoreQuerySummariesReference(const HeadsView& q, int64_t kv_heads,
+                                       const DhsaConfig& config);
+
 }  // namespace dhsa
 
 #endif  // DHSA_KERNELS_SUMMARIES_SUMMARIES_H_

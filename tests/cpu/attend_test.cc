@@ -30,6 +30,14 @@ DhsaConfig SmallConfig(Policy policy) {
   return c;
 }
 
+// SmallConfig(kDhsa) with the mass chunk score over 8-row pieces.
+DhsaConfig MassConfig() {
+  DhsaConfig c = SmallConfig(Policy::kDhsa);
+  c.chunk_score = ChunkScore::kMass;
+  c.score_rows = 8;
+  return c;
+}
+
 // Checks `got` (CPU backend) against `want` (reference) for the same call: same boundaries,
 // summaries and selection (as sets, up to ties), pair counts, and o/lse on `rows` within the
 // tolerance rule against fp64 over the selection.
@@ -41,9 +49,7 @@ void ExpectMatchesReference(const AttendResult& got, const AttendResult& want, c
   HeadsView qv = *HeadsView::Of(q, "q");
   qv.offset = k.shape[1] - q.shape[1];
   if (config.policy == Policy::kDhsa || config.policy == Policy::kBlockTopk) {
-    const SummaryNorm norm =
-        config.policy == Policy::kBlockTopk ? SummaryNorm::kMean : config.summary_norm;
-    const Summaries rho = QueryBlockSummariesReference(qv, k.shape[0], config.q_block, norm);
+    const Summaries rho = ScoreQuerySummariesReference(qv, k.shape[0], config);
     SelectionInputs in;
     in.shape = {q.shape[0], k.shape[0], q.shape[2], q.shape[1], k.shape[1]};
     in.boundaries = &want.boundaries;
@@ -119,30 +125,30 @@ TEST_P(AttendCpuTest, MatchesTheReference) {
   ExpectMatchesReference(*got, *want, q, k, v, c.config, c.row_stride);
 }
 
-INSTANTIATE_TEST_SUITE_P(WorkloadsPoliciesAndOddSizes, AttendCpuTest,
-                         ::testing::Values(Case{"workload_f32", 8, 2, 1500, 1500, 64, DType::kF32,
-                                                SmallConfig(Policy::kDhsa), true, 3},
-                                           Case{"workload_f16", 4, 2, 1025, 1025, 64, DType::kF16,
-                                                SmallConfig(Policy::kDhsa), true, 2},
-                                           Case{"workload_bf16", 4, 1, 1025, 1025, 128,
-                                                DType::kBF16, SmallConfig(Policy::kDhsa), true, 2},
-                                           Case{"lq_lt_lk_bf16", 4, 2, 1000, 4099, 32, DType::kBF16,
-                                                SmallConfig(Policy::kDhsa), false, 3},
-                                           Case{"lk97", 4, 2, 97, 97, 32, DType::kF32,
-                                                SmallConfig(Policy::kDhsa), false, 1},
-                                           Case{"single_query_default_config", 8, 2, 1, 4099, 128,
-                                                DType::kF32, DhsaConfig{}, false, 1},
-                                           Case{"block_topk", 4, 2, 1025, 1025, 32, DType::kF16,
-                                                SmallConfig(Policy::kBlockTopk), false, 2},
-                                           Case{"streaming", 4, 2, 700, 700, 32, DType::kF32,
-                                                SmallConfig(Policy::kStreaming), false, 2},
-                                           Case{"dense", 6, 2, 300, 1025, 32, DType::kF32,
-                                                SmallConfig(Policy::kDense), false, 2},
-                                           Case{"oracle", 4, 2, 257, 257, 16, DType::kF32,
-                                                SmallConfig(Policy::kOracleTopk), false, 1}),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return info.param.name;
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    WorkloadsPoliciesAndOddSizes, AttendCpuTest,
+    ::testing::Values(
+        Case{"workload_f32", 8, 2, 1500, 1500, 64, DType::kF32, SmallConfig(Policy::kDhsa), true,
+             3},
+        Case{"workload_f16", 4, 2, 1025, 1025, 64, DType::kF16, SmallConfig(Policy::kDhsa), true,
+             2},
+        Case{"workload_bf16", 4, 1, 1025, 1025, 128, DType::kBF16, SmallConfig(Policy::kDhsa), true,
+             2},
+        Case{"lq_lt_lk_bf16", 4, 2, 1000, 4099, 32, DType::kBF16, SmallConfig(Policy::kDhsa), false,
+             3},
+        Case{"lk97", 4, 2, 97, 97, 32, DType::kF32, SmallConfig(Policy::kDhsa), false, 1},
+        Case{"single_query_default_config", 8, 2, 1, 4099, 128, DType::kF32, DhsaConfig{}, false,
+             1},
+        Case{"mass_workload", 8, 2, 1500, 1500, 64, DType::kF32, MassConfig(), true, 3},
+        Case{"mass_lq_lt_lk_bf16", 6, 2, 333, 4099, 32, DType::kBF16, MassConfig(), false, 3},
+        Case{"block_topk", 4, 2, 1025, 1025, 32, DType::kF16, SmallConfig(Policy::kBlockTopk),
+             false, 2},
+        Case{"streaming", 4, 2, 700, 700, 32, DType::kF32, SmallConfig(Policy::kStreaming), false,
+             2},
+        Case{"dense", 6, 2, 300, 1025, 32, DType::kF32, SmallConfig(Policy::kDense), false, 2},
+        Case{"oracle", 4, 2, 257, 257, 16, DType::kF32, SmallConfig(Policy::kOracleTopk), false,
+             1}),
+    [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
 // A prefill, then decode one token at a time past several tail segmentations, each call keeping
 // the previous call's boundaries and chunk summaries, against the reference recomputing them.

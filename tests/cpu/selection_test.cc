@@ -28,15 +28,13 @@ std::unique_ptr<Prepared> Prepare(const Tensor& q, const Tensor& k, const DhsaCo
   p->shape = {q.shape[0], k.shape[0], q.shape[2], q.shape[1], k.shape[1]};
   qv.offset = p->shape.t0();
   DhsaConfig seg = c;
-  SummaryNorm norm = c.summary_norm;
   if (c.policy == Policy::kBlockTopk) {
     seg.boundary_mode = BoundaryMode::kFixed;
     seg.chunk_mean = c.block;
-    norm = SummaryNorm::kMean;
   }
   p->boundaries = *SegmentKeysReference(kv, 0, kv.len, seg);
-  p->kappa = ChunkSummariesReference(kv, p->boundaries, norm);
-  p->rho = QueryBlockSummariesReference(qv, kv.heads, c.q_block, norm);
+  p->kappa = ChunkSummariesReference(kv, p->boundaries, ChunkSummaryNorm(c));
+  p->rho = ScoreQuerySummariesReference(qv, kv.heads, c);
   p->in.shape = p->shape;
   p->in.boundaries = &p->boundaries;
   p->in.kappa = &p->kappa;
@@ -51,6 +49,13 @@ struct Case {
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+DhsaConfig Mass(DhsaConfig c, int64_t score_rows, BoundaryMode mode = BoundaryMode::kDynamic) {
+  c.chunk_score = ChunkScore::kMass;
+  c.score_rows = score_rows;
+  c.boundary_mode = mode;
+  return c;
+}
 
 DhsaConfig Config(Policy policy, int64_t budget, bool shared_heads = false) {
   DhsaConfig c;
@@ -84,6 +89,23 @@ TEST_P(SelectionCpuTest, ScoresWithinToleranceAndSpansEqualTheReference) {
   testing::ExpectSameUpToTies(*got, *want, p->in, c.config);
 
   if (c.config.policy != Policy::kDhsa && c.config.policy != Policy::kBlockTopk) return;
+  if (c.config.chunk_score == ChunkScore::kMass) {
+    // The same double arithmetic but for the order of the dot products' sums: every block's
+    // scores agree to fp32 rounding.
+    for (int64_t block = p->shape.t0() / c.config.q_block; block * c.config.q_block < c.lk;
+         ++block) {
+      for (int64_t h = 0; h < c.hkv; ++h) {
+        const std::vector<float> got_scores = ChunkScoresCpu(p->in, c.config, h, block);
+        const std::vector<float> want_scores = ChunkScoresReference(p->in, c.config, h, block);
+        ASSERT_EQ(got_scores.size(), want_scores.size());
+        for (size_t j = 0; j < want_scores.size(); ++j) {
+          EXPECT_NEAR(got_scores[j], want_scores[j], 1e-6 * std::abs(want_scores[j]) + 1e-30)
+              << "block " << block << " head " << h << " chunk " << j;
+        }
+      }
+    }
+    return;
+  }
   // Scores of the last block: fp64 judge, naive fp32 yardstick.
   const int64_t block = (c.lk - 1) / c.config.q_block;
   const int64_t rho_index = block - p->shape.t0() / c.config.q_block;
@@ -122,6 +144,13 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"dhsa_lk4099_lq_lt_lk", 4, 2, 1000, 4099, 64, Config(Policy::kDhsa, 512)},
         Case{"dhsa_decode", 8, 2, 1, 4099, 128, DhsaConfig{}},
         Case{"dhsa_shared_heads", 8, 4, 1025, 1025, 32, Config(Policy::kDhsa, 256, true)},
+        Case{"mass_lk97", 8, 2, 97, 97, 32, Mass(Config(Policy::kDhsa, 96), 8)},
+        Case{"mass_lk1025_d61", 6, 2, 1025, 1025, 61, Mass(Config(Policy::kDhsa, 256), 16)},
+        Case{"mass_fixed_rows1", 4, 4, 700, 700, 32,
+             Mass(Config(Policy::kDhsa, 192), 1, BoundaryMode::kFixed)},
+        Case{"mass_lq_lt_lk", 6, 2, 333, 4099, 64, Mass(Config(Policy::kDhsa, 512), 32)},
+        Case{"mass_decode", 8, 2, 1, 4099, 128, Mass(DhsaConfig{}, 16)},
+        Case{"mass_shared_heads", 8, 4, 1025, 1025, 32, Mass(Config(Policy::kDhsa, 256, true), 4)},
         Case{"block_topk", 4, 2, 1025, 1025, 32, Config(Policy::kBlockTopk, 256)},
         Case{"block_topk_shared", 4, 2, 700, 700, 32, Config(Policy::kBlockTopk, 128, true)},
         Case{"streaming", 4, 2, 1025, 1025, 16, Config(Policy::kStreaming, 128)},

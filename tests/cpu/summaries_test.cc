@@ -44,6 +44,17 @@ TEST_P(SummariesCpuTest, EqualTheReferenceBitForBit) {
       EXPECT_EQ(got.data, want.data) << "q_block " << q_block;
     }
   }
+  // The query summaries of both chunk scores.
+  for (ChunkScore score : {ChunkScore::kPaper, ChunkScore::kMass}) {
+    DhsaConfig sc;
+    sc.chunk_score = score;
+    sc.score_rows = 8;
+    const Summaries want = ScoreQuerySummariesReference(qv, c.hkv, sc);
+    const Summaries got = ScoreQuerySummariesCpu(qv, c.hkv, sc, 2);
+    EXPECT_EQ(got.heads, want.heads);
+    EXPECT_EQ(got.count, want.count);
+    EXPECT_EQ(got.data, want.data) << ChunkScoreName(score);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(OddSizes, SummariesCpuTest,

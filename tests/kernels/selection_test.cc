@@ -233,3 +233,106 @@ TEST(SelectionTest, NormaliseSpansMergesOverlapsAndAdjacency) {
 
 }  // namespace
 }  // namespace dhsa
+
+namespace dhsa {
+namespace {
+
+// The mass score from the raw tensors (mean queries and mean keys taken here, not from the
+// summaries code), for KV head h and absolute block `block`, with queries [t0, lk).
+std::vector<double> MassFromTensors(const Tensor& q, const Tensor& k, const std::vector<int64_t>& b,
+                                    const DhsaConfig& c, int64_t h, int64_t block) {
+  const int64_t hq = q.shape[0], lq = q.shape[1], d = q.shape[2];
+  const int64_t hkv = k.shape[0], lk = k.shape[1], t0 = lk - lq, group = hq / hkv;
+  const int64_t e = std::min((block + 1) * c.q_block, lk);
+  const int64_t eligible = EligibleChunks(b, block * c.q_block);
+  std::vector<double> total(static_cast<size_t>(eligible), 0.0);
+  for (int64_t g = h * group; g < (h + 1) * group; ++g) {
+    for (int64_t first = block * c.q_block; first < e; first += c.score_rows) {
+      const int64_t a = std::max(first, t0), z = std::min(first + c.score_rows, e);
+      if (a >= z) continue;
+      std::vector<double> mq(static_cast<size_t>(d), 0.0);
+      for (int64_t p = a; p < z; ++p) {
+        for (int64_t x = 0; x < d; ++x) mq[x] += q.Get((g * lq + p - t0) * d + x) / (z - a);
+      }
+      std::vector<double> logit;
+      for (size_t j = 0; j + 1 < b.size() && b[j] < e; ++j) {
+        double dot = 0;
+        for (int64_t x = 0; x < d; ++x) {
+          double mk = 0;
+          for (int64_t t = b[j]; t < b[j + 1]; ++t) mk += k.Get((h * lk + t) * d + x);
+          dot += mq[x] * mk / static_cast<double>(b[j + 1] - b[j]);
+        }
+        logit.push_back(dot / std::sqrt(static_cast<double>(d)) +
+                        std::log(static_cast<double>(b[j + 1] - b[j])));
+      }
+      const double top = *std::max_element(logit.begin(), logit.end());
+      double zsum = 0;
+      for (double l : logit) zsum += std::exp(l - top);
+      for (int64_t j = 0; j < eligible; ++j) total[j] += std::exp(logit[j] - top) / zsum;
+    }
+  }
+  return total;
+}
+
+TEST(SelectionTest, MassScoreIsTheSoftmaxShareOfMeanQueriesOverMeanKeys) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  DhsaConfig c;
+  c.q_block = 12;
+  c.score_rows = 4;
+  c.chunk_score = ChunkScore::kMass;
+  c.chunk_mean = 7;
+  c.chunk_min = 3;
+  c.chunk_max = 15;
+  c.sink = 4;
+  c.local = 12;
+  c.budget = 40;
+  for (int64_t lq : {int64_t{83}, int64_t{30}, int64_t{1}}) {
+    const int64_t lk = 83;
+    const Tensor q = testing::RandomTensor(rng, 6, lq, 13);
+    const Tensor k = testing::SegmentedTensor(rng, 2, lk, 13);
+    HeadsView qv = *HeadsView::Of(q, "q");
+    qv.offset = lk - lq;
+    const HeadsView kv = *HeadsView::Of(k, "k");
+    const std::vector<int64_t> b = *SegmentKeysReference(kv, 0, lk, c);
+    const Summaries kappa = ChunkSummariesReference(kv, b, ChunkSummaryNorm(c));
+    const Summaries rho = ScoreQuerySummariesReference(qv, 2, c);
+    EXPECT_EQ(rho.heads, 6);
+    SelectionInputs in = {{6, 2, 13, lq, lk}, &b, &kappa, &rho};
+    for (int64_t block = (lk - lq) / c.q_block; block * c.q_block < lk; ++block) {
+      for (int64_t h = 0; h < 2; ++h) {
+        const std::vector<float> got = ChunkScoresReference(in, c, h, block);
+        const std::vector<double> want = MassFromTensors(q, k, b, c, h, block);
+        ASSERT_EQ(got.size(), want.size());
+        for (size_t j = 0; j < want.size(); ++j) {
+          EXPECT_NEAR(got[j], want[j], 1e-5 * want[j] + 1e-12)
+              << "lq " << lq << " block " << block << " head " << h << " chunk " << j;
+        }
+      }
+    }
+    EXPECT_TRUE(SelectSpansReference(in, c).ok());
+    // rho of the paper's shape is refused under the mass score, and the other way round.
+    const Summaries paper_rho = QueryBlockSummariesReference(qv, 2, c.q_block, SummaryNorm::kMean);
+    SelectionInputs wrong = {{6, 2, 13, lq, lk}, &b, &kappa, &paper_rho};
+    EXPECT_EQ(SelectSpansReference(wrong, c).status().code(), absl::StatusCode::kInvalidArgument);
+    DhsaConfig paper = c;
+    paper.chunk_score = ChunkScore::kPaper;
+    EXPECT_EQ(SelectSpansReference(in, paper).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+TEST(SelectionTest, MassScoreNeedsScoreRowsDividingTheQueryBlock) {
+  DhsaConfig c;
+  c.chunk_score = ChunkScore::kMass;
+  c.score_rows = 48;
+  EXPECT_EQ(ValidateConfig(c).code(), absl::StatusCode::kInvalidArgument);
+  c.score_rows = 32;
+  EXPECT_TRUE(ValidateConfig(c).ok());
+  EXPECT_EQ(*ParseChunkScore("paper"), ChunkScore::kPaper);
+  EXPECT_EQ(*ParseChunkScore(ChunkScoreName(ChunkScore::kMass)), ChunkScore::kMass);
+  EXPECT_FALSE(ParseChunkScore("quest").ok());
+}
+
+}  // namespace
+}  // namespace dhsa
