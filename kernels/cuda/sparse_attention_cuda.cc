@@ -68,7 +68,12 @@ absl::Status CanImplement(const SparseAttentionCudaParams& p) {
                                                    p.q_offset, ", ", p.q_offset + p.lq, ")"));
   }
   // spans and span_starts may be null when the selection holds no span at all.
-  if (p.entry_offsets == nullptr) return absl::InvalidArgumentError("null selection offsets");
+  if (p.entry_offsets == nullptr && p.entry_counts == nullptr) {
+    return absl::InvalidArgumentError("null selection offsets and counts");
+  }
+  if (p.entry_counts != nullptr && p.span_stride <= 0) {
+    return absl::InvalidArgumentError("selection counts need a positive span stride");
+  }
   const int64_t rows_per_head = kSparseAttentionCudaRowsPerBlock / (p.hq / p.hkv);
   const int64_t tiles = p.num_blocks * ((p.block_size + rows_per_head - 1) / rows_per_head);
   if (tiles > std::numeric_limits<int32_t>::max()) {

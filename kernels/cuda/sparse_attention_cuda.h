@@ -57,6 +57,10 @@ struct SparseAttentionCudaParams {
   const CudaSpan* spans = nullptr;         // [entry_offsets[hkv * num_blocks]].
   const int32_t* span_starts = nullptr;    // Per span: keys in the entry's earlier spans (the
                                            // exclusive prefix sum of span sizes within the entry).
+  // The device selection's layout (kernels/cuda/selection_cuda.h) instead of entry_offsets: when
+  // entry_counts is set, entry e owns spans [e * span_stride, e * span_stride + entry_counts[e]).
+  const int32_t* entry_counts = nullptr;  // [hkv * num_blocks]
+  int64_t span_stride = 0;
 };
 
 // OK when the kernels serve `params`: Unimplemented for a dtype, head dim or group size without a

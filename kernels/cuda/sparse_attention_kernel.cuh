@@ -161,8 +161,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     return local / rows_per_head < group && row_begin + local % rows_per_head < row_end;
   };
 
-  const int64_t first_span = p.entry_offsets[kv_head * p.num_blocks + block];
-  const int64_t end_span = p.entry_offsets[kv_head * p.num_blocks + block + 1];
+  const int64_t entry_index = kv_head * p.num_blocks + block;
+  const int64_t first_span =
+      p.entry_counts != nullptr ? entry_index * p.span_stride : p.entry_offsets[entry_index];
+  const int64_t end_span = p.entry_counts != nullptr ? first_span + p.entry_counts[entry_index]
+                                                     : p.entry_offsets[entry_index + 1];
   if (tid == 0) {
     // Keys k_offset <= key < min(k_offset + lk, row_end): held, and not after the last row.
     const int64_t key_lo = p.k_offset, key_hi = Min64(p.k_offset + p.lk, row_end);

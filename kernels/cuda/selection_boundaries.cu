@@ -1,0 +1,298 @@
+// Step 1 on the device: gap dissimilarities, their sort, the greedy NMS and the split of long
+// chunks (kernels/boundaries/reference.cc is the function computed).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
+
+#include "kernels/cuda/selection_cuda_launch.h"
+
+namespace dhsa {
+namespace selection_kernel {
+namespace {
+
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
+
+__global__ void InitBoundariesKernel(int32_t* boundaries, int32_t* count, int32_t n,
+                                     bool first_zero) {
+  if (first_zero) boundaries[0] = 0;
+  *count = n;
+}
+
+constexpr int kGapTile = 32;  // Gaps per thread block.
+constexpr int kGapParts = 8;  // Threads per gap (each a strided slice of the features).
+constexpr int kGapThreads = kGapTile * kGapParts;
+
+// One block per kGapTile consecutive gaps; the keys they read ([g0 - w, g0 + kGapTile + w) within
+// [begin, end)) are normalised per head into shared memory as fp64, one head at a time. Each gap's
+// left and right sums are added in position order from its own window (the reference's order), so
+// equal windows give bit-equal deltas; the dot products over features are summed per thread then
+// by a fixed shuffle tree.
+template <typename T>
+__global__ void __launch_bounds__(kGapThreads)
+    GapKernel(const T* __restrict__ k, int64_t hkv, int64_t lk, int dim, int32_t begin, int32_t end,
+              int32_t window, double* __restrict__ delta, int32_t* __restrict__ pos) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  double* rows = reinterpret_cast<double*>(smem);  // [rows_cap][dim]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t g0 = int64_t{begin} + 1 + int64_t{blockIdx.x} * kGapTile;  // First gap.
+  const int64_t r0 = g0 - window > begin ? g0 - window : begin;            // First row held.
+  const int64_t r_end_raw = g0 + kGapTile - 1 + window;
+  const int64_t r1 = r_end_raw < end ? r_end_raw : end;  // One past the last row held.
+  const int num_rows = static_cast<int>(r1 - r0);
+  const int gi = tid / kGapParts, part = tid % kGapParts;
+  const int64_t t = g0 + gi;  // This thread's gap.
+  const bool active = t < end;
+  const int64_t left_lo = t - window > begin ? t - window : begin;
+  const int64_t right_hi = t + window < end ? t + window : end;
+  double dot = 0.0, nl = 0.0, nr = 0.0;
+  for (int64_t h = 0; h < hkv; ++h) {
+    const T* kh = k + h * lk * dim;
+    // One warp per row: L2 norm in fp64, then the normalised row (zero row: zeros, as the
+    // reference's skipping it).
+    for (int r = warp; r < num_rows; r += kGapThreads / 32) {
+      const T* src = kh + (r0 + r) * dim;
+      double norm2 = 0.0;
+      for (int c = lane; c < dim; c += 32) {
+        const double x = ToFloat(src[c]);
+        norm2 = __dadd_rn(norm2, __dmul_rn(x, x));
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) norm2 += __shfl_xor_sync(0xffffffffu, norm2, o);
+      const double inv = norm2 == 0.0 ? 0.0 : 1.0 / sqrt(norm2);
+      for (int c = lane; c < dim; c += 32) {
+        rows[r * dim + c] = __dmul_rn(static_cast<double>(ToFloat(src[c])), inv);
+      }
+    }
+    __syncthreads();
+    if (active) {
+      for (int c = part; c < dim; c += kGapParts) {
+        double l = 0.0, rr = 0.0;
+        for (int64_t s = left_lo; s < t; ++s) l = __dadd_rn(l, rows[(s - r0) * dim + c]);
+        for (int64_t s = t; s < right_hi; ++s) rr = __dadd_rn(rr, rows[(s - r0) * dim + c]);
+        dot = __dadd_rn(dot, __dmul_rn(l, rr));
+        nl = __dadd_rn(nl, __dmul_rn(l, l));
+        nr = __dadd_rn(nr, __dmul_rn(rr, rr));
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int o = kGapParts / 2; o > 0; o /= 2) {
+    dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    nl += __shfl_xor_sync(0xffffffffu, nl, o);
+    nr += __shfl_xor_sync(0xffffffffu, nr, o);
+  }
+  if (active && part == 0) {
+    const int64_t i = t - begin - 1;
+    delta[i] = nl == 0.0 || nr == 0.0 ? 0.0 : 1.0 - dot / sqrt(nl * nr);
+    pos[i] = static_cast<int32_t>(t);
+  }
+}
+
+constexpr int kNmsThreads = 1024;
+
+// True when a bit of [lo, hi] (positions relative to the segment, clipped to [0, n]) is set.
+__device__ __forceinline__ bool AnyBit(const uint32_t* bits, int64_t lo, int64_t hi, int64_t n) {
+  if (lo < 0) lo = 0;
+  if (hi > n) hi = n;
+  for (int64_t w = lo / 32; w <= hi / 32 && lo <= hi; ++w) {
+    uint32_t word = bits[w];
+    const int64_t first = w * 32;
+    if (lo > first) word &= ~0u << (lo - first);
+    if (hi < first + 31) word &= ~0u >> (first + 31 - hi);
+    if (word != 0) return true;
+  }
+  return false;
+}
+
+// Greedy NMS (warp 0, gaps in priority order, 32 at a time: a gap passes if no accepted gap lies
+// within min_chunk; among the passing ones the first is accepted and the ones it conflicts with
+// are dropped, until none is left), then the whole block lists the accepted gaps in position order
+// and splits long chunks, appending to the boundary list.
+__global__ void __launch_bounds__(kNmsThreads)
+    NmsKernel(const int32_t* __restrict__ sorted_pos, int32_t n_gaps, int32_t begin, int32_t end,
+              int32_t min_chunk, int32_t max_chunk, int32_t wanted, int32_t* __restrict__ scratch,
+              int32_t* __restrict__ boundaries, int32_t* __restrict__ count) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* bits = reinterpret_cast<uint32_t*>(smem);  // Accepted gaps, relative to begin.
+  using Scan = cub::BlockScan<int32_t, kNmsThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int32_t shared_accepted, shared_base, shared_carry;
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int64_t n = int64_t{end} - begin;
+  const int64_t words = n / 32 + 1;
+  for (int64_t w = tid; w < words; w += kNmsThreads) bits[w] = 0;
+  if (tid == 0) shared_base = *count;
+  __syncthreads();
+
+  if (tid < 32) {
+    int32_t accepted = 0;
+    constexpr int kDepth = 8;  // Loads in flight per lane.
+    for (int64_t base = 0; base < n_gaps && accepted < wanted; base += 32 * kDepth) {
+      int32_t t[kDepth];
+#pragma unroll
+      for (int m = 0; m < kDepth; ++m) {
+        const int64_t idx = base + m * 32 + lane;
+        t[m] = idx < n_gaps ? sorted_pos[idx] : -1;
+      }
+#pragma unroll
+      for (int m = 0; m < kDepth; ++m) {
+        if (accepted >= wanted) break;
+        const int64_t rel = int64_t{t[m]} - begin;
+        const bool ok = t[m] >= 0 && rel >= min_chunk && n - rel >= min_chunk &&
+                        !AnyBit(bits, rel - min_chunk + 1, rel + min_chunk - 1, n);
+        uint32_t mask = __ballot_sync(0xffffffffu, ok);
+        while (mask != 0 && accepted < wanted) {
+          const int leader = __ffs(mask) - 1;
+          const int32_t tl = __shfl_sync(0xffffffffu, t[m], leader);
+          if (lane == leader) bits[rel / 32] |= 1u << (rel % 32);
+          ++accepted;
+          const int64_t dist = int64_t{t[m]} - tl;
+          const uint32_t conflict =
+              __ballot_sync(0xffffffffu, ok && dist < min_chunk && -dist < min_chunk);
+          mask &= ~conflict;
+        }
+        __syncwarp();
+      }
+    }
+    if (lane == 0) shared_accepted = accepted;
+  }
+  __syncthreads();
+
+  // The accepted gaps in position order: scratch = begin, gaps..., end.
+  const int64_t per_thread = (words + kNmsThreads - 1) / kNmsThreads;
+  const int64_t w0 = tid * per_thread, w1 = w0 + per_thread < words ? w0 + per_thread : words;
+  int32_t mine = 0;
+  for (int64_t w = w0; w < w1; ++w) mine += __popc(bits[w]);
+  int32_t offset = 0;
+  Scan(scan_storage).ExclusiveSum(mine, offset);
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t word = bits[w];
+    while (word != 0) {
+      const int b = __ffs(word) - 1;
+      word &= word - 1;
+      scratch[1 + offset++] = static_cast<int32_t>(begin + w * 32 + b);
+    }
+  }
+  const int32_t accepted = shared_accepted;
+  if (tid == 0) {
+    scratch[0] = begin;
+    scratch[accepted + 1] = end;
+    shared_carry = 0;
+  }
+  __syncthreads();
+
+  // Split: chunk j = [scratch[j], scratch[j + 1]) becomes ceil(len / max_chunk) equal parts whose
+  // ends b_j + p * len / parts (p = 1 .. parts) are appended.
+  const int32_t chunks = accepted + 1;
+  const int32_t base = shared_base;
+  for (int32_t tile = 0; tile < chunks; tile += kNmsThreads) {
+    const int32_t j = tile + tid;
+    int64_t a = 0, len = 0;
+    int32_t parts = 0;
+    if (j < chunks) {
+      a = scratch[j];
+      len = int64_t{scratch[j + 1]} - a;
+      parts = static_cast<int32_t>((len + max_chunk - 1) / max_chunk);
+    }
+    int32_t first = 0, total = 0;
+    Scan(scan_storage).ExclusiveSum(parts, first, total);
+    const int32_t carry = shared_carry;
+    for (int32_t p = 1; p <= parts; ++p) {
+      boundaries[base + carry + first + p - 1] = static_cast<int32_t>(a + p * len / parts);
+    }
+    __syncthreads();
+    if (tid == 0) shared_carry = carry + total;
+    __syncthreads();
+  }
+  if (tid == 0) *count = base + shared_carry;
+}
+
+__global__ void FixedKernel(int32_t begin, int32_t end, int32_t chunk, int32_t* boundaries,
+                            int32_t* count) {
+  const int32_t base = *count;
+  const int64_t first = (int64_t{begin} / chunk + 1) * chunk;
+  const int64_t multiples = first < end ? (end - first + chunk - 1) / chunk : 0;
+  for (int64_t i = threadIdx.x; i <= multiples; i += blockDim.x) {
+    boundaries[base + i] = static_cast<int32_t>(i < multiples ? first + i * chunk : end);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) *count = static_cast<int32_t>(base + multiples + 1);
+}
+
+}  // namespace
+
+cudaError_t LaunchInitBoundaries(int32_t* boundaries, int32_t* count, int32_t n, bool first_zero,
+                                 cudaStream_t stream) {
+  InitBoundariesKernel<<<1, 1, 0, stream>>>(boundaries, count, n, first_zero);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchGapDissimilarity(DType dtype, const void* k, int64_t hkv, int64_t lk, int64_t dim,
+                                   int32_t begin, int32_t end, int32_t window, double* delta,
+                                   int32_t* pos, cudaStream_t stream) {
+  const int64_t gaps = int64_t{end} - begin - 1;
+  if (gaps <= 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((gaps + kGapTile - 1) / kGapTile);
+  const size_t smem = sizeof(double) * static_cast<size_t>((kGapTile + 2 * window) * dim);
+  cudaError_t error;
+  if (dtype == DType::kBF16) {
+    error = cudaFuncSetAttribute(GapKernel<__nv_bfloat16>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (error != cudaSuccess) return error;
+    GapKernel<<<blocks, kGapThreads, smem, stream>>>(static_cast<const __nv_bfloat16*>(k), hkv, lk,
+                                                     static_cast<int>(dim), begin, end, window,
+                                                     delta, pos);
+  } else {
+    error =
+        cudaFuncSetAttribute(GapKernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (error != cudaSuccess) return error;
+    GapKernel<<<blocks, kGapThreads, smem, stream>>>(static_cast<const __half*>(k), hkv, lk,
+                                                     static_cast<int>(dim), begin, end, window,
+                                                     delta, pos);
+  }
+  return cudaGetLastError();
+}
+
+size_t SortGapsTempBytes(int64_t n) {
+  size_t bytes = 0;
+  cub::DeviceRadixSort::SortPairsDescending(
+      nullptr, bytes, static_cast<const double*>(nullptr), static_cast<double*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), n);
+  return bytes;
+}
+
+cudaError_t SortGaps(void* temp, size_t temp_bytes, const double* delta, double* delta_sorted,
+                     const int32_t* pos, int32_t* pos_sorted, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  return cub::DeviceRadixSort::SortPairsDescending(temp, temp_bytes, delta, delta_sorted, pos,
+                                                   pos_sorted, n, 0, 64, stream);
+}
+
+size_t NmsSharedBytes(int64_t len) { return sizeof(uint32_t) * static_cast<size_t>(len / 32 + 1); }
+
+cudaError_t LaunchNmsAndSplit(const int32_t* sorted_pos, int32_t n_gaps, int32_t begin, int32_t end,
+                              int32_t min_chunk, int32_t max_chunk, int32_t wanted,
+                              int32_t* scratch, int32_t* boundaries, int32_t* count,
+                              cudaStream_t stream) {
+  const size_t smem = NmsSharedBytes(int64_t{end} - begin);
+  const cudaError_t error =
+      cudaFuncSetAttribute(NmsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (error != cudaSuccess) return error;
+  NmsKernel<<<1, kNmsThreads, smem, stream>>>(sorted_pos, n_gaps, begin, end, min_chunk, max_chunk,
+                                              wanted, scratch, boundaries, count);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchFixedBoundaries(int32_t begin, int32_t end, int32_t chunk, int32_t* boundaries,
+                                  int32_t* count, cudaStream_t stream) {
+  FixedKernel<<<1, 256, 0, stream>>>(begin, end, chunk, boundaries, count);
+  return cudaGetLastError();
+}
+
+}  // namespace selection_kernel
+}  // namespace dhsa

@@ -1,0 +1,398 @@
+#include "kernels/cuda/selection_cuda.h"
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common/status_macros.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/selection_cuda_launch.h"
+
+namespace dhsa {
+namespace {
+
+namespace kernel = selection_kernel;
+
+// Dynamic shared memory one block may take (an H100/H200 block gets up to 227 KB; some is left
+// for the kernels' static shared memory).
+constexpr size_t kSharedLimit = 200 * 1024;
+constexpr int kGapTile = 32;  // selection_boundaries.cu's gaps per block.
+
+struct Segment {
+  int64_t begin;
+  int64_t end;
+};
+
+// The key ranges the call segments on their own (spec Step 1: appended keys never move old
+// boundaries).
+std::vector<Segment> Segments(const AttentionShape& shape, bool have_prior) {
+  const int64_t t0 = shape.t0();
+  if (have_prior || t0 == 0) return {{t0, shape.lk}};
+  return {{0, t0}, {t0, shape.lk}};
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Most chunks one segment of `n` keys can give: ceil(n / mean) NMS chunks (at most
+// ceil(n / mean) - 1 gaps), each split into at most len / max + 1 parts; fixed: n / chunk + 2.
+int64_t ChunkBound(int64_t n, const DhsaConfig& c) {
+  return CeilDiv(n, c.chunk_mean) + CeilDiv(n, c.chunk_max) + 2;
+}
+
+size_t GapSharedBytes(const DhsaConfig& c, int64_t dim) {
+  return sizeof(double) * static_cast<size_t>((kGapTile + 2 * c.boundary_window) * dim);
+}
+
+int64_t ChunkCapacity(const DhsaConfig& c, const AttentionShape& shape, int64_t prior_chunks) {
+  int64_t cap = prior_chunks + 1;
+  for (const Segment& s : Segments(shape, prior_chunks > 0)) cap += ChunkBound(s.end - s.begin, c);
+  return cap;
+}
+
+int EntriesPerBlock(int64_t chunk_cap, int64_t dim) {
+  for (int e = kernel::kMaxEntriesPerBlock; e >= 1; --e) {
+    if (kernel::SelectSharedBytes(chunk_cap, dim, e) <= kSharedLimit) return e;
+  }
+  return 0;
+}
+
+absl::Status Supported(const DhsaConfig& config, const AttentionShape& shape, DType dtype,
+                       bool decode, int64_t prior_chunks) {
+  DHSA_RETURN_IF_ERROR(ValidateConfig(config));
+  if (config.policy != Policy::kDhsa) {
+    return absl::UnimplementedError(
+        absl::StrCat("the device selection implements the policy dhsa; ", PolicyName(config.policy),
+                     " selects on the CPU backends"));
+  }
+  if (config.chunk_score != ChunkScore::kPaper) {
+    return absl::UnimplementedError(
+        absl::StrCat("the device selection implements the spec's chunk score (paper); ",
+                     ChunkScoreName(config.chunk_score), " scores on the CPU backends"));
+  }
+  if (config.shared_heads) {
+    return absl::UnimplementedError(
+        "the device selection selects per KV head; shared_heads selects on the CPU backends");
+  }
+  if (decode) {
+    return absl::UnimplementedError(
+        "the device selection serves prefill (fresh or chunked); decode selects on the CPU "
+        "backends");
+  }
+  if (dtype != DType::kBF16 && dtype != DType::kF16) {
+    return absl::UnimplementedError(absl::StrCat(
+        "the device selection reads bfloat16 or float16 tensors; got ", DTypeName(dtype)));
+  }
+  if (shape.dim % 8 != 0 || shape.dim > 256 || 256 % (shape.dim / 8) != 0) {
+    return absl::UnimplementedError(absl::StrCat(
+        "the device selection has head dims 8, 16, 32, 64, 128 and 256; got ", shape.dim));
+  }
+  if (shape.hq <= 0 || shape.hkv <= 0 || shape.hq % shape.hkv != 0 || shape.lq < 1 ||
+      shape.lq > shape.lk) {
+    return absl::InvalidArgumentError(absl::StrCat("bad shape: hq ", shape.hq, ", hkv ", shape.hkv,
+                                                   ", lq ", shape.lq, ", lk ", shape.lk));
+  }
+  if (shape.lk >= std::numeric_limits<int32_t>::max() / 2 || shape.hkv > 65535) {
+    return absl::UnimplementedError(
+        "the device selection takes fewer than 2^30 keys and at most 65535 KV heads");
+  }
+  if (GapSharedBytes(config, shape.dim) > kSharedLimit) {
+    return absl::UnimplementedError(
+        absl::StrCat("boundary window ", config.boundary_window,
+                     " is too wide for the device selection at d = ", shape.dim));
+  }
+  for (const Segment& s : Segments(shape, prior_chunks > 0)) {
+    if (config.boundary_mode == BoundaryMode::kDynamic &&
+        kernel::NmsSharedBytes(s.end - s.begin) > kSharedLimit) {
+      return absl::UnimplementedError(
+          absl::StrCat("the device selection segments at most ", kSharedLimit * 8 - 64,
+                       " keys at once; this call has ", s.end - s.begin));
+    }
+  }
+  const int64_t cap = ChunkCapacity(config, shape, prior_chunks);
+  if (cap >= (int64_t{1} << 24) || EntriesPerBlock(cap, shape.dim) == 0) {
+    return absl::UnimplementedError(absl::StrCat("up to ", cap,
+                                                 " chunks do not fit the device selection's "
+                                                 "shared memory; use a CPU backend"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status DeviceSelectionSupported(const DhsaConfig& config, const AttentionShape& shape,
+                                      DType dtype, bool decode) {
+  return Supported(config, shape, dtype, decode, 0);
+}
+
+absl::StatusOr<DeviceDhsaSelection> DeviceDhsaSelection::Create(const DhsaConfig& config,
+                                                                const AttentionShape& shape,
+                                                                DType dtype, int64_t prior_chunks) {
+  DHSA_RETURN_IF_ERROR(Supported(config, shape, dtype, false, prior_chunks));
+  DeviceDhsaSelection s;
+  s.config_ = config;
+  s.shape_ = shape;
+  s.dtype_ = dtype;
+  s.prior_chunks_ = prior_chunks;
+  s.chunk_cap_ = ChunkCapacity(config, shape, prior_chunks);
+  for (const Segment& seg : Segments(shape, prior_chunks > 0)) {
+    s.gap_cap_ = std::max(s.gap_cap_, seg.end - seg.begin - 1);
+  }
+  s.first_block_ = shape.t0() / config.q_block;
+  s.num_blocks_ = (shape.lk - 1) / config.q_block - s.first_block_ + 1;
+  s.span_cap_ = std::max<int64_t>(1, std::min(config.budget, (s.chunk_cap_ + 4) / 2 + 2));
+  s.entries_per_block_ = EntriesPerBlock(s.chunk_cap_, shape.dim);
+  s.sort_bytes_ = kernel::SortGapsTempBytes(std::max<int64_t>(1, s.gap_cap_));
+
+  const int64_t gaps = std::max<int64_t>(1, s.gap_cap_);
+  const int64_t entries = shape.hkv * s.num_blocks_;
+  auto allocate = [&](DeviceBuffer* buffer, size_t bytes) -> absl::Status {
+    DHSA_ASSIGN_OR_RETURN(*buffer, DeviceBuffer::Allocate(bytes));
+    s.workspace_bytes_ += bytes;
+    return absl::OkStatus();
+  };
+  DHSA_RETURN_IF_ERROR(allocate(&s.boundaries_, sizeof(int32_t) * (s.chunk_cap_ + 2)));
+  DHSA_RETURN_IF_ERROR(allocate(&s.delta_, sizeof(double) * gaps));
+  DHSA_RETURN_IF_ERROR(allocate(&s.delta_sorted_, sizeof(double) * gaps));
+  DHSA_RETURN_IF_ERROR(allocate(&s.gap_pos_, sizeof(int32_t) * gaps));
+  DHSA_RETURN_IF_ERROR(allocate(&s.gap_pos_sorted_, sizeof(int32_t) * gaps));
+  DHSA_RETURN_IF_ERROR(allocate(&s.nms_, sizeof(int32_t) * (s.chunk_cap_ + 2)));
+  DHSA_RETURN_IF_ERROR(allocate(&s.sort_temp_, std::max<size_t>(16, s.sort_bytes_)));
+  DHSA_RETURN_IF_ERROR(allocate(&s.kappa_, sizeof(float) * shape.hkv * s.chunk_cap_ * shape.dim));
+  DHSA_RETURN_IF_ERROR(allocate(&s.rho_, sizeof(float) * entries * shape.dim));
+  DHSA_RETURN_IF_ERROR(allocate(&s.spans_, sizeof(CudaSpan) * entries * s.span_cap_));
+  DHSA_RETURN_IF_ERROR(allocate(&s.starts_, sizeof(int32_t) * entries * s.span_cap_));
+  DHSA_RETURN_IF_ERROR(allocate(&s.counts_, sizeof(int32_t) * entries));
+  return s;
+}
+
+absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t stream,
+                                      const std::vector<int64_t>* prior_boundaries,
+                                      const SelectionStageEvents* events) {
+  if (boundaries_.data() == nullptr) {
+    return absl::FailedPreconditionError("device selection used before Create");
+  }
+  if (q == nullptr || k == nullptr) return absl::InvalidArgumentError("null q or k");
+  const int64_t t0 = shape_.t0();
+  int32_t* list = boundaries_.as<int32_t>();
+  int32_t* count = list + chunk_cap_ + 1;
+  const bool have_prior = prior_chunks_ > 0;
+  if (have_prior != (prior_boundaries != nullptr)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the selection was created for ", prior_chunks_, " prior chunks; Run got ",
+                     prior_boundaries == nullptr ? std::string("none")
+                                                 : absl::StrCat(prior_boundaries->size() - 1)));
+  }
+  if (have_prior) {
+    const std::vector<int64_t>& prior = *prior_boundaries;
+    if (static_cast<int64_t>(prior.size()) != prior_chunks_ + 1 || prior.front() != 0 ||
+        prior.back() != t0 || !std::is_sorted(prior.begin(), prior.end()) ||
+        std::adjacent_find(prior.begin(), prior.end()) != prior.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("prior boundaries must be ", prior_chunks_ + 1,
+                                                     " positions rising from 0 to t0 = ", t0));
+    }
+    prior_host_.assign(prior.begin(), prior.end());
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(list, prior_host_.data(), sizeof(int32_t) * prior_host_.size(),
+                                   cudaMemcpyHostToDevice, stream),
+                   "prior boundaries upload"));
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(kernel::LaunchInitBoundaries(
+                       list, count, static_cast<int32_t>(prior_host_.size()), false, stream),
+                   "boundary list"));
+  } else {
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(kernel::LaunchInitBoundaries(list, count, 1, true, stream), "boundary list"));
+  }
+
+  const DhsaConfig& c = config_;
+  for (const Segment& seg : Segments(shape_, have_prior)) {
+    const int32_t begin = static_cast<int32_t>(seg.begin), end = static_cast<int32_t>(seg.end);
+    if (c.boundary_mode == BoundaryMode::kFixed) {
+      DHSA_RETURN_IF_ERROR(
+          CudaStatus(kernel::LaunchFixedBoundaries(begin, end, static_cast<int32_t>(c.chunk_mean),
+                                                   list, count, stream),
+                     "fixed boundaries"));
+      continue;
+    }
+    const int64_t n = seg.end - seg.begin, gaps = n - 1;
+    DHSA_RETURN_IF_ERROR(CudaStatus(
+        kernel::LaunchGapDissimilarity(dtype_, k, shape_.hkv, shape_.lk, shape_.dim, begin, end,
+                                       static_cast<int32_t>(c.boundary_window), delta_.as<double>(),
+                                       gap_pos_.as<int32_t>(), stream),
+        "gap dissimilarity"));
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(kernel::SortGaps(sort_temp_.data(), sort_bytes_, delta_.as<double>(),
+                                    delta_sorted_.as<double>(), gap_pos_.as<int32_t>(),
+                                    gap_pos_sorted_.as<int32_t>(), gaps, stream),
+                   "gap sort"));
+    const int64_t wanted = CeilDiv(n, c.chunk_mean) - 1;
+    DHSA_RETURN_IF_ERROR(CudaStatus(
+        kernel::LaunchNmsAndSplit(
+            gap_pos_sorted_.as<int32_t>(), static_cast<int32_t>(std::max<int64_t>(0, gaps)), begin,
+            end, static_cast<int32_t>(c.chunk_min), static_cast<int32_t>(c.chunk_max),
+            static_cast<int32_t>(wanted), nms_.as<int32_t>(), list, count, stream),
+        "boundary NMS"));
+  }
+
+  if (events != nullptr && events->boundaries_done != nullptr) {
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(cudaEventRecord(events->boundaries_done, stream), "cudaEventRecord"));
+  }
+  const bool sqrt_norm = c.summary_norm == SummaryNorm::kSqrt;
+  DHSA_RETURN_IF_ERROR(CudaStatus(
+      kernel::LaunchChunkSummaries(dtype_, k, shape_.hkv, shape_.lk, shape_.dim, list, count,
+                                   chunk_cap_, sqrt_norm, kappa_.as<float>(), stream),
+      "chunk summaries"));
+  DHSA_RETURN_IF_ERROR(CudaStatus(
+      kernel::LaunchQueryBlockSummaries(dtype_, q, shape_.hq, shape_.hkv, shape_.lq, shape_.lk,
+                                        shape_.dim, c.q_block, first_block_, num_blocks_, sqrt_norm,
+                                        rho_.as<float>(), stream),
+      "query block summaries"));
+
+  if (events != nullptr && events->summaries_done != nullptr) {
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(cudaEventRecord(events->summaries_done, stream), "cudaEventRecord"));
+  }
+  kernel::SelectParams p;
+  p.boundaries = list;
+  p.count = count;
+  p.kappa = kappa_.as<float>();
+  p.rho = rho_.as<float>();
+  p.hkv = static_cast<int32_t>(shape_.hkv);
+  p.dim = static_cast<int32_t>(shape_.dim);
+  p.chunk_cap = chunk_cap_;
+  p.first_block = first_block_;
+  p.num_blocks = num_blocks_;
+  p.lk = shape_.lk;
+  p.q_block = c.q_block;
+  p.budget = c.budget;
+  p.sink = c.sink;
+  p.local = c.local;
+  p.entries_per_block = entries_per_block_;
+  p.spans = spans_.as<CudaSpan>();
+  p.span_starts = starts_.as<int32_t>();
+  p.counts = counts_.as<int32_t>();
+  p.span_cap = span_cap_;
+  return CudaStatus(kernel::LaunchSelect(p, stream), "chunk selection");
+}
+
+absl::Status DeviceDhsaSelection::Poison() {
+  for (DeviceBuffer* b : {&boundaries_, &kappa_, &rho_, &spans_, &starts_, &counts_}) {
+    DHSA_RETURN_IF_ERROR(b->Fill(0xFF));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceDhsaSelection::Attach(SparseAttentionCudaParams* params) const {
+  if (params->hkv != shape_.hkv) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("selection has ", shape_.hkv, " KV heads; the call has ", params->hkv));
+  }
+  params->block_size = config_.q_block;
+  params->first_block = first_block_;
+  params->num_blocks = num_blocks_;
+  params->entry_offsets = nullptr;
+  params->entry_counts = counts_.as<int32_t>();
+  params->span_stride = span_cap_;
+  params->spans = spans_.as<CudaSpan>();
+  params->span_starts = starts_.as<int32_t>();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int64_t>> DeviceDhsaSelection::Boundaries() const {
+  std::vector<int32_t> list(static_cast<size_t>(chunk_cap_ + 2));
+  DHSA_RETURN_IF_ERROR(boundaries_.CopyToHost(list.data(), list.size() * sizeof(int32_t)));
+  const int32_t count = list.back();
+  if (count < 2 || count > chunk_cap_ + 1) {
+    return absl::InternalError(absl::StrCat("device boundary list has ", count, " entries"));
+  }
+  return std::vector<int64_t>(list.begin(), list.begin() + count);
+}
+
+absl::StatusOr<Summaries> DeviceDhsaSelection::Kappa() const {
+  DHSA_ASSIGN_OR_RETURN(std::vector<int64_t> b, Boundaries());
+  std::vector<float> all(static_cast<size_t>(shape_.hkv * chunk_cap_ * shape_.dim));
+  DHSA_RETURN_IF_ERROR(kappa_.CopyToHost(all.data(), all.size() * sizeof(float)));
+  Summaries s;
+  s.heads = shape_.hkv;
+  s.count = static_cast<int64_t>(b.size()) - 1;
+  s.dim = shape_.dim;
+  s.data.resize(static_cast<size_t>(s.heads * s.count * s.dim));
+  for (int64_t h = 0; h < s.heads; ++h) {
+    std::copy_n(all.begin() + h * chunk_cap_ * s.dim, s.count * s.dim,
+                s.data.begin() + h * s.count * s.dim);
+  }
+  return s;
+}
+
+absl::StatusOr<Summaries> DeviceDhsaSelection::Rho() const {
+  Summaries s;
+  s.heads = shape_.hkv;
+  s.count = num_blocks_;
+  s.dim = shape_.dim;
+  s.data.resize(static_cast<size_t>(s.heads * s.count * s.dim));
+  DHSA_RETURN_IF_ERROR(rho_.CopyToHost(s.data.data(), s.data.size() * sizeof(float)));
+  return s;
+}
+
+absl::StatusOr<Selection> DeviceDhsaSelection::ToSelection() const {
+  const int64_t entries = shape_.hkv * num_blocks_;
+  std::vector<int32_t> counts(static_cast<size_t>(entries));
+  std::vector<CudaSpan> spans(static_cast<size_t>(entries * span_cap_));
+  DHSA_RETURN_IF_ERROR(counts_.CopyToHost(counts.data(), counts.size() * sizeof(int32_t)));
+  DHSA_RETURN_IF_ERROR(spans_.CopyToHost(spans.data(), spans.size() * sizeof(CudaSpan)));
+  Selection sel;
+  sel.unit = SelectionUnit::kKvHeadBlock;
+  sel.block_size = config_.q_block;
+  sel.first_block = first_block_;
+  sel.num_blocks = num_blocks_;
+  sel.num_heads = shape_.hkv;
+  sel.group = shape_.group();
+  sel.spans.resize(static_cast<size_t>(entries));
+  for (int64_t e = 0; e < entries; ++e) {
+    const int32_t n = counts[static_cast<size_t>(e)];
+    if (n < 0 || n > span_cap_) {
+      return absl::InternalError(absl::StrCat("device selection entry ", e, " has ", n, " spans"));
+    }
+    for (int32_t i = 0; i < n; ++i) {
+      const CudaSpan& s = spans[static_cast<size_t>(e * span_cap_ + i)];
+      sel.spans[static_cast<size_t>(e)].push_back({s.begin, s.end});
+    }
+  }
+  return sel;
+}
+
+absl::Status MergePartialsCuda(const std::vector<const float*>& part_o,
+                               const std::vector<const float*>& part_lse, int64_t rows, int64_t dim,
+                               float* o, float* lse, cudaStream_t stream) {
+  if (part_o.size() != part_lse.size() || part_o.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("merge needs as many o as lse partials (",
+                                                   part_o.size(), " vs ", part_lse.size(),
+                                                   "), at least one"));
+  }
+  if (rows < 0 || dim <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("merge of ", rows, " rows of dim ", dim));
+  }
+  DHSA_ASSIGN_OR_RETURN(DeviceBuffer o_ptrs,
+                        DeviceBuffer::FromHost(part_o.data(), part_o.size() * sizeof(float*)));
+  DHSA_ASSIGN_OR_RETURN(DeviceBuffer lse_ptrs,
+                        DeviceBuffer::FromHost(part_lse.data(), part_lse.size() * sizeof(float*)));
+  DHSA_ASSIGN_OR_RETURN(DeviceBuffer error, DeviceBuffer::Allocate(sizeof(int32_t)));
+  DHSA_RETURN_IF_ERROR(error.Fill(0));
+  DHSA_RETURN_IF_ERROR(CudaStatus(
+      kernel::LaunchMerge(o_ptrs.as<const float* const>(), lse_ptrs.as<const float* const>(),
+                          static_cast<int32_t>(part_o.size()), rows, dim, o, lse,
+                          error.as<int32_t>(), stream),
+      "merge launch"));
+  DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "merge"));
+  int32_t flag = 0;
+  DHSA_RETURN_IF_ERROR(error.CopyToHost(&flag, sizeof(flag)));
+  if (flag != 0) {
+    return absl::InvalidArgumentError(
+        "a partial lse is +inf or NaN; expected finite or -inf (spec: treat it as an error)");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dhsa

@@ -1,0 +1,122 @@
+// Steps 1-4 of spec/DHSA.md on the device: chunk boundaries, chunk and query-block summaries,
+// chunk scores and the top-chunk selection under the token budget, for the policy `dhsa`. Every
+// step runs on the GPU, enqueued on one stream with no host round trip: sizes that depend on the
+// data (how many chunks) stay on the device, and the host sizes the workspace from bounds.
+//
+// The function is the reference's (kernels/{boundaries,summaries,selection}/reference.cc), not an
+// approximation of it:
+// - gap dissimilarities in fp64 (each gap computed from its own window only, so equal windows give
+//   equal values and ties break as the reference's stable sort does: lower position first);
+// - greedy NMS in priority order (radix-sorted gaps, one warp accepting in order);
+// - summaries summed in fp64 and rounded once to fp32, as the reference;
+// - scores rho . kappa as fp64 sums in the reference's order (multiply and add rounded separately,
+//   no fused multiply-add), rounded to fp32;
+// - the budget cut as an exact weighted radix select on (score, chunk index) keys.
+// So the selection equals the reference's, bar scores that round differently in the last fp32 bit
+// (in practice: never on the tests' inputs; tests/gpu/selection_cuda_test.cc checks as sets and
+// explains any difference by a near-tie).
+//
+// What it does not implement it declines (DeviceSelectionSupported): other policies, shared_heads,
+// decode, float32 storage, and sizes past its shared-memory plans.
+#ifndef DHSA_KERNELS_CUDA_SELECTION_CUDA_H_
+#define DHSA_KERNELS_CUDA_SELECTION_CUDA_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/common/config.h"
+#include "kernels/common/dtype.h"
+#include "kernels/common/inputs.h"
+#include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/sparse_attention_cuda.h"
+#include "kernels/selection/selection.h"
+#include "kernels/summaries/summaries.h"
+
+namespace dhsa {
+
+// OK when the device pipeline computes `config`'s selection for `shape` in `dtype`; Unimplemented
+// naming what it lacks otherwise (the CPU backends compute every config). `decode` is the
+// AttendOptions flag.
+absl::Status DeviceSelectionSupported(const DhsaConfig& config, const AttentionShape& shape,
+                                      DType dtype, bool decode = false);
+
+// Events Run records on its stream after Step 1 (boundaries) and after Step 2 (summaries), for
+// benchmarks that time the steps apart.
+struct SelectionStageEvents {
+  cudaEvent_t boundaries_done = nullptr;
+  cudaEvent_t summaries_done = nullptr;
+};
+
+class DeviceDhsaSelection {
+ public:
+  DeviceDhsaSelection() = default;
+  DeviceDhsaSelection(DeviceDhsaSelection&&) = default;
+  DeviceDhsaSelection& operator=(DeviceDhsaSelection&&) = default;
+
+  // Checks DeviceSelectionSupported and allocates the workspace for calls of `shape`. With
+  // `prior_chunks` > 0 the calls pass that many prior chunks (boundaries of keys [0, t0)).
+  static absl::StatusOr<DeviceDhsaSelection> Create(const DhsaConfig& config,
+                                                    const AttentionShape& shape, DType dtype,
+                                                    int64_t prior_chunks = 0);
+
+  // Enqueues Steps 1-4 on `stream`. q [hq, lq, d] (positions t0 = lk - lq ..) and k [hkv, lk, d]
+  // are device tensors in the dtype of Create. `prior_boundaries` (0 .. t0, prior_chunks + 1
+  // entries) are the stored keys' boundaries, as AttendOptions::prior_boundaries; null segments
+  // [0, t0) and [t0, lk) on their own, as the reference does.
+  absl::Status Run(const void* q, const void* k, cudaStream_t stream,
+                   const std::vector<int64_t>* prior_boundaries = nullptr,
+                   const SelectionStageEvents* events = nullptr);
+
+  // Points the attention's selection fields at the result (valid until the next Run).
+  absl::Status Attach(SparseAttentionCudaParams* params) const;
+
+  // Synchronous downloads of the last Run's results (they synchronise the device).
+  absl::StatusOr<std::vector<int64_t>> Boundaries() const;
+  absl::StatusOr<Summaries> Kappa() const;
+  absl::StatusOr<Summaries> Rho() const;
+  absl::StatusOr<Selection> ToSelection() const;
+
+  // Fills every result buffer with 0xFF bytes (NaN summaries, -1 counts and positions): tests
+  // poison before Run so that anything Run does not write shows.
+  absl::Status Poison();
+
+  size_t workspace_bytes() const { return workspace_bytes_; }
+  int64_t chunk_capacity() const { return chunk_cap_; }
+
+ private:
+  DhsaConfig config_;
+  AttentionShape shape_;
+  DType dtype_ = DType::kBF16;
+  int64_t prior_chunks_ = 0;
+  int64_t chunk_cap_ = 0;      // Upper bound of the chunk count.
+  int64_t gap_cap_ = 0;        // Most gaps in one segment.
+  int64_t span_cap_ = 0;       // Spans per selection entry.
+  int64_t first_block_ = 0;    // t0 / q_block.
+  int64_t num_blocks_ = 0;     // Query blocks.
+  int entries_per_block_ = 1;  // Selection entries one thread block handles.
+  size_t sort_bytes_ = 0;
+  size_t workspace_bytes_ = 0;
+  DeviceBuffer boundaries_;  // int32 [chunk_cap + 1], then int32 count (number of boundaries).
+  DeviceBuffer delta_, delta_sorted_, gap_pos_, gap_pos_sorted_, nms_, sort_temp_;
+  DeviceBuffer kappa_;   // float [hkv, chunk_cap, d]
+  DeviceBuffer rho_;     // float [hkv, num_blocks, d]
+  DeviceBuffer spans_;   // CudaSpan [hkv * num_blocks, span_cap]
+  DeviceBuffer starts_;  // int32, same shape: packed offset of each span within its entry
+  DeviceBuffer counts_;  // int32 [hkv * num_blocks]: spans per entry
+  std::vector<int32_t> prior_host_;
+};
+
+// The LSE merge (spec "Partial results and the merge") on the device: parts' o [rows, dim] and
+// lse [rows] and the outputs are device pointers. Enqueued on `stream`, then synchronised to report
+// a +inf or NaN partial lse as InvalidArgument (as MergePartialsReference does).
+absl::Status MergePartialsCuda(const std::vector<const float*>& part_o,
+                               const std::vector<const float*>& part_lse, int64_t rows, int64_t dim,
+                               float* o, float* lse, cudaStream_t stream);
+
+}  // namespace dhsa
+
+#endif  // DHSA_KERNELS_CUDA_SELECTION_CUDA_H_

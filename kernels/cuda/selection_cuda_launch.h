@@ -1,0 +1,98 @@
+// Launchers of the device selection's kernels (selection_*.cu); selection_cuda.cc drives them.
+// Positions are int32 (sequences shorter than 2^31 tokens); every launcher enqueues on `stream`
+// and returns the launch error.
+#ifndef DHSA_KERNELS_CUDA_SELECTION_CUDA_LAUNCH_H_
+#define DHSA_KERNELS_CUDA_SELECTION_CUDA_LAUNCH_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/common/dtype.h"
+#include "kernels/cuda/sparse_attention_cuda.h"
+
+namespace dhsa {
+namespace selection_kernel {
+
+// The boundary list lives in `boundaries` [capacity] with its length in *count.
+// Sets *count = n; with `first_zero`, boundaries[0] = 0 (a fresh list {0}).
+cudaError_t LaunchInitBoundaries(int32_t* boundaries, int32_t* count, int32_t n, bool first_zero,
+                                 cudaStream_t stream);
+
+// Gap dissimilarity of keys [begin, end) (spec Step 1): delta[t - begin - 1] for gaps
+// t = begin + 1 .. end - 1, in fp64, and pos[i] = begin + 1 + i. k is [hkv, lk, dim].
+cudaError_t LaunchGapDissimilarity(DType dtype, const void* k, int64_t hkv, int64_t lk, int64_t dim,
+                                   int32_t begin, int32_t end, int32_t window, double* delta,
+                                   int32_t* pos, cudaStream_t stream);
+
+// Temporary bytes of SortGaps for up to `n` gaps.
+size_t SortGapsTempBytes(int64_t n);
+// Sorts (delta, pos) by descending delta, stably (ties keep the lower position first).
+cudaError_t SortGaps(void* temp, size_t temp_bytes, const double* delta, double* delta_sorted,
+                     const int32_t* pos, int32_t* pos_sorted, int64_t n, cudaStream_t stream);
+
+// Greedy NMS over the sorted gaps of [begin, end) then the split of chunks longer than max_chunk;
+// appends the boundaries after `begin` (which must be the list's last) to the list. `scratch`
+// holds wanted + 2 int32. One thread block; shared memory (end - begin) / 8 + 4 bytes.
+cudaError_t LaunchNmsAndSplit(const int32_t* sorted_pos, int32_t n_gaps, int32_t begin, int32_t end,
+                              int32_t min_chunk, int32_t max_chunk, int32_t wanted,
+                              int32_t* scratch, int32_t* boundaries, int32_t* count,
+                              cudaStream_t stream);
+// Shared memory LaunchNmsAndSplit needs for a segment of `len` keys.
+size_t NmsSharedBytes(int64_t len);
+
+// `fixed` boundaries of [begin, end) (multiples of `chunk`, then end) appended to the list.
+cudaError_t LaunchFixedBoundaries(int32_t begin, int32_t end, int32_t chunk, int32_t* boundaries,
+                                  int32_t* count, cudaStream_t stream);
+
+// kappa [hkv, chunk_cap, dim]: chunk j of the list summed over its keys (fp64), divided by
+// sqrt(len) (sqrt_norm) or len, rounded to fp32. Chunks past the list's count are left alone.
+cudaError_t LaunchChunkSummaries(DType dtype, const void* k, int64_t hkv, int64_t lk, int64_t dim,
+                                 const int32_t* boundaries, const int32_t* count, int64_t chunk_cap,
+                                 bool sqrt_norm, float* kappa, cudaStream_t stream);
+
+// rho [hkv, num_blocks, dim]: query block first_block + i of the group of KV head h, summed over
+// the group's heads and the block's rows (fp64), divided by group * sqrt(rows) or group * rows.
+cudaError_t LaunchQueryBlockSummaries(DType dtype, const void* q, int64_t hq, int64_t hkv,
+                                      int64_t lq, int64_t lk, int64_t dim, int64_t q_block,
+                                      int64_t first_block, int64_t num_blocks, bool sqrt_norm,
+                                      float* rho, cudaStream_t stream);
+
+struct SelectParams {
+  const int32_t* boundaries = nullptr;  // The chunk list, 0 .. lk.
+  const int32_t* count = nullptr;       // Its length.
+  const float* kappa = nullptr;         // [hkv, chunk_cap, dim]
+  const float* rho = nullptr;           // [hkv, num_blocks, dim]
+  int32_t hkv = 0;
+  int32_t dim = 0;
+  int64_t chunk_cap = 0;
+  int64_t first_block = 0;
+  int64_t num_blocks = 0;
+  int64_t lk = 0;
+  int64_t q_block = 0;
+  int64_t budget = 0;
+  int64_t sink = 0;
+  int64_t local = 0;
+  int32_t entries_per_block = 1;  // 1 .. kMaxEntriesPerBlock, query blocks per thread block.
+  CudaSpan* spans = nullptr;      // [hkv * num_blocks, span_cap]
+  int32_t* span_starts = nullptr;
+  int32_t* counts = nullptr;  // [hkv * num_blocks]
+  int64_t span_cap = 0;
+};
+inline constexpr int kMaxEntriesPerBlock = 4;
+
+// Shared memory of LaunchSelect for `entries` entries per block.
+size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries);
+// Scores (Step 3) and the selection under the budget (Step 4) of every (KV head, query block).
+cudaError_t LaunchSelect(const SelectParams& params, cudaStream_t stream);
+
+// Merge of `parts` partial results (arrays of device pointers, on the device).
+cudaError_t LaunchMerge(const float* const* part_o, const float* const* part_lse, int32_t parts,
+                        int64_t rows, int64_t dim, float* o, float* lse, int32_t* error,
+                        cudaStream_t stream);
+
+}  // namespace selection_kernel
+}  // namespace dhsa
+
+#endif  // DHSA_KERNELS_CUDA_SELECTION_CUDA_LAUNCH_H_

@@ -1,0 +1,298 @@
+// Steps 3 and 4 on the device for the policy dhsa (kernels/selection/reference.cc,
+// SelectDhsaBlock): chunk scores and the top chunks under the token budget, per (KV head, query
+// block).
+//
+// One thread block per KV head and `entries_per_block` consecutive query blocks (they share the
+// reads of kappa). Scores: each thread scores a chunk for every entry, fp64 in the reference's
+// order, rounded to fp32, kept in shared memory. Budget cut: ranking chunks by descending score,
+// ties to the later chunk, is ranking the 64-bit keys (ordered score bits, chunk index) in
+// descending order; the chunk where the running sum of the chunks' new tokens reaches the budget
+// left is found by a weighted radix select over those keys (8 bits a pass, histograms of tokens
+// in shared memory). Emission: warp e lists entry e's spans in position order (sink, the taken
+// part of each chunk, local), merging adjacent intervals, with each span's packed offset.
+#include <cstdint>
+
+#include "kernels/cuda/selection_cuda_launch.h"
+
+namespace dhsa {
+namespace selection_kernel {
+namespace {
+
+constexpr int kSelectThreads = 256;
+constexpr int kSelectWarps = kSelectThreads / 32;
+static_assert(kMaxEntriesPerBlock <= kSelectWarps, "one warp emits one entry");
+
+// Orders floats as unsigned integers (+0 and -0 equal, as the reference's comparison has them).
+__device__ __forceinline__ uint64_t RankKey(float score, int32_t chunk) {
+  uint32_t bits = __float_as_uint(score == 0.0f ? 0.0f : score);
+  bits = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+  return (uint64_t{bits} << 32) | static_cast<uint32_t>(chunk);
+}
+
+struct EntryInfo {
+  int64_t end;        // e: one past the block's last row (and its last key).
+  int32_t eligible;   // Chunks ending at or before the block's first row.
+  int32_t scored;     // e > budget: chunks are ranked (else the dense row block).
+  int32_t lo, hi;     // Chunks' new tokens lie in [lo, hi) (after sink, before local).
+  int32_t remaining;  // Budget left for chunks.
+  int32_t mode;       // 0: none taken, 1: all taken, 2: cut at `key`.
+  int32_t need;       // Tokens taken from the cut chunk.
+  uint64_t key;       // Rank key of the cut chunk.
+};
+
+__device__ __forceinline__ int32_t Weight(const int32_t* bnd, int32_t j, int32_t lo, int32_t hi) {
+  const int32_t a = bnd[j] > lo ? bnd[j] : lo;
+  const int32_t z = bnd[j + 1] < hi ? bnd[j + 1] : hi;
+  return z > a ? z - a : 0;
+}
+
+__global__ void __launch_bounds__(kSelectThreads)
+    SelectKernel(const __grid_constant__ SelectParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int entries = p.entries_per_block, dim = p.dim;
+  double* rho_s = reinterpret_cast<double*>(smem);                   // [entries][dim]
+  int32_t* bnd = reinterpret_cast<int32_t*>(rho_s + entries * dim);  // [chunk_cap + 1]
+  float* scores = reinterpret_cast<float*>(bnd + p.chunk_cap + 1);   // [entries][chunk_cap]
+  __shared__ EntryInfo info[kMaxEntriesPerBlock];
+  __shared__ uint32_t hist[256];
+  __shared__ int32_t total_weight;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t h = blockIdx.y, b0 = int64_t{blockIdx.x} * entries;
+  const int32_t nb = *p.count;
+  for (int32_t i = tid; i < nb; i += kSelectThreads) bnd[i] = p.boundaries[i];
+  for (int i = tid; i < entries * dim; i += kSelectThreads) {
+    const int64_t rel = b0 + i / dim;
+    rho_s[i] = rel < p.num_blocks ? p.rho[(h * p.num_blocks + rel) * dim + i % dim] : 0.0;
+  }
+  __syncthreads();
+  if (tid < entries) {
+    EntryInfo& in = info[tid];
+    const int64_t rel = b0 + tid;
+    const int64_t block = p.first_block + rel;
+    in.end = (block + 1) * p.q_block < p.lk ? (block + 1) * p.q_block : p.lk;
+    in.scored = rel < p.num_blocks && in.end > p.budget;
+    in.eligible = 0;
+    in.mode = 0;
+    if (in.scored) {
+      // Chunks ending at or before block * q_block: bnd[j + 1] <= first row.
+      const int64_t first_row = block * p.q_block;
+      int32_t lo = 1, hi = nb;  // First index in [1, nb) with bnd[index] > first_row.
+      while (lo < hi) {
+        const int32_t mid = (lo + hi) / 2;
+        if (bnd[mid] <= first_row) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      in.eligible = lo - 1;
+      const int64_t sink_end = p.sink < in.end ? p.sink : in.end;
+      const int64_t local_begin = in.end - p.local > 0 ? in.end - p.local : 0;
+      const int64_t overlap = sink_end - local_begin > 0 ? sink_end - local_begin : 0;
+      const int64_t kept = sink_end + (in.end - local_begin) - overlap;
+      in.lo = static_cast<int32_t>(sink_end);
+      in.hi = static_cast<int32_t>(local_begin);
+      in.remaining = static_cast<int32_t>(p.budget - kept);
+    }
+  }
+  __syncthreads();
+
+  // Step 3: scores, fp64 in the reference's order (c ascending, products and sums rounded apart).
+  int32_t max_eligible = 0;
+  for (int e = 0; e < entries; ++e) max_eligible = max(max_eligible, info[e].eligible);
+  for (int32_t j = tid; j < max_eligible; j += kSelectThreads) {
+    const float* kr = p.kappa + (h * p.chunk_cap + j) * dim;
+    double acc[kMaxEntriesPerBlock] = {0.0, 0.0, 0.0, 0.0};
+    for (int c = 0; c < dim; c += 4) {
+      const float4 k4 = *reinterpret_cast<const float4*>(kr + c);
+      const double kc[4] = {k4.x, k4.y, k4.z, k4.w};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+#pragma unroll
+        for (int e = 0; e < kMaxEntriesPerBlock; ++e) {
+          if (e < entries) acc[e] = __dadd_rn(acc[e], __dmul_rn(rho_s[e * dim + c + u], kc[u]));
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kMaxEntriesPerBlock; ++e) {
+      if (e < entries && j < info[e].eligible) {
+        scores[e * p.chunk_cap + j] = __double2float_rn(acc[e]);
+      }
+    }
+  }
+  __syncthreads();
+
+  // Step 4: the cut, entry by entry.
+  for (int e = 0; e < entries; ++e) {
+    if (!info[e].scored) continue;  // Uniform.
+    const int32_t eligible = info[e].eligible, lo = info[e].lo, hi = info[e].hi;
+    const float* sc = scores + e * p.chunk_cap;
+    int32_t mine = 0;
+    for (int32_t j = tid; j < eligible; j += kSelectThreads) mine += Weight(bnd, j, lo, hi);
+    if (tid == 0) total_weight = 0;
+    __syncthreads();
+    atomicAdd(&total_weight, mine);
+    __syncthreads();
+    const int32_t remaining = info[e].remaining;
+    if (remaining <= 0 || total_weight <= remaining) {
+      if (tid == 0) info[e].mode = remaining <= 0 ? 0 : 1;
+      __syncthreads();
+      continue;
+    }
+    uint64_t prefix = 0;
+    int32_t need = remaining;
+    // Digits of the key from the top; chunk indices are below 2^24, so bits 24..31 are zero.
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      if (shift == 24) continue;
+      const uint64_t high = shift == 56 ? 0 : ~uint64_t{0} << (shift + 8);
+      for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
+      __syncthreads();
+      for (int32_t j = tid; j < eligible; j += kSelectThreads) {
+        const int32_t w = Weight(bnd, j, lo, hi);
+        if (w == 0) continue;
+        const uint64_t key = RankKey(sc[j], j);
+        if ((key & high) != (prefix & high)) continue;
+        atomicAdd(&hist[(key >> shift) & 255], static_cast<uint32_t>(w));
+      }
+      __syncthreads();
+      if (warp == 0) {
+        // Lane l holds bins 255 - 8l down to 248 - 8l; the running sum goes from the top bin down.
+        uint32_t sum = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum += hist[255 - 8 * lane - i];
+        uint32_t inclusive = sum;
+#pragma unroll
+        for (int o = 1; o < 32; o *= 2) {
+          const uint32_t up = __shfl_up_sync(0xffffffffu, inclusive, o);
+          if (lane >= o) inclusive += up;
+        }
+        const uint32_t before = inclusive - sum;
+        const uint32_t found =
+            __ballot_sync(0xffffffffu, before < static_cast<uint32_t>(need) &&
+                                           inclusive >= static_cast<uint32_t>(need));
+        const int owner = __ffs(found) - 1;
+        if (lane == owner) {
+          uint32_t cum = before;
+          for (int i = 0; i < 8; ++i) {
+            const int bin = 255 - 8 * lane - i;
+            if (cum + hist[bin] >= static_cast<uint32_t>(need)) {
+              info[e].key = prefix | (uint64_t(bin) << shift);
+              info[e].need = need - static_cast<int32_t>(cum);
+              break;
+            }
+            cum += hist[bin];
+          }
+        }
+      }
+      __syncthreads();
+      prefix = info[e].key;
+      need = info[e].need;
+      __syncthreads();
+    }
+    if (tid == 0) info[e].mode = 2;
+    __syncthreads();
+  }
+
+  // Emission: warp e lists entry e.
+  if (warp < entries && b0 + warp < p.num_blocks) {
+    const EntryInfo in = info[warp];
+    const int64_t entry = h * p.num_blocks + b0 + warp;
+    CudaSpan* spans = p.spans + entry * p.span_cap;
+    int32_t* starts = p.span_starts + entry * p.span_cap;
+    if (!in.scored) {
+      if (lane == 0) {
+        spans[0] = CudaSpan{0, static_cast<int32_t>(in.end)};
+        starts[0] = 0;
+        p.counts[entry] = 1;
+      }
+      return;
+    }
+    const float* sc = scores + warp * p.chunk_cap;
+    const int32_t items = in.eligible + 2;  // Sink, the eligible chunks, local.
+    int32_t carry_end = -1, carry_tokens = 0, carry_spans = 0;
+    const uint32_t below = (1u << lane) - 1;
+    for (int32_t base = 0; base < items; base += 32) {
+      const int32_t i = base + lane;
+      int32_t a = 0, z = 0;
+      if (i == 0) {
+        z = in.lo;  // Sink [0, min(S, e)).
+      } else if (i <= in.eligible) {
+        const int32_t j = i - 1;
+        const int32_t w = Weight(bnd, j, in.lo, in.hi);
+        a = bnd[j] > in.lo ? bnd[j] : in.lo;
+        int32_t take = 0;
+        if (w > 0) {
+          if (in.mode == 1) {
+            take = w;
+          } else if (in.mode == 2) {
+            const uint64_t key = RankKey(sc[j], j);
+            take = key > in.key ? w : key == in.key ? in.need : 0;
+          }
+        }
+        z = a + take;
+      } else if (i == items - 1) {
+        a = in.hi > in.lo ? in.hi : in.lo;  // Local [max(0, e - W), e), after the sink.
+        z = static_cast<int32_t>(in.end);
+      }
+      const bool nonempty = z > a;
+      // End of the last non-empty interval before this one.
+      int32_t last = nonempty ? z : -1;
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const int32_t up = __shfl_up_sync(0xffffffffu, last, o);
+        if (lane >= o) last = max(last, up);
+      }
+      int32_t prev = __shfl_up_sync(0xffffffffu, last, 1);
+      prev = lane == 0 ? carry_end : max(prev, carry_end);
+      const bool start = nonempty && prev != a;
+      int32_t tokens = nonempty ? z - a : 0;
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const int32_t up = __shfl_up_sync(0xffffffffu, tokens, o);
+        if (lane >= o) tokens += up;
+      }
+      const int32_t packed = carry_tokens + tokens - (nonempty ? z - a : 0);
+      const uint32_t starts_mask = __ballot_sync(0xffffffffu, start);
+      if (start) {
+        const int32_t k = carry_spans + __popc(starts_mask & below);
+        spans[k].begin = a;
+        starts[k] = packed;
+      }
+      carry_end = max(carry_end, __shfl_sync(0xffffffffu, last, 31));
+      carry_tokens += __shfl_sync(0xffffffffu, tokens, 31);
+      carry_spans += __popc(starts_mask);
+    }
+    __syncwarp();
+    // Span k ends where its tokens run out: the next span's packed offset, or the total.
+    for (int32_t k = lane; k < carry_spans; k += 32) {
+      const int32_t next = k + 1 < carry_spans ? starts[k + 1] : carry_tokens;
+      spans[k].end = spans[k].begin + (next - starts[k]);
+    }
+    if (lane == 0) p.counts[entry] = carry_spans;
+  }
+}
+
+}  // namespace
+
+size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries) {
+  return sizeof(double) * static_cast<size_t>(entries * dim) +
+         sizeof(int32_t) * static_cast<size_t>(chunk_cap + 1) +
+         sizeof(float) * static_cast<size_t>(entries * chunk_cap) + 16;
+}
+
+cudaError_t LaunchSelect(const SelectParams& p, cudaStream_t stream) {
+  const size_t smem = SelectSharedBytes(p.chunk_cap, p.dim, p.entries_per_block);
+  const cudaError_t error =
+      cudaFuncSetAttribute(SelectKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (error != cudaSuccess) return error;
+  const dim3 grid(
+      static_cast<unsigned>((p.num_blocks + p.entries_per_block - 1) / p.entries_per_block),
+      static_cast<unsigned>(p.hkv));
+  SelectKernel<<<grid, kSelectThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace selection_kernel
+}  // namespace dhsa
