@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the GPU test and benchmark on this machine (build-gpu/, sm_90 by default) and packs them,
+# Builds the GPU test and benchmark on this machine (build-cuda/ or $DHSA_GPU_BUILD_DIR, sm_90a by
+# default) and packs them,
 # with the shared libraries they need that the GPU machine lacks, into .device-carry/ (ignored by
 # git) for bench/gpu/run_on_device.sh.
 #
@@ -7,18 +8,18 @@
 # CUDA and NCCL libraries (the GPU machine has its own driver; the binaries link cudart statically
 # and load cuBLAS at run time). What remains is Abseil (the GPU machine has none).
 #
-# Usage: bench/gpu/prepare_carry.sh   (DHSA_CUDA_ARCHITECTURES=90 by default)
+# Usage: bench/gpu/prepare_carry.sh   (DHSA_CUDA_ARCHITECTURES=90a by default)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-build="$root/build-gpu"
+build="${DHSA_GPU_BUILD_DIR:-$root/build-cuda}"
 carry="$root/.device-carry"
-arch="${DHSA_CUDA_ARCHITECTURES:-90}"
+arch="${DHSA_CUDA_ARCHITECTURES:-90a}"
 limit_mb=60
 
 cmake -S "$root" -B "$build" -G Ninja -DDHSA_WITH_CUDA=ON -DDHSA_BUILD_TESTS=ON \
   -DDHSA_CUDA_ARCHITECTURES="$arch" >/dev/null
-cmake --build "$build" --target gpu_test sparse_attention_bench -- -j "$(nproc)"
+cmake --build "$build" --target gpu_test sparse_attention_bench -- -j 2
 
 rm -rf "$carry"
 mkdir -p "$carry/bin" "$carry/lib"

@@ -4,9 +4,10 @@
 # built and packed into .device-carry/. Full logs go to $OUT; a short summary table is printed
 # last (and kept in $OUT/summary.txt).
 #
-# Time limits (the device tool allows 600 s a command): tests 240 s, benchmark 100 s for 8K and
-# 32K and 200 s for 128K, each run on its own so one overrun leaves the others' numbers.
-# Exit status: 0 when the tests passed and both benchmark runs succeeded, 1 otherwise.
+# Time limits (the device tool allows 600 s a command): tests 200 s, our benchmark 230 s, the
+# peers (bench/gpu/sdpa_peer.py, which prints the issue's table last) 150 s, each run on its own so
+# one overrun leaves the others' numbers.
+# Exit status: 0 when the tests passed and both benchmark parts succeeded, 1 otherwise.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -53,21 +54,23 @@ missing=$(grep -h '=> not found' "$out/env.txt" | sort -u | tr -s ' \t' ' ')
 
 echo "run_on_device: gpu_test ..."
 start=$SECONDS
-timeout 240 "$carry/bin/gpu_test" --gtest_color=no >"$out/gpu_test.log" 2>&1
+timeout 200 "$carry/bin/gpu_test" --gtest_color=no >"$out/gpu_test.log" 2>&1
 test_rc=$?
 test_s=$((SECONDS - start))
 echo "run_on_device: gpu_test rc=$test_rc in ${test_s}s"
 
 declare -A bench_rc
-run_bench() {  # name, timeout, lengths
-  echo "run_on_device: bench $3 ..."
-  start=$SECONDS
-  timeout "$2" "$carry/bin/sparse_attention_bench" --lengths="$3" >"$out/$1.log" 2>&1
-  bench_rc[$1]=$?
-  echo "run_on_device: bench $3 rc=${bench_rc[$1]} in $((SECONDS - start))s"
-}
-run_bench bench_short 100 8192,32768
-run_bench bench_long 200 131072
+echo "run_on_device: bench ..."
+start=$SECONDS
+timeout 230 "$carry/bin/sparse_attention_bench" --seconds=0.5 >"$out/bench.log" 2>&1
+bench_rc[bench]=$?
+echo "run_on_device: bench rc=${bench_rc[bench]} in $((SECONDS - start))s"
+echo "run_on_device: peers ..."
+start=$SECONDS
+PYTHONUNBUFFERED=1 timeout 150 python3 "$root/bench/gpu/sdpa_peer.py" --ours="$out/bench.log" \
+  >"$out/peers.log" 2>&1
+bench_rc[peers]=$?
+echo "run_on_device: peers rc=${bench_rc[peers]} in $((SECONDS - start))s"
 
 # ---- summary table, printed last ----
 gpu_line=$(grep -m1 -o 'NVIDIA[^,]*,[^,]*' "$out/env.txt" || echo "no nvidia-smi")
@@ -88,7 +91,7 @@ say "device: $gpu_line"
 [[ -n "$missing" ]] && say "MISSING LIBRARIES: $missing"
 say "gpu_test: rc=$test_rc$note, $passed passed, $failed failed, $skipped skipped, ${test_s}s"
 say "$(printf '%-44s %-6s %-10s %-10s %-6s %-10s %-10s' case status o_err naive ratio lse_err naive)"
-grep -o 'SparseAttentionCudaTest.MatchesReferenceWithinStoragePrecision/[A-Za-z0-9_]*' \
+grep -oE 'SparseAttentionCudaTest.MatchesReferenceWithinStoragePrecision/[A-Za-z0-9_]*' \
   "$out/gpu_test.log" | sed 's|.*/||' | sort -u | while read -r name; do
   status="?"
   grep -q "^\[       OK \] .*/$name " "$out/gpu_test.log" && status="OK"
@@ -107,12 +110,25 @@ if ((failed > 0)); then
   say "failures (first lines; full log in gpu_test.log):"
   grep -B1 -A3 -m6 'Failure' "$out/gpu_test.log" | cut -c1-160 | head -24 | tee -a "$summary"
 fi
-for part in bench_short bench_long; do
-  say "-- $part: rc=${bench_rc[$part]}"
-  if grep -q '^== CUDA sparse attention' "$out/$part.log"; then
-    sed -n '/^== CUDA sparse attention/,$p' "$out/$part.log" | tee -a "$summary"
-  else
-    tail -n 6 "$out/$part.log" | cut -c1-200 | tee -a "$summary"
-  fi
+say "-- device selection vs reference (status, then the test's RESULT line):"
+grep -o 'SelectionCudaTest.EqualsTheReferenceSteps/[A-Za-z0-9_]*' "$out/gpu_test.log" |
+  sed 's|.*/||' | sort -u | while read -r name; do
+  status="?"
+  grep -q "^\[       OK \] .*/$name " "$out/gpu_test.log" && status="OK"
+  grep -q "^\[  FAILED  \] .*/$name" "$out/gpu_test.log" && status="FAIL"
+  grep -q "^\[  SKIPPED \] .*/$name " "$out/gpu_test.log" && status="SKIP"
+  say "$(printf '%-6s %s' "$status" "$(grep -m1 "^RESULT $name " "$out/gpu_test.log" | cut -c8-150)")"
 done
-((test_rc == 0 && bench_rc[bench_short] == 0 && bench_rc[bench_long] == 0))
+say "-- bench: rc=${bench_rc[bench]}"
+if grep -q '^== dhsa on the GPU' "$out/bench.log"; then
+  sed -n '/^== dhsa on the GPU/,$p' "$out/bench.log" | tee -a "$summary"
+else
+  tail -n 6 "$out/bench.log" | cut -c1-200 | tee -a "$summary"
+fi
+say "-- peers: rc=${bench_rc[peers]}"
+if grep -q '^== issue 5 benchmark' "$out/peers.log"; then
+  sed -n '/^== issue 5 benchmark/,$p' "$out/peers.log" | tee -a "$summary"
+else
+  tail -n 8 "$out/peers.log" | cut -c1-300 | tee -a "$summary"
+fi
+((test_rc == 0 && bench_rc[bench] == 0 && bench_rc[peers] == 0))

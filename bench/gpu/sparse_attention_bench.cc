@@ -1,13 +1,21 @@
-// Times the CUDA sparse attention (Step 5) on structured synthetic inputs (bench/workload):
-// dense against dhsa at a token budget, Hq = 32, Hkv = 8, d = 128, bf16, prefill of L tokens.
-// Reports the median device time (CUDA events, after warm-up) and TFLOP/s of the (query, key)
-// pairs actually computed (4 d flops each: q.k and p v), next to the device's ceilings measured
-// in the same run (cuBLAS bf16 GEMM, device-to-device copy). The table is printed last.
+// End-to-end DHSA prefill on the GPU (issue 5's benchmark, our side): Hq = 32, Hkv = 8, d = 128,
+// bf16, structured synthetic inputs (bench/workload), L tokens, token budgets. For each case:
+// the device selection (boundaries, summaries, scores, top chunks: kernels/cuda/selection_cuda.h)
+// and the sparse attention over it, each timed with CUDA events (median after warm-up), and both
+// together as one enqueued sequence (the end-to-end time). TFLOP/s counts the (query, key) pairs
+// actually computed (4 d flops each: q.k and p v); the ceiling is the cuBLAS bf16 GEMM measured in
+// the same run. Checks: outputs poisoned (NaN) before the checked run, every lse finite after; at
+// L <= --check_max the device selection equals the reference selection (computed on the CPU).
 //
-// Usage: sparse_attention_bench [--lengths=8192,32768,131072] [--budget=2048] [--seconds=1]
-// Exit status: 0 when every case ran, 1 when one failed, 2 without a CUDA device.
+// Prints one `CSV,...` line per case (bench/gpu/sdpa_peer.py reads them to put the peers beside
+// ours) and a table last.
+//
+// Usage: sparse_attention_bench [--lengths=8192,32768,65536,131072] [--budgets=2048,4096]
+//                               [--seconds=1] [--check_max=32768]
+// Exit status: 0 when every case ran and passed its checks, 1 otherwise, 2 without a device.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -25,7 +33,7 @@
 #include "kernels/common/status_macros.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_buffer.h"
-#include "kernels/cuda/selection_csr.h"
+#include "kernels/cuda/selection_cuda.h"
 #include "kernels/cuda/sparse_attention_cuda.h"
 
 namespace dhsa {
@@ -34,25 +42,32 @@ namespace {
 constexpr int64_t kHq = 32, kHkv = 8, kDim = 128;
 
 struct Options {
-  std::vector<int64_t> lengths = {8192, 32768, 131072};
-  int64_t budget = 2048;
-  double seconds = 1.0;  // Timed runs per case take about this long (3 to 50 runs).
+  std::vector<int64_t> lengths = {8192, 32768, 65536, 131072};
+  std::vector<int64_t> budgets = {2048, 4096};
+  double seconds = 1.0;  // Timed runs per measurement take about this long (3 to 50 runs).
+  int64_t check_max = 32768;
 };
 
 struct Row {
   int64_t len = 0;
-  std::string policy;
+  int64_t budget = 0;
   int64_t pairs = 0;
   double density = 0;
-  double select_s = 0;
-  DeviceTiming timing;
+  DeviceTiming select, attention, total;
+  double boundaries_ms = 0, summaries_ms = 0, choose_ms = 0;  // Steps 1, 2, 3-4 (means).
   double tflops = 0;
-  int64_t nonfinite = 0;
-  std::string error;
+  std::string check = "ok";
+  bool failed = false;
 };
 
-double SecondsSince(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+bool ParseList(const std::string& value, std::vector<int64_t>* out) {
+  out->clear();
+  for (absl::string_view part : absl::StrSplit(value, ',')) {
+    int64_t x = 0;
+    if (!absl::SimpleAtoi(part, &x) || x < 1) return false;
+    out->push_back(x);
+  }
+  return !out->empty();
 }
 
 bool ParseOptions(int argc, char** argv, Options* o) {
@@ -62,24 +77,43 @@ bool ParseOptions(int argc, char** argv, Options* o) {
     const std::string key = arg.substr(0, eq),
                       value = eq == std::string::npos ? "" : arg.substr(eq + 1);
     if (key == "--lengths") {
-      o->lengths.clear();
-      for (absl::string_view part : absl::StrSplit(value, ',')) {
-        int64_t len = 0;
-        if (!absl::SimpleAtoi(part, &len) || len < 1) return false;
-        o->lengths.push_back(len);
-      }
-    } else if (key == "--budget") {
-      if (!absl::SimpleAtoi(value, &o->budget) || o->budget < 1) return false;
+      if (!ParseList(value, &o->lengths)) return false;
+    } else if (key == "--budgets") {
+      if (!ParseList(value, &o->budgets)) return false;
     } else if (key == "--seconds") {
       if (!absl::SimpleAtod(value, &o->seconds) || !(o->seconds > 0)) return false;
+    } else if (key == "--check_max") {
+      if (!absl::SimpleAtoi(value, &o->check_max)) return false;
     } else {
       return false;
     }
   }
-  return !o->lengths.empty();
+  return true;
 }
 
-// Device copies of one workload's Q, K, V and room for O and LSE.
+// Pairs (row p, key t) with t in the span and t <= p, over rows [r0, r1): closed form.
+int64_t SpanPairs(int64_t begin, int64_t end, int64_t r0, int64_t r1) {
+  int64_t pairs = 0;
+  // Rows p < begin see none; rows begin <= p < end see p + 1 - begin; rows p >= end see all.
+  const int64_t a = std::max(r0, begin), b = std::min(r1, end);
+  if (b > a) pairs += (b - a) * (a + b - 1 - 2 * begin + 2) / 2;  // Sum of p + 1 - begin.
+  const int64_t full = std::max<int64_t>(0, r1 - std::max(r0, end));
+  pairs += full * (end - begin);
+  return pairs;
+}
+
+int64_t ComputedPairs(const Selection& s, int64_t lk, int64_t group) {
+  int64_t pairs = 0;
+  for (int64_t h = 0; h < s.num_heads; ++h) {
+    for (int64_t b = 0; b < s.num_blocks; ++b) {
+      const int64_t r0 = (s.first_block + b) * s.block_size;
+      const int64_t r1 = std::min(r0 + s.block_size, lk);
+      for (const Span& span : s.At(h, b)) pairs += SpanPairs(span.begin, span.end, r0, r1);
+    }
+  }
+  return pairs * group;
+}
+
 struct DeviceInputs {
   DeviceBuffer q, k, v, o, lse;
 };
@@ -94,23 +128,14 @@ absl::StatusOr<DeviceInputs> Upload(const Workload& w) {
   return d;
 }
 
-// Selection, one checked run on NaN-poisoned outputs, then the timed runs.
-absl::Status RunCase(const Workload& w, DeviceInputs& d, const DhsaConfig& config,
-                     const Options& options, cudaStream_t stream, Row* row) {
+absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const Options& options,
+                     cudaStream_t stream, Row* row) {
   const int64_t len = w.config.len;
-  auto start = std::chrono::steady_clock::now();
-  DHSA_ASSIGN_OR_RETURN(Selection selection, ReferenceSelection(w.q, w.k, config));
-  row->select_s = SecondsSince(start);
-  AttentionShape shape;
-  shape.hq = kHq;
-  shape.hkv = kHkv;
-  shape.dim = kDim;
-  shape.lq = len;
-  shape.lk = len;
-  row->pairs = CountComputedPairs(selection, shape);
-  row->density = double(row->pairs) / (double(kHq) * double(len) * double(len + 1) / 2.0);
-  DHSA_ASSIGN_OR_RETURN(DeviceSelection device_selection, DeviceSelection::Upload(selection));
-
+  DhsaConfig config;
+  config.budget = budget;
+  AttentionShape shape{kHq, kHkv, kDim, len, len};
+  DHSA_ASSIGN_OR_RETURN(DeviceDhsaSelection selection,
+                        DeviceDhsaSelection::Create(config, shape, DType::kBF16));
   SparseAttentionCudaParams p;
   p.dtype = DType::kBF16;
   p.q = d.q.data();
@@ -124,29 +149,78 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, const DhsaConfig& confi
   p.lq = len;
   p.lk = len;
   p.scale = EffectiveScale(config, kDim);
-  DHSA_RETURN_IF_ERROR(device_selection.Attach(&p));
+  DHSA_RETURN_IF_ERROR(selection.Attach(&p));
 
+  // The checked run, on poisoned outputs.
+  DHSA_RETURN_IF_ERROR(selection.Poison());
   DHSA_RETURN_IF_ERROR(d.o.Fill(0xFF));
   DHSA_RETURN_IF_ERROR(d.lse.Fill(0xFF));
-  start = std::chrono::steady_clock::now();
+  auto start = std::chrono::steady_clock::now();
+  DHSA_RETURN_IF_ERROR(selection.Run(d.q.data(), d.k.data(), stream));
   DHSA_RETURN_IF_ERROR(SparseAttentionCuda(p, stream));
-  DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "sparse attention"));
-  const double first_ms = SecondsSince(start) * 1e3;
+  DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "selection + attention"));
+  const double first_ms =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
   std::vector<float> lse(static_cast<size_t>(kHq * len));
   DHSA_RETURN_IF_ERROR(d.lse.CopyToHost(lse.data(), lse.size() * sizeof(float)));
-  for (float x : lse) row->nonfinite += std::isfinite(x) ? 0 : 1;
+  int64_t nonfinite = 0;
+  for (float x : lse) nonfinite += std::isfinite(x) ? 0 : 1;
+  DHSA_ASSIGN_OR_RETURN(Selection got, selection.ToSelection());
+  row->pairs = ComputedPairs(got, len, kHq / kHkv);
+  row->density = double(row->pairs) / (double(kHq) * double(len) * double(len + 1) / 2.0);
+  if (nonfinite > 0) {
+    row->check = absl::StrCat(nonfinite, " non-finite lse");
+    row->failed = true;
+  } else if (len <= options.check_max) {
+    DHSA_ASSIGN_OR_RETURN(Selection want, ReferenceSelection(w.q, w.k, config));
+    int64_t differing = 0;
+    for (size_t e = 0; e < want.spans.size(); ++e)
+      differing += got.spans[e] == want.spans[e] ? 0 : 1;
+    row->check = differing == 0 ? "ok, =ref" : absl::StrCat(differing, " entries != ref");
+    row->failed = differing != 0;
+  }
 
-  auto launch = [&] { return SparseAttentionCuda(p, stream); };
-  DHSA_ASSIGN_OR_RETURN(row->timing,
-                        TimeOnDevice(launch, stream, 1, RepsFor(first_ms, options.seconds, 3, 50)));
-  row->tflops = 4.0 * kDim * double(row->pairs) / (row->timing.median_ms * 1e-3) / 1e12;
+  const int reps = RepsFor(first_ms, options.seconds, 3, 50);
+  auto select = [&] { return selection.Run(d.q.data(), d.k.data(), stream); };
+  auto attend = [&] { return SparseAttentionCuda(p, stream); };
+  auto both = [&]() -> absl::Status {
+    DHSA_RETURN_IF_ERROR(select());
+    return attend();
+  };
+  DHSA_ASSIGN_OR_RETURN(row->select, TimeOnDevice(select, stream, 2, reps));
+  DHSA_ASSIGN_OR_RETURN(row->attention, TimeOnDevice(attend, stream, 2, reps));
+  DHSA_ASSIGN_OR_RETURN(row->total, TimeOnDevice(both, stream, 2, reps));
+  row->tflops = 4.0 * kDim * double(row->pairs) / (row->attention.median_ms * 1e-3) / 1e12;
+
+  // The selection's steps apart: events after boundaries and after summaries, mean of 10 runs.
+  cudaEvent_t marks[4];
+  for (cudaEvent_t& e : marks) DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&e), "event"));
+  SelectionStageEvents stages{marks[1], marks[2]};
+  constexpr int kStageRuns = 10;
+  for (int i = 0; i < kStageRuns; ++i) {
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[0], stream), "event"));
+    DHSA_RETURN_IF_ERROR(selection.Run(d.q.data(), d.k.data(), stream, nullptr, &stages));
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[3], stream), "event"));
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(marks[3]), "stage timing"));
+    float ms[3] = {0, 0, 0};
+    for (int s = 0; s < 3; ++s) {
+      DHSA_RETURN_IF_ERROR(
+          CudaStatus(cudaEventElapsedTime(&ms[s], marks[s], marks[s + 1]), "elapsed"));
+    }
+    row->boundaries_ms += ms[0] / kStageRuns;
+    row->summaries_ms += ms[1] / kStageRuns;
+    row->choose_ms += ms[2] / kStageRuns;
+  }
+  for (cudaEvent_t e : marks) cudaEventDestroy(e);
   return absl::OkStatus();
 }
 
 int Main(int argc, char** argv) {
   Options options;
   if (!ParseOptions(argc, argv, &options)) {
-    std::fprintf(stderr, "usage: %s [--lengths=8192,32768,131072] [--budget=2048] [--seconds=1]\n",
+    std::fprintf(stderr,
+                 "usage: %s [--lengths=8192,32768,65536,131072] [--budgets=2048,4096] "
+                 "[--seconds=1] [--check_max=32768]\n",
                  argv[0]);
     return 1;
   }
@@ -162,13 +236,9 @@ int Main(int argc, char** argv) {
               double(prop.totalGlobalMem) / (1 << 30), prop.l2CacheSize >> 20);
   cudaStream_t stream;
   if (cudaStreamCreate(&stream) != cudaSuccess) return 1;
-
   const absl::StatusOr<double> gemm = CublasBf16GemmTflops(8192, stream);
-  const absl::StatusOr<double> copy = DeviceCopyTbps(size_t{1} << 30, stream);
   const std::string gemm_text = gemm.ok() ? absl::StrCat(*gemm) : gemm.status().ToString();
-  const std::string copy_text = copy.ok() ? absl::StrCat(*copy) : copy.status().ToString();
   std::printf("ceiling: cuBLAS bf16 GEMM 8192^3 TFLOP/s = %s\n", gemm_text.c_str());
-  std::printf("ceiling: device-to-device copy TB/s (read + write) = %s\n", copy_text.c_str());
   std::fflush(stdout);
 
   std::vector<Row> rows;
@@ -180,68 +250,50 @@ int Main(int argc, char** argv) {
     wc.hkv = kHkv;
     wc.dim = kDim;
     wc.dtype = DType::kBF16;
-    auto start = std::chrono::steady_clock::now();
     absl::StatusOr<Workload> w = GenerateWorkload(wc);
-    if (!w.ok()) {
-      std::printf("L=%lld: workload: %s\n", static_cast<long long>(len),
-                  w.status().ToString().c_str());
-      failed = true;
-      continue;
-    }
-    std::printf("L=%lld: workload generated in %.1f s\n", static_cast<long long>(len),
-                SecondsSince(start));
-    std::fflush(stdout);
-    absl::StatusOr<DeviceInputs> d = Upload(*w);
+    absl::StatusOr<DeviceInputs> d = w.ok() ? Upload(*w) : absl::StatusOr<DeviceInputs>(w.status());
     if (!d.ok()) {
-      std::printf("L=%lld: upload: %s\n", static_cast<long long>(len),
+      std::printf("L=%lld: inputs: %s\n", static_cast<long long>(len),
                   d.status().ToString().c_str());
       failed = true;
       continue;
     }
-    for (const Policy policy : {Policy::kDense, Policy::kDhsa}) {
-      DhsaConfig config;
-      config.policy = policy;
-      config.budget = options.budget;
+    for (int64_t budget : options.budgets) {
       Row row;
       row.len = len;
-      row.policy =
-          policy == Policy::kDense ? std::string("dense") : absl::StrCat("dhsa-", options.budget);
-      const absl::Status status = RunCase(*w, *d, config, options, stream, &row);
+      row.budget = budget;
+      const absl::Status status = RunCase(*w, *d, budget, options, stream, &row);
       if (!status.ok()) {
-        row.error = status.ToString();
-        failed = true;
+        row.check = status.ToString();
+        row.failed = true;
       }
-      if (row.nonfinite > 0) failed = true;
-      std::printf(
-          "L=%lld %s: selection %.1f s, %s\n", static_cast<long long>(len), row.policy.c_str(),
-          row.select_s,
-          status.ok()
-              ? absl::StrCat(row.timing.median_ms, " ms median of ", row.timing.reps).c_str()
-              : row.error.c_str());
+      failed = failed || row.failed;
+      std::printf("CSV,%lld,%lld,%lld,%.6f,%.4f,%.4f,%.4f,%.2f,%s,%s\n",
+                  static_cast<long long>(len), static_cast<long long>(budget),
+                  static_cast<long long>(row.pairs), row.density, row.select.median_ms,
+                  row.attention.median_ms, row.total.median_ms, row.tflops,
+                  gemm.ok() ? absl::StrCat(*gemm).c_str() : "nan", row.check.c_str());
       std::fflush(stdout);
       rows.push_back(row);
     }
   }
 
-  std::printf("\n== CUDA sparse attention, Hq=%lld Hkv=%lld d=%lld bf16, %s ==\n",
+  std::printf("\n== dhsa on the GPU end to end, Hq=%lld Hkv=%lld d=%lld bf16, %s ==\n",
               static_cast<long long>(kHq), static_cast<long long>(kHkv),
               static_cast<long long>(kDim), prop.name);
-  std::printf("ceilings: cuBLAS bf16 GEMM %s TFLOP/s, D2D copy %s TB/s\n", gemm_text.c_str(),
-              copy_text.c_str());
-  std::printf("%-8s %-10s %12s %8s %10s %10s %8s %7s %8s %s\n", "L", "policy", "pairs", "density",
-              "median_ms", "min_ms", "TFLOP/s", "%gemm", "speedup", "check");
-  double dense_ms = 0;
+  std::printf("ceiling: cuBLAS bf16 GEMM %s TFLOP/s\n", gemm_text.c_str());
+  std::printf("%-7s %-6s %8s %10s %22s %10s %10s %6s %8s %6s %s\n", "L", "budget", "density",
+              "select_ms", "(bounds+summ+choose)", "attn_ms", "total_ms", "sel%", "TFLOP/s",
+              "%gemm", "check");
   for (const Row& r : rows) {
-    if (r.policy == "dense") dense_ms = r.timing.median_ms;
     const double share = gemm.ok() && *gemm > 0 ? 100.0 * r.tflops / *gemm : 0.0;
-    const double speedup =
-        r.policy != "dense" && r.timing.median_ms > 0 ? dense_ms / r.timing.median_ms : 1.0;
-    std::printf("%-8lld %-10s %12.4g %8.4f %10.3f %10.3f %8.1f %7.1f %8.2f %s\n",
-                static_cast<long long>(r.len), r.policy.c_str(), double(r.pairs), r.density,
-                r.timing.median_ms, r.timing.min_ms, r.tflops, share, speedup,
-                !r.error.empty()  ? r.error.c_str()
-                : r.nonfinite > 0 ? absl::StrCat(r.nonfinite, " non-finite lse").c_str()
-                                  : "ok");
+    std::printf(
+        "%-7lld %-6lld %8.4f %10.3f %6.3f+%6.3f+%6.3f   %10.3f %10.3f %6.1f %8.1f %6.1f %s\n",
+        static_cast<long long>(r.len), static_cast<long long>(r.budget), r.density,
+        r.select.median_ms, r.boundaries_ms, r.summaries_ms, r.choose_ms, r.attention.median_ms,
+        r.total.median_ms,
+        r.total.median_ms > 0 ? 100.0 * r.select.median_ms / r.total.median_ms : 0.0, r.tflops,
+        share, r.check.c_str());
   }
   cudaStreamDestroy(stream);
   return failed ? 1 : 0;
