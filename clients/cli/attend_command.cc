@@ -23,7 +23,7 @@ namespace {
 
 struct AttendFlags {
   std::string q, k, v, out, lse_out, selection_out, target;
-  std::string backend = "cpu";
+  std::string backend = "cpu", progress = "auto";
   double timeout = 600;
   int64_t threads = std::max(1u, std::thread::hardware_concurrency());
   int64_t check_rows = 0;
@@ -69,7 +69,8 @@ absl::StatusOr<Tensor> LoadInput(const std::string& path, const char* flag, cons
 // Errors the service returns are marked `*from_server`.
 absl::StatusOr<AttendResult> AttendThroughService(const AttendFlags& f, const Tensor& q,
                                                   const Tensor& k, const Tensor& v,
-                                                  const DhsaConfig& config, bool* from_server) {
+                                                  const DhsaConfig& config, ProgressBar& bar,
+                                                  bool* from_server) {
   if (!f.selection_out.empty() || f.check_rows > 0) {
     return absl::InvalidArgumentError(
         "--selection-out and --check-rows need the selection, which the service keeps to itself; "
@@ -88,6 +89,13 @@ absl::StatusOr<AttendResult> AttendThroughService(const AttendFlags& f, const Te
                                                    ", K ", ShapeString(k.shape), ", V ",
                                                    ShapeString(v.shape)));
   }
+  // The bar moves by bytes sent: the earlier keys' upload, then the queries with the new keys.
+  const double bytes_total = static_cast<double>(q.bytes.size() + k.bytes.size() + v.bytes.size());
+  const int64_t lk = k.shape[1], t0 = lk - q.shape[1];
+  const double bytes_earlier = static_cast<double>(k.bytes.size() + v.bytes.size()) *
+                               static_cast<double>(t0) /
+                               static_cast<double>(std::max<int64_t>(1, lk));
+  bar.Update(0, "connecting to " + f.target);
   *from_server = true;
   ClientOptions options;
   options.timeout = std::chrono::milliseconds(static_cast<int64_t>(f.timeout * 1000));
@@ -100,13 +108,17 @@ absl::StatusOr<AttendResult> AttendThroughService(const AttendFlags& f, const Te
   so.dtype = q.dtype;
   so.config = config;
   DHSA_ASSIGN_OR_RETURN(Sequence seq, client.CreateSequence(so));
-  const int64_t lk = k.shape[1], t0 = lk - q.shape[1];
   absl::StatusOr<AttentionOutput> out;
   if (t0 > 0) {
+    bar.Update(0, absl::StrCat("uploading the ", t0, " earlier keys and values (",
+                               FormatBytes(bytes_earlier), ")"));
     out = seq.Prefill(0, Tensor::Zeros(q.dtype, {q.shape[0], t0, q.shape[2]}),
                       SliceTokens(k, 0, t0), SliceTokens(v, 0, t0));
   }
   if (out.ok() || t0 == 0) {
+    bar.Update(bytes_earlier / bytes_total,
+               absl::StrCat("prefill of ", q.shape[1], " queries (",
+                            FormatBytes(bytes_total - bytes_earlier), " up), attention"));
     out =
         seq.Prefill(0, q, t0 > 0 ? SliceTokens(k, t0, lk) : k, t0 > 0 ? SliceTokens(v, t0, lk) : v,
                     /*want_lse=*/true);
@@ -129,6 +141,9 @@ absl::StatusOr<AttendResult> AttendThroughService(const AttendFlags& f, const Te
 absl::Status Attend(const AttendFlags& f, bool* from_server) {
   DHSA_ASSIGN_OR_RETURN(DhsaConfig config, ToDhsaConfig(f.dhsa));
   if (f.out.empty()) return absl::InvalidArgumentError("--out is required (the .npy file for O)");
+  DHSA_ASSIGN_OR_RETURN(const bool show_progress, ShowProgress(f.progress));
+  ProgressBar bar(show_progress);
+  bar.Update(0, "reading inputs");
   DHSA_ASSIGN_OR_RETURN(Tensor q, LoadInput(f.q, "q", "q"));
   DHSA_ASSIGN_OR_RETURN(Tensor k, LoadInput(f.k, "k", "k"));
   DHSA_ASSIGN_OR_RETURN(Tensor v, LoadInput(f.v, "v", "v"));
@@ -137,10 +152,13 @@ absl::Status Attend(const AttendFlags& f, bool* from_server) {
   options.num_threads = static_cast<int>(std::max<int64_t>(1, f.threads));
   DHSA_ASSIGN_OR_RETURN(options.backend, ParseBackend(f.backend));
   const auto start = std::chrono::steady_clock::now();
+  if (f.target.empty()) bar.Update(0, "attention in process on the " + f.backend + " backend");
   DHSA_ASSIGN_OR_RETURN(AttendResult result,
-                        f.target.empty() ? dhsa::Attend(q, k, v, config, options)
-                                         : AttendThroughService(f, q, k, v, config, from_server));
+                        f.target.empty()
+                            ? dhsa::Attend(q, k, v, config, options)
+                            : AttendThroughService(f, q, k, v, config, bar, from_server));
   *from_server = false;
+  bar.Update(1, "writing outputs");
   const double total =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
@@ -168,6 +186,7 @@ absl::Status Attend(const AttendFlags& f, bool* from_server) {
   if (!f.selection_out.empty()) {
     DHSA_RETURN_IF_ERROR(WriteFileAtomically(f.selection_out, selection_bytes));
   }
+  bar.Finish();
 
   const double density = static_cast<double>(result.computed_pairs) /
                          static_cast<double>(std::max<int64_t>(1, result.causal_pairs));
@@ -244,16 +263,20 @@ int RunAttend(const std::vector<std::string>& args) {
   AttendFlags f;
   FlagSet flags(
       "attend", "--q Q.npy --k K.npy --v V.npy --out O.npy [flags]",
-      "Computes DHSA attention of one layer in process. Q is [Hq, Lq, d], K and V are\n"
-      "[Hkv, Lk, d] (.npy float32/float16, or .safetensors with tensors q, k, v, where\n"
-      "bfloat16 is allowed); the queries are the last Lq positions (t0 = Lk - Lq).\n"
-      "Writes O [Hq, Lq, d] float32, optionally LSE [Hq, Lq] float32 and the selection\n"
-      "as JSON. Outputs are written only once everything has succeeded.",
+      "Computes DHSA attention of one layer in process, or through the service at --target.\n"
+      "Q is [Hq, Lq, d], K and V are [Hkv, Lk, d] (.npy float32/float16, or .safetensors\n"
+      "with tensors q, k, v, where bfloat16 is allowed); the queries are the last Lq\n"
+      "positions (t0 = Lk - Lq). Writes O [Hq, Lq, d] float32, optionally LSE [Hq, Lq]\n"
+      "float32 and the selection as JSON, only once everything has succeeded. Prints a\n"
+      "table (--json: a JSON object). Exit codes: 0 ok, 2 bad input (files, flags,\n"
+      "shapes), 3 the service failed or answered with an error, 1 anything else.",
       "  dhsa gen --out /tmp/w --len 32768\n"
       "  dhsa attend --q /tmp/w/q.npy --k /tmp/w/k.npy --v /tmp/w/v.npy --out /tmp/w/o.npy"
       " --check-rows 64\n"
       "  dhsa attend --q in.safetensors --k in.safetensors --v in.safetensors --out o.npy"
-      " --policy block_topk --budget 1024 --selection-out sel.json");
+      " --policy block_topk --budget 1024 --selection-out sel.json\n"
+      "  dhsa attend --target 127.0.0.1:50051 --q /tmp/w/q.npy --k /tmp/w/k.npy --v /tmp/w/v.npy"
+      " --out o.npy --json");
   flags.String("q", &f.q, "queries [Hq, Lq, d]");
   flags.String("k", &f.k, "keys [Hkv, Lk, d]");
   flags.String("v", &f.v, "values [Hkv, Lk, d]");
@@ -269,6 +292,7 @@ int RunAttend(const std::vector<std::string>& args) {
   flags.Bool("json", &f.json, "print the report as JSON");
   flags.String("target", &f.target, "router HOST:PORT: compute through the service instead");
   flags.Double("timeout", &f.timeout, "deadline of each service call, seconds");
+  flags.String("progress", &f.progress, kProgressHelp);
   absl::Status parsed = flags.Parse(args);
   if (!parsed.ok()) return ReportError("attend", parsed);
   if (flags.help_requested()) {

@@ -1,6 +1,5 @@
 // `dhsa bench --backend cpu`: the fast CPU path's speed, side by side with the reference, its own
 // dense policy and the machine's GEMM peak (bench/cpu/cpu_bench.h).
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
@@ -29,6 +28,7 @@ struct BenchFlags {
   bool reference = true, dense = true;
   int64_t decode_tokens = 20;
   bool json = false;
+  std::string progress = "auto";
 };
 
 double LoadAverage() {
@@ -170,14 +170,19 @@ absl::Status Bench(const BenchFlags& f) {
   c.reference = f.reference;
   c.dense = f.dense;
   c.decode_tokens = f.decode_tokens;
-  const auto start = std::chrono::steady_clock::now();
-  c.progress = [start](const std::string& line) {
-    const double s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::fprintf(stderr, "dhsa bench: [%6.1f s] %s\n", s, line.c_str());
-  };
+  DHSA_ASSIGN_OR_RETURN(const bool show_progress, ShowProgress(f.progress));
+  // RunCpuBench names each step as it starts: calibration, then per length the workload, the
+  // reference (smallest length), dhsa and dense, then decode. The bar counts steps (they differ
+  // in length: dense and the reference take longest).
+  const double lengths = static_cast<double>(c.lengths.size());
+  const double steps =
+      1 + lengths * (2 + (c.dense ? 1 : 0)) + (c.reference ? 1 : 0) + (c.decode_tokens > 0 ? 1 : 0);
+  ProgressBar bar(show_progress);
+  double done = 0;
+  c.progress = [&](const std::string& line) { bar.Update(done++ / steps, line); };
   const double load_start = LoadAverage();
   DHSA_ASSIGN_OR_RETURN(CpuBenchResult r, RunCpuBench(c));
+  bar.Finish();
   const double load_end = LoadAverage();
   if (f.json) {
     PrintJson(r, load_start, load_end);
@@ -199,10 +204,12 @@ int RunBench(const std::vector<std::string>& args) {
       "scores, selection) and attention, and (d) a library GEMM of the attention tiles' shapes\n"
       "on all threads at once: the machine's practical peak, so 'vs GEMM' is an efficiency\n"
       "measured side by side. Then one-token decode at the largest L with kept boundaries and\n"
-      "chunk summaries. Progress goes to stderr. Other work on the machine skews the numbers:\n"
-      "the load average is printed.",
+      "chunk summaries. A table by default, --json for machines; a progress bar on stderr when\n"
+      "it is a terminal. Other work on the machine skews the numbers: the load average is\n"
+      "printed.",
       "  dhsa bench --backend cpu\n"
-      "  dhsa bench --backend cpu --lengths 4096,16384 --reference=false --json");
+      "  dhsa bench --backend cpu --lengths 4096,16384 --reference=false --json\n"
+      "  dhsa bench --backend cpu --lengths 65536 --dtype bfloat16 --progress on 2> progress.log");
   flags.String("backend", &f.backend, "backend to time: cpu");
   flags.String("lengths", &f.lengths, "comma-separated sequence lengths");
   flags.Int("hq", &f.hq, "query heads");
@@ -217,6 +224,7 @@ int RunBench(const std::vector<std::string>& args) {
   flags.Int("decode-tokens", &f.decode_tokens,
             "decode calls timed at the largest length (0: none)");
   flags.Bool("json", &f.json, "print the results as JSON");
+  flags.String("progress", &f.progress, kProgressHelp);
   absl::Status parsed = flags.Parse(args);
   if (!parsed.ok()) return ReportError("bench", parsed);
   if (flags.help_requested()) {

@@ -17,6 +17,7 @@
 #include "kernels/common/status_macros.h"
 #include "kernels/dhsa.h"
 #include "kernels/fidelity/fidelity.h"
+#include "nlohmann/json.hpp"
 #include "services/router/embedded.h"
 
 namespace dhsa::cli {
@@ -29,7 +30,8 @@ double Since(Clock::time_point start) {
 }
 
 struct DemoFlags {
-  std::string target;
+  std::string target, progress = "auto";
+  bool json = false;
   int64_t workers = 2, len = 32768, layers = 2, decode = 64;
   int64_t hq = 8, hkv = 2, dim = 128, check_rows = 16, threads = 0;
   DhsaFlags dhsa;
@@ -46,6 +48,7 @@ double MaxAbsDiff(const Tensor& a, const Tensor& b) {
 struct Totals {
   double prefill_seconds = 0, decode_seconds = 0;
   double boundaries = 0, selection = 0, dispatch = 0, attention = 0, merge = 0;
+  double worker_kernel = 0, router_total = 0;
   double bytes_to = 0, bytes_from = 0;
   double computed = 0, causal = 0;
   void Add(const v1::CallStats& s) {
@@ -54,6 +57,8 @@ struct Totals {
     dispatch += s.dispatch_seconds();
     attention += s.attention_seconds();
     merge += s.merge_seconds();
+    worker_kernel += s.worker_kernel_seconds();
+    router_total += s.total_seconds();
     bytes_to += static_cast<double>(s.bytes_to_workers());
     bytes_from += static_cast<double>(s.bytes_from_workers());
     computed += static_cast<double>(s.computed_pairs());
@@ -61,8 +66,20 @@ struct Totals {
   }
 };
 
-absl::Status Demo(const DemoFlags& f) {
+// The service's error, marked so that the exit code says the service failed (3), not the input.
+absl::Status FromService(absl::Status s, bool* from_server) {
+  if (!s.ok()) *from_server = true;
+  return s;
+}
+template <typename T>
+absl::StatusOr<T> FromService(absl::StatusOr<T> s, bool* from_server) {
+  if (!s.ok()) *from_server = true;
+  return s;
+}
+
+absl::Status Demo(const DemoFlags& f, bool* from_server) {
   DHSA_ASSIGN_OR_RETURN(DhsaConfig config, ToDhsaConfig(f.dhsa));
+  DHSA_ASSIGN_OR_RETURN(const bool show_progress, ShowProgress(f.progress));
   if (config.policy == Policy::kOracleTopk) {
     return absl::InvalidArgumentError(
         "oracle_topk is for evaluation only; the service does not serve it");
@@ -74,9 +91,13 @@ absl::Status Demo(const DemoFlags& f) {
                           ? static_cast<int>(f.threads)
                           : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 
+  // The bar: service prefill 0-50%, service decode 50-70%, the same work in process 70-100%.
+  ProgressBar bar(show_progress);
+  const double layers_d = static_cast<double>(f.layers);
   std::unique_ptr<EmbeddedService> embedded;
   std::string target = f.target;
   if (target.empty()) {
+    bar.Update(0, "starting the router and " + std::to_string(f.workers) + " workers");
     EmbeddedOptions options;
     options.num_workers = static_cast<int>(f.workers);
     options.threads = threads;
@@ -86,8 +107,7 @@ absl::Status Demo(const DemoFlags& f) {
   }
 
   // The workload: one generated layer per model layer (different seeds), len + decode tokens.
-  std::fprintf(stderr, "generating %lld layers of %lld tokens...\n",
-               static_cast<long long>(f.layers), static_cast<long long>(f.len + f.decode));
+  bar.Update(0, absl::StrCat("generating ", f.layers, " layers of ", f.len + f.decode, " tokens"));
   std::vector<Workload> layers;
   for (int64_t l = 0; l < f.layers; ++l) {
     WorkloadConfig wc;
@@ -103,25 +123,29 @@ absl::Status Demo(const DemoFlags& f) {
 
   ClientOptions client_options;
   client_options.timeout = std::chrono::minutes(30);
-  DHSA_ASSIGN_OR_RETURN(Client client, Client::Connect(target, client_options));
+  DHSA_ASSIGN_OR_RETURN(Client client,
+                        FromService(Client::Connect(target, client_options), from_server));
   SequenceOptions so;
   so.num_layers = static_cast<int>(f.layers);
   so.q_heads = static_cast<int>(f.hq);
   so.kv_heads = static_cast<int>(f.hkv);
   so.head_dim = static_cast<int>(f.dim);
   so.config = config;
-  DHSA_ASSIGN_OR_RETURN(Sequence seq, client.CreateSequence(so));
+  DHSA_ASSIGN_OR_RETURN(Sequence seq, FromService(client.CreateSequence(so), from_server));
 
   // Through the service.
   Totals service;
   std::vector<Tensor> service_o;
   for (int64_t l = 0; l < f.layers; ++l) {
-    std::fprintf(stderr, "service: prefill layer %lld...\n", static_cast<long long>(l));
+    bar.Update(0.5 * static_cast<double>(l) / layers_d,
+               absl::StrCat("service: prefill of layer ", l, " (", f.len, " tokens)"));
     const Workload& w = layers[l];
     const auto start = Clock::now();
-    DHSA_ASSIGN_OR_RETURN(AttentionOutput out,
-                          seq.Prefill(static_cast<int>(l), SliceTokens(w.q, 0, f.len),
-                                      SliceTokens(w.k, 0, f.len), SliceTokens(w.v, 0, f.len)));
+    DHSA_ASSIGN_OR_RETURN(
+        AttentionOutput out,
+        FromService(seq.Prefill(static_cast<int>(l), SliceTokens(w.q, 0, f.len),
+                                SliceTokens(w.k, 0, f.len), SliceTokens(w.v, 0, f.len)),
+                    from_server));
     service.prefill_seconds += Since(start);
     service.Add(out.stats);
     service_o.push_back(std::move(out.o));
@@ -129,20 +153,24 @@ absl::Status Demo(const DemoFlags& f) {
   std::vector<std::vector<Tensor>> service_decode(static_cast<size_t>(f.layers));
   for (int64_t step = 0; step < f.decode; ++step) {
     const int64_t p = f.len + step;
+    bar.Update(0.5 + 0.2 * static_cast<double>(step) / static_cast<double>(f.decode),
+               absl::StrCat("service: decode step ", step + 1, " of ", f.decode));
     for (int64_t l = 0; l < f.layers; ++l) {
       const Workload& w = layers[l];
       const auto start = Clock::now();
-      DHSA_ASSIGN_OR_RETURN(AttentionOutput out,
-                            seq.Decode(static_cast<int>(l), SliceTokens(w.q, p, p + 1),
-                                       SliceTokens(w.k, p, p + 1), SliceTokens(w.v, p, p + 1)));
+      DHSA_ASSIGN_OR_RETURN(
+          AttentionOutput out,
+          FromService(seq.Decode(static_cast<int>(l), SliceTokens(w.q, p, p + 1),
+                                 SliceTokens(w.k, p, p + 1), SliceTokens(w.v, p, p + 1)),
+                      from_server));
       service.decode_seconds += Since(start);
       service.bytes_to += static_cast<double>(out.stats.bytes_to_workers());
       service.bytes_from += static_cast<double>(out.stats.bytes_from_workers());
       service_decode[l].push_back(std::move(out.o));
     }
   }
-  DHSA_ASSIGN_OR_RETURN(v1::SequenceInfo info, seq.Info());
-  DHSA_RETURN_IF_ERROR(seq.Release().status());
+  DHSA_ASSIGN_OR_RETURN(v1::SequenceInfo info, FromService(seq.Info(), from_server));
+  DHSA_RETURN_IF_ERROR(FromService(seq.Release().status(), from_server));
 
   // The same work in process (the stateless library: decode recomputes chunk summaries each step).
   AttendOptions options;
@@ -151,7 +179,8 @@ absl::Status Demo(const DemoFlags& f) {
   int64_t local_decode_steps = 0;
   FidelityReport fidelity;
   for (int64_t l = 0; l < f.layers; ++l) {
-    std::fprintf(stderr, "in process: prefill layer %lld...\n", static_cast<long long>(l));
+    bar.Update(0.7 + 0.3 * static_cast<double>(l) / layers_d,
+               absl::StrCat("in process: prefill and decode of layer ", l));
     const Workload& w = layers[l];
     const Tensor q = SliceTokens(w.q, 0, f.len), k = SliceTokens(w.k, 0, f.len),
                  v = SliceTokens(w.v, 0, f.len);
@@ -187,8 +216,55 @@ absl::Status Demo(const DemoFlags& f) {
     }
   }
 
+  bar.Finish();
   const double prefill_tokens = static_cast<double>(f.len * f.layers);
   const double decode_calls = static_cast<double>(f.decode * f.layers);
+  const double local_decode_per_call =
+      local_decode / static_cast<double>(std::max<int64_t>(1, local_decode_steps));
+  if (f.json) {
+    nlohmann::json j;
+    j["config"] = {{"layers", f.layers},     {"len", f.len},
+                   {"decode", f.decode},     {"hq", f.hq},
+                   {"hkv", f.hkv},           {"dim", f.dim},
+                   {"dtype", "float32"},     {"policy", PolicyName(config.policy)},
+                   {"budget", config.budget}};
+    j["service"] = {{"target", target},
+                    {"embedded", embedded != nullptr},
+                    {"workers", info.workers_size()},
+                    {"kv_bytes", info.kv_bytes()},
+                    {"prefill_seconds", service.prefill_seconds},
+                    {"prefill_tokens_per_second", prefill_tokens / service.prefill_seconds},
+                    {"stages_seconds",
+                     {{"boundaries", service.boundaries},
+                      {"selection", service.selection},
+                      {"dispatch", service.dispatch},
+                      {"attention", service.attention},
+                      {"worker_kernel", service.worker_kernel},
+                      {"merge", service.merge},
+                      {"client_transfer", service.prefill_seconds - service.router_total}}},
+                    {"bytes_to_workers", service.bytes_to},
+                    {"bytes_from_workers", service.bytes_from},
+                    {"density", service.computed / std::max(1.0, service.causal)}};
+    j["in_process"] = {{"prefill_seconds", local_prefill},
+                       {"prefill_tokens_per_second", prefill_tokens / local_prefill}};
+    if (f.decode > 0) {
+      j["service"]["decode_seconds_per_token_per_layer"] = service.decode_seconds / decode_calls;
+      j["service"]["decode_tokens_per_second"] =
+          static_cast<double>(f.decode) / service.decode_seconds;
+      j["in_process"]["decode_seconds_per_token_per_layer"] = local_decode_per_call;
+    }
+    j["max_abs_difference"] = worst_diff;
+    j["compared_decode_steps"] = local_decode_steps;
+    if (f.check_rows > 0) {
+      j["fidelity"] = {{"rows", fidelity.rows},
+                       {"recall_mean", fidelity.recall_mean},
+                       {"recall_p5", fidelity.recall_p5},
+                       {"output_rel_error", fidelity.output_rel_error}};
+    }
+    std::printf("%s\n", j.dump(2).c_str());
+    if (embedded) embedded->Shutdown();
+    return absl::OkStatus();
+  }
   std::printf(
       "dhsa demo: %lld layers x %lld tokens prefill + %lld decode steps; Hq %lld, Hkv %lld, "
       "d %lld, float32; policy %s, budget %lld\n",
@@ -206,8 +282,7 @@ absl::Status Demo(const DemoFlags& f) {
             absl::StrFormat("%.0f", prefill_tokens / local_prefill)});
   if (f.decode > 0) {
     t.AddRow({"decode, per token per layer", FormatSeconds(service.decode_seconds / decode_calls),
-              FormatSeconds(local_decode /
-                            static_cast<double>(std::max<int64_t>(1, local_decode_steps)))});
+              FormatSeconds(local_decode_per_call)});
     t.AddRow({"decode tokens/s (all layers)",
               absl::StrFormat("%.1f", static_cast<double>(f.decode) / service.decode_seconds),
               "-"});
@@ -219,7 +294,10 @@ absl::Status Demo(const DemoFlags& f) {
   stages.AddRow({"summaries + selection", FormatSeconds(service.selection)});
   stages.AddRow({"dispatch (KV + queries to workers)", FormatSeconds(service.dispatch)});
   stages.AddRow({"worker attention", FormatSeconds(service.attention)});
+  stages.AddRow({"  of which the slowest worker's kernel", FormatSeconds(service.worker_kernel)});
   stages.AddRow({"merge", FormatSeconds(service.merge)});
+  stages.AddRow({"client <-> router streaming (the rest)",
+                 FormatSeconds(service.prefill_seconds - service.router_total)});
   std::printf("%s\n", stages.Render().c_str());
   std::printf(
       "bytes moved over gRPC: %s to workers, %s from workers; density %.2f%% of causal pairs\n",
@@ -249,10 +327,13 @@ int RunDemo(const std::vector<std::string>& args) {
                 "--target names a running router, sends a generated long-context workload of\n"
                 "several layers through the C++ SDK (prefill, then decode steps), runs the same\n"
                 "work in process, and reports time per stage, bytes moved, tokens/s, the\n"
-                "difference between the two results and the fidelity against dense attention.",
+                "difference between the two results and the fidelity against dense attention.\n"
+                "Exit codes: 0 ok, 2 bad flags, 3 the service failed or answered with an\n"
+                "error, 1 anything else.",
                 "  dhsa demo\n"
                 "  dhsa demo --len 8192 --layers 1 --decode 16\n"
-                "  dhsa demo --target 127.0.0.1:50051 --policy block_topk");
+                "  dhsa demo --target 127.0.0.1:50051 --policy block_topk\n"
+                "  dhsa demo --len 4096 --decode 8 --json > demo.json");
   flags.String("target", &f.target, "router address; empty: start router + workers here");
   flags.Int("workers", &f.workers, "workers to start when there is no --target");
   flags.Int("len", &f.len, "tokens prefilled per layer");
@@ -264,14 +345,17 @@ int RunDemo(const std::vector<std::string>& args) {
   flags.Int("check-rows", &f.check_rows, "rows checked against dense attention (0: off)");
   flags.Int("threads", &f.threads, "threads (0: all cores)");
   AddDhsaFlags(flags, &f.dhsa);
+  flags.Bool("json", &f.json, "print the report as JSON");
+  flags.String("progress", &f.progress, kProgressHelp);
   absl::Status parsed = flags.Parse(args);
   if (!parsed.ok()) return ReportError("demo", parsed);
   if (flags.help_requested()) {
     std::printf("%s", flags.Help().c_str());
     return kExitOk;
   }
-  absl::Status s = Demo(f);
-  if (!s.ok()) return ReportError("demo", s, s.code() != absl::StatusCode::kInvalidArgument);
+  bool from_server = false;
+  absl::Status s = Demo(f, &from_server);
+  if (!s.ok()) return ReportError("demo", s, from_server);
   return kExitOk;
 }
 

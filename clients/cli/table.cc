@@ -1,7 +1,11 @@
 #include "clients/cli/table.h"
 
-#include <algorithm>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
 namespace dhsa::cli {
@@ -57,6 +61,33 @@ std::string FormatBytes(double b) {
 std::string FormatCount(double n) {
   if (n >= 1e6) return absl::StrFormat("%.3g", n);
   return absl::StrFormat("%.0f", n);
+}
+
+absl::StatusOr<bool> ShowProgress(const std::string& mode) {
+  if (mode == "on") return true;
+  if (mode == "off") return false;
+  if (mode == "auto") return isatty(STDERR_FILENO) == 1;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--progress must be auto, on or off; got '", mode, "'"));
+}
+
+void ProgressBar::Update(double fraction, const std::string& stage) {
+  if (!enabled_) return;
+  constexpr int kWidth = 30;
+  fraction = std::clamp(fraction, 0.0, 1.0);
+  const int filled = static_cast<int>(fraction * kWidth + 0.5);
+  const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
+  std::fprintf(stderr, "\r\033[K[%s%s] %3.0f%% %5.0f s  %s", std::string(filled, '#').c_str(),
+               std::string(kWidth - filled, '.').c_str(), 100.0 * fraction, elapsed, stage.c_str());
+  std::fflush(stderr);
+  drawn_ = true;
+}
+
+void ProgressBar::Finish() {
+  if (!drawn_) return;
+  std::fprintf(stderr, "\r\033[K");
+  std::fflush(stderr);
+  drawn_ = false;
 }
 
 }  // namespace dhsa::cli
