@@ -39,6 +39,9 @@ constexpr char kUsage[] =
     "  eval     fidelity of dhsa vs block_topk, streaming and oracle_topk against dense attention\n"
     "  lm       bits per byte of the trained tinylm with every layer's attention done by dhsa\n"
     "\n"
+    "output: tables by default, --json for machines (attend, gen, demo, bench, eval); a\n"
+    "progress bar on stderr for long runs when it is a terminal (--progress auto|on|off)\n"
+    "\n"
     "exit codes: 0 ok, 2 bad usage or input, 3 service error, 1 other failure\n";
 
 }  // namespace
