@@ -25,6 +25,30 @@ constexpr int32_t kMaxLayers = 4096;
 constexpr int32_t kMaxHeads = 4096;
 constexpr int32_t kMaxHeadDim = 512;
 constexpr int64_t kMaxTokensPerCall = int64_t{1} << 24;
+// Largest token count a DhsaParams field may hold: far above any context, low enough that the
+// sums the checks form (sink + local, ...) cannot overflow.
+constexpr int64_t kMaxParamTokens = int64_t{1} << 40;
+
+// Every token-count field of `p` within [.., kMaxParamTokens] (negative values and zeros are left
+// to ValidateConfig, which names the rule they break).
+absl::Status CheckParamMagnitudes(const v1::DhsaParams& p) {
+  const std::pair<int64_t, const char*> fields[] = {{p.budget(), "budget"},
+                                                    {p.sink(), "sink"},
+                                                    {p.local(), "local"},
+                                                    {p.q_block(), "q_block"},
+                                                    {p.chunk_mean(), "chunk_mean"},
+                                                    {p.chunk_min(), "chunk_min"},
+                                                    {p.chunk_max(), "chunk_max"},
+                                                    {p.boundary_window(), "boundary_window"},
+                                                    {p.block(), "block"}};
+  for (const auto& [value, name] : fields) {
+    if (value > kMaxParamTokens) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be at most ", kMaxParamTokens, " tokens; got ", value));
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::Status CheckTensor(const Tensor& t, absl::string_view name, DType dtype,
                          const std::vector<int64_t>& shape) {
@@ -382,6 +406,7 @@ absl::Status RouterService::CreateSequenceImpl(const v1::CreateSequenceRequest& 
   if (c.dtype() != v1::DTYPE_UNSPECIFIED) {
     DHSA_ASSIGN_OR_RETURN(dtype, FromProtoDType(c.dtype()));
   }
+  DHSA_RETURN_IF_ERROR(CheckParamMagnitudes(c.params()));
   DHSA_ASSIGN_OR_RETURN(const DhsaConfig dhsa,
                         DhsaConfigFromProto(c.params(), options_.default_config));
   if (dhsa.policy == Policy::kOracleTopk) {
