@@ -13,7 +13,25 @@ namespace {
 
 bool Aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// kAuto's choice on a device where the Hopper kernel can run: the portable kernel until the Hopper
+// kernel has passed the GPU tests on a device (see sparse_attention_cuda.h).
+constexpr bool kHopperByDefault = false;
+
 }  // namespace
+
+bool SparseAttentionCudaHopperAvailable() {
+#if defined(DHSA_CUDA_HOPPER_KERNELS)
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    return false;
+  }
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
 
 absl::Status CanImplement(const SparseAttentionCudaParams& p) {
   if (p.dtype != DType::kBF16 && p.dtype != DType::kF16) {
@@ -79,7 +97,25 @@ absl::Status CanImplement(const SparseAttentionCudaParams& p) {
   if (tiles > std::numeric_limits<int32_t>::max()) {
     return absl::UnimplementedError(absl::StrCat("too many query tiles (", tiles, ")"));
   }
+  if (p.kernel == SparseAttentionCudaKernel::kHopperSerial &&
+      (p.dtype != DType::kBF16 || p.head_dim != 128)) {
+    return absl::UnimplementedError("the serial Hopper kernel has bfloat16, head dim 128 only");
+  }
+  if ((p.kernel == SparseAttentionCudaKernel::kHopper ||
+       p.kernel == SparseAttentionCudaKernel::kHopperSerial) &&
+      !SparseAttentionCudaHopperAvailable()) {
+    return absl::UnimplementedError(
+        "the Hopper (wgmma) attention kernel needs a build with sm_90a "
+        "(DHSA_CUDA_ARCHITECTURES containing 90a) and an sm_90 device; use kAuto or kPortable");
+  }
   return absl::OkStatus();
+}
+
+SparseAttentionCudaKernel ChosenKernel(const SparseAttentionCudaParams& p) {
+  if (p.kernel != SparseAttentionCudaKernel::kAuto) return p.kernel;
+  return kHopperByDefault && SparseAttentionCudaHopperAvailable()
+             ? SparseAttentionCudaKernel::kHopper
+             : SparseAttentionCudaKernel::kPortable;
 }
 
 absl::Status SparseAttentionCuda(const SparseAttentionCudaParams& p, cudaStream_t stream) {
@@ -87,7 +123,18 @@ absl::Status SparseAttentionCuda(const SparseAttentionCudaParams& p, cudaStream_
   if (!status.ok()) return status;
   namespace kernel = sparse_attention_kernel;
   cudaError_t error;
-  if (p.dtype == DType::kBF16) {
+  const SparseAttentionCudaKernel chosen = ChosenKernel(p);
+  if (chosen == SparseAttentionCudaKernel::kHopperSerial) {
+    error = kernel::LaunchHopperSerialBf16Dim128(p, stream);
+  } else if (chosen == SparseAttentionCudaKernel::kHopper) {
+    if (p.dtype == DType::kBF16) {
+      error = p.head_dim == 64 ? kernel::LaunchHopperBf16Dim64(p, stream)
+                               : kernel::LaunchHopperBf16Dim128(p, stream);
+    } else {
+      error = p.head_dim == 64 ? kernel::LaunchHopperF16Dim64(p, stream)
+                               : kernel::LaunchHopperF16Dim128(p, stream);
+    }
+  } else if (p.dtype == DType::kBF16) {
     error =
         p.head_dim == 64 ? kernel::LaunchBf16Dim64(p, stream) : kernel::LaunchBf16Dim128(p, stream);
   } else {

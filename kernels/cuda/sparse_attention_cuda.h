@@ -27,6 +27,14 @@ struct CudaSpan {
 // (register-resident accumulators for 16 rows per warp, 8 warps). Groups of up to 128 heads.
 inline constexpr int kSparseAttentionCudaRowsPerBlock = 128;
 
+// Which kernel serves a call. kPortable: mma.sync (sm_80+), the verified kernel. kHopper: warpgroup
+// MMA (wgmma, sm_90a; sparse_attention_hopper.cuh), present when the build has sm_90a code and the
+// device is sm_90 (H100, H200). kAuto picks kPortable for now: the Hopper kernel has not yet been
+// run on a device (no result in bench/results); it becomes kAuto's choice once the GPU tests pass
+// with it there. kHopperSerial: the Hopper kernel without its softmax / O += P V overlap (bf16,
+// head dim 128 only; a reference point for tuning and tests).
+enum class SparseAttentionCudaKernel { kAuto, kPortable, kHopper, kHopperSerial };
+
 // Everything one call reads and writes. Pointers are device memory; tensors are dense row-major.
 struct SparseAttentionCudaParams {
   DType dtype = DType::kBF16;  // Storage of q, k, v: kBF16 or kF16 (accumulation is fp32).
@@ -61,12 +69,21 @@ struct SparseAttentionCudaParams {
   // entry_counts is set, entry e owns spans [e * span_stride, e * span_stride + entry_counts[e]).
   const int32_t* entry_counts = nullptr;  // [hkv * num_blocks]
   int64_t span_stride = 0;
+
+  SparseAttentionCudaKernel kernel = SparseAttentionCudaKernel::kAuto;
 };
 
 // OK when the kernels serve `params`: Unimplemented for a dtype, head dim or group size without a
-// kernel, InvalidArgument for inconsistent shapes, offsets, selection geometry or pointers. Reads
-// no device memory.
+// kernel (or kHopper asked where that kernel is not built or the device is not sm_90),
+// InvalidArgument for inconsistent shapes, offsets, selection geometry or pointers. Reads no device
+// memory (it asks the current device's compute capability).
 absl::Status CanImplement(const SparseAttentionCudaParams& params);
+
+// Whether kHopper (and kHopperSerial) can run: built for sm_90a and the current device is sm_90.
+bool SparseAttentionCudaHopperAvailable();
+
+// The kernel a call with `params` runs (kAuto resolved).
+SparseAttentionCudaKernel ChosenKernel(const SparseAttentionCudaParams& params);
 
 // Enqueues the attention on `stream` (after CanImplement). Returns launch errors; errors of the
 // kernel's execution surface at the next synchronisation.
