@@ -126,7 +126,7 @@ struct DeviceResult {
 // them. k_s/v_s hold keys [k_offset, k_offset + len).
 absl::StatusOr<DeviceResult> RunCuda(const Tensor& q_s, const Tensor& k_s, const Tensor& v_s,
                                      const Selection& selection, int64_t q_offset, int64_t k_offset,
-                                     float scale) {
+                                     float scale, SparseAttentionCudaKernel kernel) {
   const int64_t hq = q_s.shape[0], lq = q_s.shape[1], d = q_s.shape[2];
   DHSA_ASSIGN_OR_RETURN(DeviceBuffer q, DeviceBuffer::FromHost(q_s.data(), q_s.bytes.size()));
   DHSA_ASSIGN_OR_RETURN(DeviceBuffer k, DeviceBuffer::FromHost(k_s.data(), k_s.bytes.size()));
@@ -156,6 +156,7 @@ absl::StatusOr<DeviceResult> RunCuda(const Tensor& q_s, const Tensor& k_s, const
   p.q_offset = q_offset;
   p.k_offset = k_offset;
   p.scale = scale;
+  p.kernel = kernel;
   DHSA_RETURN_IF_ERROR(device_selection.Attach(&p));
   DHSA_RETURN_IF_ERROR(SparseAttentionCuda(p, nullptr));
   DHSA_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "sparse attention kernel"));
@@ -178,6 +179,36 @@ struct AttentionCase {
 
 // gtest prints the case by name, not as bytes.
 void PrintTo(const AttentionCase& c, std::ostream* os) { *os << c.name; }
+
+// Kernel choice: kAuto stays on the portable kernel (the Hopper kernel is opt-in until verified on
+// a device), kHopper is served exactly where it can run, kHopperSerial has bf16 d = 128 only.
+// CanImplement reads no device memory, so placeholder (aligned, never dereferenced) pointers do.
+TEST(SparseAttentionCudaKernelChoice, HopperOnlyWhereAvailableAndOptIn) {
+  alignas(16) static float placeholder[16];
+  SparseAttentionCudaParams p;
+  p.dtype = DType::kBF16;
+  p.q = p.k = p.v = placeholder;
+  p.o = p.lse = placeholder;
+  p.hq = 4;
+  p.hkv = 1;
+  p.head_dim = 128;
+  p.lq = 1;
+  p.lk = 1;
+  p.scale = 0.125f;
+  p.block_size = 128;
+  p.num_blocks = 1;
+  static const int64_t offsets[2] = {0, 0};
+  p.entry_offsets = offsets;
+  ASSERT_TRUE(CanImplement(p).ok()) << CanImplement(p);
+  EXPECT_EQ(ChosenKernel(p), SparseAttentionCudaKernel::kPortable);
+  p.kernel = SparseAttentionCudaKernel::kHopper;
+  EXPECT_EQ(CanImplement(p).ok(), SparseAttentionCudaHopperAvailable()) << CanImplement(p);
+  EXPECT_EQ(ChosenKernel(p), SparseAttentionCudaKernel::kHopper);
+  p.kernel = SparseAttentionCudaKernel::kHopperSerial;
+  EXPECT_EQ(CanImplement(p).ok(), SparseAttentionCudaHopperAvailable()) << CanImplement(p);
+  p.dtype = DType::kF16;
+  EXPECT_EQ(CanImplement(p).code(), absl::StatusCode::kUnimplemented);
+}
 
 class SparseAttentionCudaTest : public ::testing::TestWithParam<AttentionCase> {};
 
@@ -232,42 +263,59 @@ TEST_P(SparseAttentionCudaTest, MatchesReferenceWithinStoragePrecision) {
   NaiveStorageAttention(view(q_s, t0), view(k_s, c.k_begin), view(v_s, c.k_begin), *selection,
                         scale, c.dtype, &naive_o, &naive_lse);
 
-  const absl::StatusOr<DeviceResult> run = RunCuda(q_s, k_s, v_s, *selection, t0, c.k_begin, scale);
-  ASSERT_TRUE(run.ok()) << run.status();
-
-  // Every element written; rows without keys exactly o = 0, lse = -inf, as the reference.
-  int64_t unwritten = 0, empty_rows = 0;
-  for (float x : run->o) unwritten += std::isfinite(x) ? 0 : 1;
-  for (size_t i = 0; i < ref_lse.size(); ++i) {
-    if (std::isinf(ref_lse[i]) && ref_lse[i] < 0) {
-      ++empty_rows;
-      EXPECT_TRUE(std::isinf(run->lse[i]) && run->lse[i] < 0) << "row " << i << ": " << run->lse[i];
-      for (int64_t col = 0; col < c.d; ++col) {
-        EXPECT_EQ(run->o[i * c.d + col], 0.0f) << "row " << i;
-      }
-    } else {
-      unwritten += std::isfinite(run->lse[i]) ? 0 : 1;
+  // The portable kernel; on a Hopper device with sm_90a code also the Hopper kernel and (bf16,
+  // d = 128) its serial variant. Each against the reference.
+  std::vector<SparseAttentionCudaKernel> kernels = {SparseAttentionCudaKernel::kPortable};
+  if (SparseAttentionCudaHopperAvailable()) {
+    kernels.push_back(SparseAttentionCudaKernel::kHopper);
+    if (c.dtype == DType::kBF16 && c.d == 128) {
+      kernels.push_back(SparseAttentionCudaKernel::kHopperSerial);
     }
   }
-  EXPECT_EQ(unwritten, 0) << "non-finite (unwritten) outputs";
+  for (const SparseAttentionCudaKernel kernel : kernels) {
+    const char* kernel_name = kernel == SparseAttentionCudaKernel::kHopper         ? "hopper"
+                              : kernel == SparseAttentionCudaKernel::kHopperSerial ? "hopper_serial"
+                                                                                   : "portable";
+    SCOPED_TRACE(kernel_name);
+    const absl::StatusOr<DeviceResult> run =
+        RunCuda(q_s, k_s, v_s, *selection, t0, c.k_begin, scale, kernel);
+    ASSERT_TRUE(run.ok()) << run.status();
 
-  const double o_err = MaxAbsError(run->o, ref_o), o_naive = MaxAbsError(naive_o, ref_o);
-  const double lse_err = MaxAbsError(run->lse, ref_lse),
-               lse_naive = MaxAbsError(naive_lse, ref_lse);
-  EXPECT_LE(o_err, 2.0 * o_naive + 1e-6) << "o: kernel " << o_err << ", naive " << o_naive;
-  EXPECT_LE(lse_err, 2.0 * lse_naive + 1e-5)
-      << "lse: kernel " << lse_err << ", naive " << lse_naive;
-  std::printf(
-      "RESULT %-40s o_err %.3e naive %.3e ratio %.2f  lse_err %.3e naive %.3e  empty %lld\n",
-      c.name, o_err, o_naive, o_naive > 0 ? o_err / o_naive : 0.0, lse_err, lse_naive,
-      static_cast<long long>(empty_rows));
+    // Every element written; rows without keys exactly o = 0, lse = -inf, as the reference.
+    int64_t unwritten = 0, empty_rows = 0;
+    for (float x : run->o) unwritten += std::isfinite(x) ? 0 : 1;
+    for (size_t i = 0; i < ref_lse.size(); ++i) {
+      if (std::isinf(ref_lse[i]) && ref_lse[i] < 0) {
+        ++empty_rows;
+        EXPECT_TRUE(std::isinf(run->lse[i]) && run->lse[i] < 0)
+            << "row " << i << ": " << run->lse[i];
+        for (int64_t col = 0; col < c.d; ++col) {
+          EXPECT_EQ(run->o[i * c.d + col], 0.0f) << "row " << i;
+        }
+      } else {
+        unwritten += std::isfinite(run->lse[i]) ? 0 : 1;
+      }
+    }
+    EXPECT_EQ(unwritten, 0) << "non-finite (unwritten) outputs";
 
-  // A second run gives the same bits: no race, no read of memory nothing wrote.
-  const absl::StatusOr<DeviceResult> again =
-      RunCuda(q_s, k_s, v_s, *selection, t0, c.k_begin, scale);
-  ASSERT_TRUE(again.ok()) << again.status();
-  EXPECT_EQ(std::memcmp(again->o.data(), run->o.data(), run->o.size() * sizeof(float)), 0);
-  EXPECT_EQ(std::memcmp(again->lse.data(), run->lse.data(), run->lse.size() * sizeof(float)), 0);
+    const double o_err = MaxAbsError(run->o, ref_o), o_naive = MaxAbsError(naive_o, ref_o);
+    const double lse_err = MaxAbsError(run->lse, ref_lse),
+                 lse_naive = MaxAbsError(naive_lse, ref_lse);
+    EXPECT_LE(o_err, 2.0 * o_naive + 1e-6) << "o: kernel " << o_err << ", naive " << o_naive;
+    EXPECT_LE(lse_err, 2.0 * lse_naive + 1e-5)
+        << "lse: kernel " << lse_err << ", naive " << lse_naive;
+    std::printf(
+        "RESULT %-40s o_err %.3e naive %.3e ratio %.2f  lse_err %.3e naive %.3e  empty %lld  %s\n",
+        c.name, o_err, o_naive, o_naive > 0 ? o_err / o_naive : 0.0, lse_err, lse_naive,
+        static_cast<long long>(empty_rows), kernel_name);
+
+    // A second run gives the same bits: no race, no read of memory nothing wrote.
+    const absl::StatusOr<DeviceResult> again =
+        RunCuda(q_s, k_s, v_s, *selection, t0, c.k_begin, scale, kernel);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(std::memcmp(again->o.data(), run->o.data(), run->o.size() * sizeof(float)), 0);
+    EXPECT_EQ(std::memcmp(again->lse.data(), run->lse.data(), run->lse.size() * sizeof(float)), 0);
+  }
 }
 
 constexpr DType kBf16 = DType::kBF16, kF16 = DType::kF16;
@@ -284,6 +332,8 @@ INSTANTIATE_TEST_SUITE_P(
         AttentionCase{"dense_1025_g16_d64_bf16", 16, 1, 1025, 1025, 64, kBf16, Policy::kDense},
         AttentionCase{"dhsa_4099_t0_qblock64_g4_d64_f16", 4, 1, 1500, 4099, 64, kF16, Policy::kDhsa,
                       true, true, 64},
+        AttentionCase{"dhsa_4099_qblock64_g8_d128_bf16", 16, 2, 4099, 4099, 128, kBf16,
+                      Policy::kDhsa, true, true, 64},
         AttentionCase{"dense_4099_t0_g1_d128_bf16", 2, 2, 333, 4099, 128, kBf16, Policy::kDense},
         AttentionCase{"block_topk_4099_g2_d128_f16", 4, 2, 4099, 4099, 128, kF16,
                       Policy::kBlockTopk, true},
