@@ -5,13 +5,16 @@
 // together as one enqueued sequence (the end-to-end time). TFLOP/s counts the (query, key) pairs
 // actually computed (4 d flops each: q.k and p v); the ceiling is the cuBLAS bf16 GEMM measured in
 // the same run. Checks: outputs poisoned (NaN) before the checked run, every lse finite after; at
-// L <= --check_max the device selection equals the reference selection (computed on the CPU).
+// L <= --check_max the device selection equals the reference selection (computed on the CPU), and
+// a kernel other than the portable one (--kernel) gives the portable kernel's outputs within 2e-2
+// (o) and 1e-2 (lse).
 //
 // Prints one `CSV,...` line per case (bench/gpu/sdpa_peer.py reads them to put the peers beside
 // ours) and a table last.
 //
 // Usage: sparse_attention_bench [--lengths=8192,32768,65536,131072] [--budgets=2048,4096]
 //                               [--seconds=1] [--check_max=32768]
+//                               [--kernel=auto|portable|hopper|hopper_serial]
 // Exit status: 0 when every case ran and passed its checks, 1 otherwise, 2 without a device.
 #include <cuda_runtime_api.h>
 
@@ -46,7 +49,22 @@ struct Options {
   std::vector<int64_t> budgets = {2048, 4096};
   double seconds = 1.0;  // Timed runs per measurement take about this long (3 to 50 runs).
   int64_t check_max = 32768;
+  SparseAttentionCudaKernel kernel = SparseAttentionCudaKernel::kAuto;
 };
+
+const char* KernelName(SparseAttentionCudaKernel kernel) {
+  switch (kernel) {
+    case SparseAttentionCudaKernel::kAuto:
+      return "auto";
+    case SparseAttentionCudaKernel::kPortable:
+      return "portable";
+    case SparseAttentionCudaKernel::kHopper:
+      return "hopper";
+    case SparseAttentionCudaKernel::kHopperSerial:
+      return "hopper_serial";
+  }
+  return "?";
+}
 
 struct Row {
   int64_t len = 0;
@@ -84,6 +102,17 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       if (!absl::SimpleAtod(value, &o->seconds) || !(o->seconds > 0)) return false;
     } else if (key == "--check_max") {
       if (!absl::SimpleAtoi(value, &o->check_max)) return false;
+    } else if (key == "--kernel") {
+      bool known = false;
+      for (SparseAttentionCudaKernel k :
+           {SparseAttentionCudaKernel::kAuto, SparseAttentionCudaKernel::kPortable,
+            SparseAttentionCudaKernel::kHopper, SparseAttentionCudaKernel::kHopperSerial}) {
+        if (value == KernelName(k)) {
+          o->kernel = k;
+          known = true;
+        }
+      }
+      if (!known) return false;
     } else {
       return false;
     }
@@ -149,6 +178,7 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
   p.lq = len;
   p.lk = len;
   p.scale = EffectiveScale(config, kDim);
+  p.kernel = options.kernel;
   DHSA_RETURN_IF_ERROR(selection.Attach(&p));
 
   // The checked run, on poisoned outputs.
@@ -178,6 +208,32 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
       differing += got.spans[e] == want.spans[e] ? 0 : 1;
     row->check = differing == 0 ? "ok, =ref" : absl::StrCat(differing, " entries != ref");
     row->failed = differing != 0;
+  }
+  // Another kernel than the portable one: its outputs against the portable kernel's on the same
+  // selection (both round P to bf16; they differ by accumulation order only).
+  if (!row->failed && len <= options.check_max &&
+      ChosenKernel(p) != SparseAttentionCudaKernel::kPortable) {
+    std::vector<float> o(static_cast<size_t>(w.q.NumElements())), o_portable(o.size()),
+        lse_portable(lse.size());
+    DHSA_RETURN_IF_ERROR(d.o.CopyToHost(o.data(), o.size() * sizeof(float)));
+    SparseAttentionCudaParams portable = p;
+    portable.kernel = SparseAttentionCudaKernel::kPortable;
+    DHSA_RETURN_IF_ERROR(SparseAttentionCuda(portable, stream));
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "portable attention"));
+    DHSA_RETURN_IF_ERROR(d.o.CopyToHost(o_portable.data(), o.size() * sizeof(float)));
+    DHSA_RETURN_IF_ERROR(d.lse.CopyToHost(lse_portable.data(), lse.size() * sizeof(float)));
+    double o_diff = 0, lse_diff = 0;
+    for (size_t i = 0; i < o.size(); ++i) {
+      o_diff = std::max(o_diff, double(std::fabs(o[i] - o_portable[i])));
+    }
+    for (size_t i = 0; i < lse.size(); ++i) {
+      lse_diff = std::max(lse_diff, double(std::fabs(lse[i] - lse_portable[i])));
+    }
+    // NaN fails both comparisons below.
+    const bool close = o_diff <= 2e-2 && lse_diff <= 1e-2;
+    absl::StrAppend(&row->check, close ? ", =portable" : ", != portable", " (do ",
+                    absl::SixDigits(o_diff), " dlse ", absl::SixDigits(lse_diff), ")");
+    row->failed = row->failed || !close;
   }
 
   const int reps = RepsFor(first_ms, options.seconds, 3, 50);
@@ -218,10 +274,11 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
 int Main(int argc, char** argv) {
   Options options;
   if (!ParseOptions(argc, argv, &options)) {
-    std::fprintf(stderr,
-                 "usage: %s [--lengths=8192,32768,65536,131072] [--budgets=2048,4096] "
-                 "[--seconds=1] [--check_max=32768]\n",
-                 argv[0]);
+    std::fprintf(
+        stderr,
+        "usage: %s [--lengths=8192,32768,65536,131072] [--budgets=2048,4096] "
+        "[--seconds=1] [--check_max=32768] [--kernel=auto|portable|hopper|hopper_serial]\n",
+        argv[0]);
     return 1;
   }
   int devices = 0;
@@ -239,6 +296,10 @@ int Main(int argc, char** argv) {
   const absl::StatusOr<double> gemm = CublasBf16GemmTflops(8192, stream);
   const std::string gemm_text = gemm.ok() ? absl::StrCat(*gemm) : gemm.status().ToString();
   std::printf("ceiling: cuBLAS bf16 GEMM 8192^3 TFLOP/s = %s\n", gemm_text.c_str());
+  SparseAttentionCudaParams probe;
+  probe.kernel = options.kernel;
+  std::printf("attention kernel: %s (asked: %s)\n", KernelName(ChosenKernel(probe)),
+              KernelName(options.kernel));
   std::fflush(stdout);
 
   std::vector<Row> rows;
@@ -281,7 +342,8 @@ int Main(int argc, char** argv) {
   std::printf("\n== dhsa on the GPU end to end, Hq=%lld Hkv=%lld d=%lld bf16, %s ==\n",
               static_cast<long long>(kHq), static_cast<long long>(kHkv),
               static_cast<long long>(kDim), prop.name);
-  std::printf("ceiling: cuBLAS bf16 GEMM %s TFLOP/s\n", gemm_text.c_str());
+  std::printf("ceiling: cuBLAS bf16 GEMM %s TFLOP/s; attention kernel: %s\n", gemm_text.c_str(),
+              KernelName(ChosenKernel(probe)));
   std::printf("%-7s %-6s %8s %10s %22s %10s %10s %6s %8s %6s %s\n", "L", "budget", "density",
               "select_ms", "(bounds+summ+choose)", "attn_ms", "total_ms", "sel%", "TFLOP/s",
               "%gemm", "check");
