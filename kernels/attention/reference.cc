@@ -29,13 +29,28 @@ const float* RowAsFloat(const HeadsView& view, int64_t h, int64_t t, float* buff
   return buffer;
 }
 
-void AttendRows(const SparseAttentionParams& p, int64_t begin, int64_t end) {
+// The run holding position `t`, or runs.size() when no run does (runs sorted, disjoint).
+size_t RunHolding(const std::vector<KvRun>& runs, int64_t t) {
+  const auto it = std::upper_bound(runs.begin(), runs.end(), t, [](int64_t pos, const KvRun& r) {
+    return pos < r.k.offset + r.k.len;
+  });
+  if (it == runs.end() || it->k.offset > t) return runs.size();
+  return static_cast<size_t>(it - runs.begin());
+}
+
+// A selected key: its run and its row there.
+struct KeyAt {
+  size_t run;
+  int64_t row;
+};
+
+void AttendRows(const SparseAttentionParams& p, const std::vector<KvRun>& runs, int64_t begin,
+                int64_t end) {
   const int64_t d = p.q.dim;
   const int64_t group = p.q.heads / p.k.heads;
-  const int64_t k_first = p.k.offset, k_last = p.k.offset + p.k.len;
   std::vector<float> qf(static_cast<size_t>(d)), buffer(static_cast<size_t>(d));
   std::vector<double> q(static_cast<size_t>(d)), scores, acc(static_cast<size_t>(d));
-  std::vector<int64_t> keys;
+  std::vector<KeyAt> keys;
   for (int64_t n = begin; n < end; ++n) {
     const int64_t g = n / p.q.len, r = n % p.q.len;
     const int64_t h = g / group;
@@ -44,8 +59,9 @@ void AttendRows(const SparseAttentionParams& p, int64_t begin, int64_t end) {
     for (int64_t c = 0; c < d; ++c) q[c] = qf[c];
     keys.clear();
     for (const Span& s : p.selection->ForQuery(g, pos)) {
-      for (int64_t t = std::max(s.begin, k_first); t < std::min({s.end, pos + 1, k_last}); ++t) {
-        keys.push_back(t);
+      for (int64_t t = s.begin; t < std::min(s.end, pos + 1); ++t) {
+        const size_t run = RunHolding(runs, t);
+        if (run < runs.size()) keys.push_back({run, t - runs[run].k.offset});
       }
     }
     float* o = p.o.Row(g, r);
@@ -59,7 +75,8 @@ void AttendRows(const SparseAttentionParams& p, int64_t begin, int64_t end) {
     scores.resize(keys.size());
     double max_score = -std::numeric_limits<double>::infinity();
     for (size_t i = 0; i < keys.size(); ++i) {
-      scores[i] = Dot(q.data(), RowAsFloat(p.k, h, keys[i] - k_first, buffer.data()), d) * p.scale;
+      const HeadsView& k = runs[keys[i].run].k;
+      scores[i] = Dot(q.data(), RowAsFloat(k, h, keys[i].row, buffer.data()), d) * p.scale;
       max_score = std::max(max_score, scores[i]);
     }
     double denom = 0.0;
@@ -67,7 +84,7 @@ void AttendRows(const SparseAttentionParams& p, int64_t begin, int64_t end) {
     for (size_t i = 0; i < keys.size(); ++i) {
       const double w = std::exp(scores[i] - max_score);
       denom += w;
-      const float* v = RowAsFloat(p.v, h, keys[i] - k_first, buffer.data());
+      const float* v = RowAsFloat(runs[keys[i].run].v, h, keys[i].row, buffer.data());
       for (int64_t c = 0; c < d; ++c) acc[c] += w * v[c];
     }
     for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(acc[c] / denom);
@@ -77,14 +94,39 @@ void AttendRows(const SparseAttentionParams& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-absl::Status SparseAttentionReference(const SparseAttentionParams& p) {
-  if (p.selection == nullptr) return absl::InvalidArgumentError("no selection given");
-  if (!(p.scale > 0.0f)) return absl::InvalidArgumentError("softmax scale must be positive");
+absl::StatusOr<std::vector<KvRun>> KeyRuns(const SparseAttentionParams& p) {
   if (p.q.dim != p.k.dim || p.k.heads == 0 || p.q.heads % p.k.heads != 0 ||
       p.v.heads != p.k.heads || p.v.len != p.k.len || p.v.dim != p.k.dim ||
       p.v.offset != p.k.offset) {
     return absl::InvalidArgumentError("Q, K and V shapes do not fit together");
   }
+  std::vector<KvRun> runs;
+  runs.reserve(1 + p.more_kv.size());
+  runs.push_back({p.k, p.v});
+  for (const KvRun& run : p.more_kv) {
+    const KvRun& last = runs.back();
+    if (run.k.heads != p.k.heads || run.k.dim != p.k.dim || run.k.dtype != p.k.dtype ||
+        run.v.heads != p.k.heads || run.v.dim != p.k.dim || run.v.dtype != p.v.dtype ||
+        run.v.len != run.k.len || run.v.offset != run.k.offset) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("key run ", runs.size(), " does not match K and V (heads ", p.k.heads,
+                       ", dim ", p.k.dim, ", the same dtypes, V rows equal to K rows)"));
+    }
+    if (run.k.offset < last.k.offset + last.k.len) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("key run ", runs.size(), " starts at position ", run.k.offset,
+                       ", before the previous run ends at ", last.k.offset + last.k.len));
+    }
+    runs.push_back(run);
+  }
+  return runs;
+}
+
+absl::Status SparseAttentionReference(const SparseAttentionParams& p) {
+  if (p.selection == nullptr) return absl::InvalidArgumentError("no selection given");
+  if (!(p.scale > 0.0f)) return absl::InvalidArgumentError("softmax scale must be positive");
+  absl::StatusOr<std::vector<KvRun>> runs = KeyRuns(p);
+  if (!runs.ok()) return runs.status();
   if (p.o.heads != p.q.heads || p.o.len != p.q.len || p.o.dim != p.q.dim ||
       p.lse.heads != p.q.heads || p.lse.len != p.q.len || p.lse.dim != 1) {
     return absl::InvalidArgumentError("output views do not match Q");
@@ -93,12 +135,13 @@ absl::Status SparseAttentionReference(const SparseAttentionParams& p) {
   const int threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.num_threads, rows)));
   if (threads == 1) {
-    AttendRows(p, 0, rows);
+    AttendRows(p, *runs, 0, rows);
     return absl::OkStatus();
   }
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {
-    pool.emplace_back(AttendRows, std::cref(p), rows * t / threads, rows * (t + 1) / threads);
+    pool.emplace_back(AttendRows, std::cref(p), std::cref(*runs), rows * t / threads,
+                      rows * (t + 1) / threads);
   }
   for (std::thread& t : pool) t.join();
   return absl::OkStatus();

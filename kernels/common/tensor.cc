@@ -13,6 +13,14 @@ Tensor Tensor::Zeros(DType dtype, std::vector<int64_t> shape) {
   return t;
 }
 
+Tensor Tensor::Uninitialized(DType dtype, std::vector<int64_t> shape) {
+  Tensor t;
+  t.dtype = dtype;
+  t.shape = std::move(shape);
+  t.bytes.resize(static_cast<size_t>(t.NumElements()) * DTypeSize(dtype));
+  return t;
+}
+
 Tensor Tensor::FromFloats(std::vector<int64_t> shape, const std::vector<float>& values) {
   Tensor t = Zeros(DType::kF32, std::move(shape));
   std::memcpy(t.bytes.data(), values.data(), t.bytes.size());

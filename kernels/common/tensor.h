@@ -4,7 +4,11 @@
 #define DHSA_KERNELS_COMMON_TENSOR_H_
 
 #include <cstdint>
+#include <memory>
+#include <new>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -12,14 +16,40 @@
 
 namespace dhsa {
 
+// An allocator that leaves elements of a resize() uninitialised (value-initialisation becomes
+// default-initialisation). Tensors of hundreds of MB are filled right after they are sized (a
+// stream assembled piece by piece, a kernel's output): zeroing them first costs a pass over memory
+// that, on the service's data path, was the largest single cost of the router.
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  using std::allocator<T>::allocator;
+  template <typename U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible<U>::value) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+// A tensor's storage: resize() does not zero; assign(n, 0) or Tensor::Zeros does.
+using ByteBuffer = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
+
 // Owning tensor: row-major, little-endian elements of `dtype` with the given shape.
 struct Tensor {
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;
-  std::vector<uint8_t> bytes;
+  ByteBuffer bytes;
 
   // A zero-filled tensor.
   static Tensor Zeros(DType dtype, std::vector<int64_t> shape);
+  // A tensor whose bytes are unspecified: for outputs that are written whole before any read.
+  static Tensor Uninitialized(DType dtype, std::vector<int64_t> shape);
   // A float32 tensor holding `values` (values.size() must equal the shape's product).
   static Tensor FromFloats(std::vector<int64_t> shape, const std::vector<float>& values);
 

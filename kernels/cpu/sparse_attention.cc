@@ -1,6 +1,7 @@
 #include "kernels/cpu/sparse_attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -33,10 +34,12 @@ struct Tile {
   int64_t work = 0;  // Rows times visible keys: the order tiles are handed out in.
 };
 
-// Keys [row, row + count) of K/V (rows of the view, not positions) that fill score columns
-// [column, column + count) of the current group.
+// Keys [row, row + count) of key run `run` (rows of its views; absolute positions from `position`)
+// that fill score columns [column, column + count) of the current group.
 struct Piece {
+  size_t run = 0;
   int64_t row = 0;
+  int64_t position = 0;
   int64_t count = 0;
   int64_t column = 0;
 };
@@ -73,11 +76,6 @@ struct Scratch {
 absl::Status CheckParams(const SparseAttentionParams& p) {
   if (p.selection == nullptr) return absl::InvalidArgumentError("no selection given");
   if (!(p.scale > 0.0f)) return absl::InvalidArgumentError("softmax scale must be positive");
-  if (p.q.dim != p.k.dim || p.k.heads == 0 || p.q.heads % p.k.heads != 0 ||
-      p.v.heads != p.k.heads || p.v.len != p.k.len || p.v.dim != p.k.dim ||
-      p.v.offset != p.k.offset) {
-    return absl::InvalidArgumentError("Q, K and V shapes do not fit together");
-  }
   if (p.o.heads != p.q.heads || p.o.len != p.q.len || p.o.dim != p.q.dim ||
       p.lse.heads != p.q.heads || p.lse.len != p.q.len || p.lse.dim != 1) {
     return absl::InvalidArgumentError("output views do not match Q");
@@ -96,17 +94,21 @@ absl::Status CheckParams(const SparseAttentionParams& p) {
   return absl::OkStatus();
 }
 
-// Keys of `spans` inside K's rows and at or before `last_position`.
-int64_t VisibleKeys(const std::vector<Span>& spans, const HeadsView& k, int64_t last_position) {
+// Keys of `spans` inside the runs and at or before `last_position`.
+int64_t VisibleKeys(const std::vector<Span>& spans, const std::vector<KvRun>& runs,
+                    int64_t last_position) {
   int64_t keys = 0;
   for (const Span& span : spans) {
-    keys += std::max<int64_t>(0, std::min({span.end, k.offset + k.len, last_position + 1}) -
-                                     std::max(span.begin, k.offset));
+    for (const KvRun& run : runs) {
+      keys +=
+          std::max<int64_t>(0, std::min({span.end, run.k.offset + run.k.len, last_position + 1}) -
+                                   std::max(span.begin, run.k.offset));
+    }
   }
   return keys;
 }
 
-std::vector<Tile> MakeTiles(const SparseAttentionParams& p) {
+std::vector<Tile> MakeTiles(const SparseAttentionParams& p, const std::vector<KvRun>& runs) {
   const Selection& s = *p.selection;
   const int64_t group = p.q.heads / p.k.heads;
   const int64_t q_first = p.q.offset, q_end = p.q.offset + p.q.len;
@@ -130,7 +132,7 @@ std::vector<Tile> MakeTiles(const SparseAttentionParams& p) {
       }
       t.row_begin = first - q_first;
       t.rows = end - first;
-      t.work = t.heads * t.rows * VisibleKeys(s.spans[t.entry], p.k, end - 1);
+      t.work = t.heads * t.rows * VisibleKeys(s.spans[t.entry], runs, end - 1);
       tiles.push_back(t);
     }
   }
@@ -155,11 +157,11 @@ const float* PieceRows(const HeadsView& view, int64_t head, const Piece& piece, 
 }
 
 // Walks the visible keys of a span list in groups of at most kGroupKeys, as pieces of contiguous
-// K/V rows.
+// K/V rows of one run each.
 class KeyGroups {
  public:
-  KeyGroups(const std::vector<Span>& spans, const HeadsView& k, int64_t last_position)
-      : spans_(spans), first_(k.offset), end_(k.offset + k.len), last_(last_position) {}
+  KeyGroups(const std::vector<Span>& spans, const std::vector<KvRun>& runs, int64_t last_position)
+      : spans_(spans), runs_(runs), last_(last_position) {}
 
   // Fills `pieces` with the next group; false when the keys are exhausted.
   bool Next(std::vector<Piece>& pieces) {
@@ -167,31 +169,38 @@ class KeyGroups {
     int64_t width = 0;
     while (span_ < spans_.size() && width < kGroupKeys) {
       const Span& span = spans_[span_];
-      const int64_t begin = std::max({span.begin, first_, next_});
-      const int64_t end = std::min({span.end, end_, last_ + 1});
-      if (begin >= end) {
+      const int64_t lo = std::max(span.begin, next_);
+      const int64_t hi = std::min(span.end, last_ + 1);
+      // The first run ending after lo.
+      while (run_ < runs_.size() && runs_[run_].k.offset + runs_[run_].k.len <= lo) ++run_;
+      if (lo >= hi || run_ == runs_.size() || runs_[run_].k.offset >= hi) {
         ++span_;
         continue;
       }
+      const HeadsView& k = runs_[run_].k;
+      const int64_t begin = std::max(lo, k.offset);
+      const int64_t end = std::min(hi, k.offset + k.len);
       const int64_t count = std::min(end - begin, kGroupKeys - width);
-      pieces.push_back({begin - first_, count, width});
+      pieces.push_back({run_, begin - k.offset, begin, count, width});
       width += count;
       next_ = begin + count;
-      if (next_ >= end) ++span_;
     }
     return !pieces.empty();
   }
 
  private:
   const std::vector<Span>& spans_;
-  int64_t first_, end_, last_;
+  const std::vector<KvRun>& runs_;
+  int64_t last_;
   size_t span_ = 0;
+  size_t run_ = 0;  // Positions only grow: spans are sorted and disjoint, runs too.
   int64_t next_ = std::numeric_limits<int64_t>::min();
 };
 
 // Rows [panel_begin, panel_begin + panel_rows) of `tile`.
-absl::Status AttendPanel(const SparseAttentionParams& p, const Tile& tile, int64_t panel_begin,
-                         int64_t panel_rows, Scratch& scratch) {
+absl::Status AttendPanel(const SparseAttentionParams& p, const std::vector<KvRun>& runs,
+                         const Tile& tile, int64_t panel_begin, int64_t panel_rows,
+                         Scratch& scratch) {
   const int64_t d = p.q.dim;
   scratch.Reserve(panel_rows, d, p.k.dtype != DType::kF32 || p.v.dtype != DType::kF32);
   float* q = scratch.q.get();
@@ -215,25 +224,25 @@ absl::Status AttendPanel(const SparseAttentionParams& p, const Tile& tile, int64
   std::fill(l, l + panel_rows, 0.0f);
 
   const std::vector<Span>& spans = p.selection->spans[static_cast<size_t>(tile.entry)];
-  KeyGroups groups(spans, p.k, last_position);
+  KeyGroups groups(spans, runs, last_position);
   std::vector<Piece>& pieces = scratch.pieces;
   while (groups.Next(pieces)) {
     const int64_t width = pieces.back().column + pieces.back().count;
     const int64_t padded = (width + cpu::kScoreAlign - 1) / cpu::kScoreAlign * cpu::kScoreAlign;
     for (const Piece& piece : pieces) {
-      const float* keys = PieceRows(p.k, tile.kv_head, piece, scratch.k.get());
+      const float* keys = PieceRows(runs[piece.run].k, tile.kv_head, piece, scratch.k.get());
       DHSA_RETURN_IF_ERROR(cpu::GemmF32(/*transpose_b=*/true, panel_rows, piece.count, d, p.scale,
                                         q, d, keys, d, 0.0f, s + piece.column, kGroupKeys));
     }
     // Causality: keys after a row's position, and the padding, get -inf.
-    const int64_t last_key = p.k.offset + pieces.back().row + pieces.back().count - 1;
+    const int64_t last_key = pieces.back().position + pieces.back().count - 1;
     for (int64_t i = 0; i < panel_rows; ++i) {
       float* row = s + i * kGroupKeys;
       std::fill(row + width, row + padded, kNegInf);
       if (last_key <= first_position) continue;
       const int64_t position = scratch.positions[static_cast<size_t>(i)];
       for (const Piece& piece : pieces) {
-        const int64_t masked_from = std::max<int64_t>(0, position + 1 - (p.k.offset + piece.row));
+        const int64_t masked_from = std::max<int64_t>(0, position + 1 - piece.position);
         if (masked_from < piece.count) {
           std::fill(row + piece.column + masked_from, row + piece.column + piece.count, kNegInf);
         }
@@ -241,7 +250,7 @@ absl::Status AttendPanel(const SparseAttentionParams& p, const Tile& tile, int64
     }
     cpu::SoftmaxStep(s, panel_rows, kGroupKeys, padded, m, l, o, d, d);
     for (const Piece& piece : pieces) {
-      const float* values = PieceRows(p.v, tile.kv_head, piece, scratch.v.get());
+      const float* values = PieceRows(runs[piece.run].v, tile.kv_head, piece, scratch.v.get());
       DHSA_RETURN_IF_ERROR(cpu::GemmF32(/*transpose_b=*/false, panel_rows, d, piece.count, 1.0f,
                                         s + piece.column, kGroupKeys, values, d, 1.0f, o, d));
     }
@@ -266,17 +275,23 @@ absl::Status AttendPanel(const SparseAttentionParams& p, const Tile& tile, int64
 }  // namespace
 
 absl::Status SparseAttentionCpu(const SparseAttentionParams& p) {
-  absl::Status valid = CheckParams(p);
-  if (!valid.ok()) return valid;
-  const std::vector<Tile> tiles = MakeTiles(p);
+  DHSA_ASSIGN_OR_RETURN(const std::vector<KvRun> runs, KeyRuns(p));
+  DHSA_RETURN_IF_ERROR(CheckParams(p));
+  const std::vector<Tile> tiles = MakeTiles(p, runs);
   const int threads = std::max(1, p.num_threads);
   std::vector<Scratch> scratch(static_cast<size_t>(threads));
   std::vector<absl::Status> errors(static_cast<size_t>(threads));
+  std::atomic<bool> stop{false};
   cpu::ParallelFor(static_cast<int64_t>(tiles.size()), threads, [&](int64_t i, int thread) {
+    if (stop.load(std::memory_order_relaxed)) return;
+    if (p.cancelled && p.cancelled()) {
+      stop = true;
+      return;
+    }
     const Tile& tile = tiles[static_cast<size_t>(i)];
     const int64_t rows = tile.heads * tile.rows;
     for (int64_t begin = 0; begin < rows; begin += kPanelRows) {
-      absl::Status s = AttendPanel(p, tile, begin, std::min(kPanelRows, rows - begin),
+      absl::Status s = AttendPanel(p, runs, tile, begin, std::min(kPanelRows, rows - begin),
                                    scratch[static_cast<size_t>(thread)]);
       if (!s.ok()) errors[static_cast<size_t>(thread)].Update(s);
     }
@@ -284,6 +299,7 @@ absl::Status SparseAttentionCpu(const SparseAttentionParams& p) {
   for (const absl::Status& s : errors) {
     if (!s.ok()) return s;
   }
+  if (stop) return absl::CancelledError("sparse attention cancelled");
   return absl::OkStatus();
 }
 

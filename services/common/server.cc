@@ -39,6 +39,8 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(const std::string&
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(ClampToInt(max_message_bytes));
   builder.SetMaxSendMessageSize(ClampToInt(max_message_bytes));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES,
+                             StreamWindowBytes(max_message_bytes));
   for (grpc::Service* service : services) builder.RegisterService(service);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(metrics::NewRpcInterceptorFactory());  // Request counts and latency.
@@ -53,10 +55,15 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(const std::string&
   return server;
 }
 
+int StreamWindowBytes(int64_t max_message_bytes) {
+  return ClampToInt(std::max<int64_t>(kMinStreamWindowBytes, 2 * max_message_bytes));
+}
+
 grpc::ChannelArguments ChannelArgumentsForMessageLimit(int64_t max_message_bytes) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(ClampToInt(max_message_bytes));
   args.SetMaxSendMessageSize(ClampToInt(max_message_bytes));
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, StreamWindowBytes(max_message_bytes));
   return args;
 }
 

@@ -26,8 +26,15 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(const std::string&
                                                               std::vector<grpc::Service*> services,
                                                               int* bound_port);
 
+// HTTP/2 flow-control window per stream, bytes: two messages of the limit, at least 8 MiB. Tensors
+// stream as back-to-back messages near the limit; gRPC's default window (64 KiB, grown by BDP
+// probes) makes the sender wait for a window update every few frames, which costs a wake-up of
+// each side per 64 KiB on a loaded host.
+inline constexpr int64_t kMinStreamWindowBytes = int64_t{8} << 20;
+int StreamWindowBytes(int64_t max_message_bytes);
+
 // Channel arguments a client of a dhsa server uses so that messages up to `max_message_bytes`
-// pass in both directions.
+// pass in both directions, with the stream window above.
 grpc::ChannelArguments ChannelArgumentsForMessageLimit(int64_t max_message_bytes);
 
 }  // namespace dhsa

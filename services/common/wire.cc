@@ -1,6 +1,7 @@
 #include "services/common/wire.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <utility>
 
@@ -181,7 +182,11 @@ absl::Status TensorAssembler::Add(const v1::TensorPiece& piece) {
         absl::StrCat("piece of tensor '", name_, "' at offset ", received, " with ", n,
                      " bytes runs past its declared size of ", total_bytes_, " bytes"));
   }
-  tensor_.bytes.insert(tensor_.bytes.end(), piece.data().begin(), piece.data().end());
+  // resize + memcpy: an insert from char iterators into uint8_t storage is a byte loop.
+  tensor_.bytes.resize(static_cast<size_t>(received + n));
+  if (n > 0) {
+    std::memcpy(tensor_.bytes.data() + received, piece.data().data(), static_cast<size_t>(n));
+  }
   return absl::OkStatus();
 }
 

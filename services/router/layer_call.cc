@@ -7,6 +7,9 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/common/inputs.h"
 #include "kernels/common/status_macros.h"
+#include "kernels/cpu/merge.h"
+#include "kernels/cpu/selection.h"
+#include "kernels/cpu/summaries.h"
 #include "kernels/merge/merge.h"
 #include "kernels/selection/selection.h"
 #include "kernels/summaries/summaries.h"
@@ -94,7 +97,7 @@ absl::Status LayerCall::PlanAndStore() {
   DHSA_RETURN_IF_ERROR(CheckFinite(*HeadsView::Of(*v_, "v"), "v"));
 
   stage_start_ = Clock::now();
-  DHSA_ASSIGN_OR_RETURN(delta_, layer.layout.Propose(*k_, decode_));
+  DHSA_ASSIGN_OR_RETURN(delta_, layer.layout.Propose(*k_, decode_, core_.kernel_threads));
   out_.stats.set_boundaries_seconds(Seconds(Clock::now() - stage_start_));
 
   stage_start_ = Clock::now();
@@ -102,16 +105,18 @@ absl::Status LayerCall::PlanAndStore() {
   Summaries rho;
   if (layer.layout.chunked()) {
     qv.offset = t0_;
-    rho = QueryBlockSummariesReference(
+    rho = QueryBlockSummariesCpu(
         qv, hkv_, config.q_block,
-        config.policy == Policy::kBlockTopk ? SummaryNorm::kMean : config.summary_norm);
+        config.policy == Policy::kBlockTopk ? SummaryNorm::kMean : config.summary_norm,
+        core_.kernel_threads);
   }
   SelectionInputs in;
   in.shape = {hq_, hkv_, dim_, lq, lk_};
   in.boundaries = &view.boundaries;
   in.kappa = &view.kappa;
   in.rho = &rho;
-  DHSA_ASSIGN_OR_RETURN(const Selection selection, SelectSpansReference(in, config));
+  DHSA_ASSIGN_OR_RETURN(const Selection selection,
+                        SelectSpansCpu(in, config, core_.kernel_threads));
   out_.stats.set_computed_pairs(CountComputedPairs(selection, in.shape));
 
   PlaceRequest place;
@@ -275,9 +280,12 @@ absl::StatusOr<LayerCallOutput> LayerCall::MergeAndCommit() {
     }
     out_.stats.set_bytes_from_workers(out_.stats.bytes_from_workers() +
                                       static_cast<int64_t>(p.o.bytes.size() + p.lse.bytes.size()));
+    out_.stats.set_worker_kernel_seconds(
+        std::max(out_.stats.worker_kernel_seconds(), p.result.attention_seconds()));
   }
-  out_.o = Tensor::Zeros(DType::kF32, {hq_, lq, dim_});
-  out_.lse = Tensor::Zeros(DType::kF32, {hq_, lq});
+  // Every row is merged below (from no part at all: o = 0, lse = -inf).
+  out_.o = Tensor::Uninitialized(DType::kF32, {hq_, lq, dim_});
+  out_.lse = Tensor::Uninitialized(DType::kF32, {hq_, lq});
   float* o = static_cast<float*>(out_.o.data());
   float* lse = static_cast<float*>(out_.lse.data());
   // Rows where the set of workers with an answer changes cut the queries into segments.
@@ -301,7 +309,7 @@ absl::StatusOr<LayerCallOutput> LayerCall::MergeAndCommit() {
       }
       const int64_t first = g * lq + (a - t0_);
       absl::Status merged =
-          MergePartialsReference(parts, b - a, dim_, o + first * dim_, lse + first);
+          MergePartialsCpu(parts, b - a, dim_, o + first * dim_, lse + first, core_.kernel_threads);
       if (!merged.ok()) {
         return absl::InternalError(absl::StrCat("a worker's partial result: ", merged.message()));
       }

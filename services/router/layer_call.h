@@ -40,6 +40,7 @@ struct RouterCore {
   const PlacementPolicy* policy = nullptr;
   int64_t stripe_tokens = 4096;
   int64_t piece_bytes = 1 << 20;  // Data bytes per TensorPiece sent to workers.
+  int kernel_threads = 1;  // Threads of each boundaries/summaries/selection/merge kernel call.
   // Deadline of the Truncate calls that undo a failed call's stores.
   std::chrono::milliseconds cleanup_timeout{5000};
   // Deadline of each StoreKv and Attend of a client call that has no deadline of its own (a

@@ -7,6 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/boundaries/boundaries.h"
 #include "kernels/common/status_macros.h"
+#include "kernels/cpu/boundaries.h"
+#include "kernels/cpu/summaries.h"
 
 namespace dhsa::router {
 namespace {
@@ -57,7 +59,8 @@ LayerLayout::LayerLayout(const DhsaConfig& config, int64_t kv_heads, int64_t hea
   }
 }
 
-absl::StatusOr<LayoutDelta> LayerLayout::Propose(const Tensor& new_keys, bool decode) const {
+absl::StatusOr<LayoutDelta> LayerLayout::Propose(const Tensor& new_keys, bool decode,
+                                                 int num_threads) const {
   if (new_keys.shape.size() != 3 || new_keys.shape[0] != kv_heads_ || new_keys.shape[1] < 1 ||
       new_keys.shape[2] != head_dim_ || new_keys.dtype != dtype_) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -89,14 +92,15 @@ absl::StatusOr<LayoutDelta> LayerLayout::Propose(const Tensor& new_keys, bool de
     const int64_t open = boundaries.back();
     boundaries.pop_back();
     DHSA_ASSIGN_OR_RETURN(std::vector<int64_t> blocks,
-                          SegmentKeysReference(view, open, delta.new_length, config_));
+                          SegmentKeysCpu(view, open, delta.new_length, config_, num_threads));
     boundaries.insert(boundaries.end(), blocks.begin(), blocks.end());
   } else if (decode) {
-    DHSA_ASSIGN_OR_RETURN(
-        boundaries, AppendDecodeBoundariesReference(view, boundaries_, delta.new_length, config_));
+    DHSA_ASSIGN_OR_RETURN(boundaries, AppendDecodeBoundariesCpu(view, boundaries_, delta.new_length,
+                                                                config_, num_threads));
   } else {
     DHSA_ASSIGN_OR_RETURN(
-        boundaries, AppendPrefillBoundariesReference(view, boundaries_, delta.new_length, config_));
+        boundaries,
+        AppendPrefillBoundariesCpu(view, boundaries_, delta.new_length, config_, num_threads));
   }
 
   // Chunks whose two boundaries are unchanged keep their keys, hence their summaries.
@@ -113,7 +117,7 @@ absl::StatusOr<LayoutDelta> LayerLayout::Propose(const Tensor& new_keys, bool de
                                             " changed"));
   }
   const std::vector<int64_t> changed(boundaries.begin() + delta.kept_chunks, boundaries.end());
-  const Summaries kappa = ChunkSummariesReference(view, changed, norm_);
+  const Summaries kappa = ChunkSummariesCpu(view, changed, norm_, num_threads);
   delta.kappa.resize(kappa.data.size());
   for (int64_t j = 0; j < kappa.count; ++j) {
     for (int64_t h = 0; h < kappa.heads; ++h) {

@@ -55,8 +55,10 @@ class LayerLayout {
 
   // The layout after appending `new_keys` [kv_heads, n, dim] (storage dtype) at positions
   // [length(), length() + n): a prefill (the new keys are segmented on their own) or, with
-  // `decode`, keys that grow the tail chunk (spec/DHSA.md "Decode").
-  absl::StatusOr<LayoutDelta> Propose(const Tensor& new_keys, bool decode) const;
+  // `decode`, keys that grow the tail chunk (spec/DHSA.md "Decode"). Computed by the fast CPU
+  // kernels on `num_threads` threads (the same result as the references).
+  absl::StatusOr<LayoutDelta> Propose(const Tensor& new_keys, bool decode,
+                                      int num_threads = 1) const;
 
   // Boundaries and kappa over [0, delta.new_length) as they will be after `delta`.
   LayoutView SelectionView(const LayoutDelta& delta) const;

@@ -325,6 +325,7 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Route
   service->core_.executor = service->executor_.get();
   service->core_.policy = &service->placement_;
   service->core_.stripe_tokens = options.stripe_tokens;
+  service->core_.kernel_threads = threads;
   service->core_.piece_bytes = PieceBytesForMessageLimit(options.max_message_bytes);
   service->core_.worker_call_timeout = options.worker_call_timeout;
   // Scrape-time gauges: sequences held, and each worker as the router sees it.

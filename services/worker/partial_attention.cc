@@ -9,9 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/sparse_attention.h"
 #include "kernels/common/status_macros.h"
-#include "kernels/cpu/merge.h"
 #include "kernels/cpu/sparse_attention.h"
-#include "kernels/merge/merge.h"
 
 namespace dhsa {
 namespace {
@@ -89,51 +87,44 @@ absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionI
   const int64_t hq = q.heads, lq = q.len, d = q.dim;
   const int64_t rows = hq * lq;
 
+  const LayerSnapshot& keys = *in.keys;
+  if (in.cancelled && in.cancelled()) {
+    return absl::CancelledError("Attend cancelled by the client before it started");
+  }
+  // One pass over every stripe some span touches, each stripe a run of keys of its own.
+  const std::vector<bool> touched = TouchedStripes(*in.selection, keys, in.q_begin + lq - 1);
+  const bool any = std::find(touched.begin(), touched.end(), true) != touched.end();
+  // The kernel writes every row; without a held key every row is o = 0, lse = -inf.
   PartialAttention out;
-  out.o = Tensor::Zeros(DType::kF32, {hq, lq, d});
-  out.lse = Tensor::Zeros(DType::kF32, {hq, lq});
+  out.o = any ? Tensor::Uninitialized(DType::kF32, {hq, lq, d})
+              : Tensor::Zeros(DType::kF32, {hq, lq, d});
+  out.lse = Tensor::Uninitialized(DType::kF32, {hq, lq});
   float* o = static_cast<float*>(out.o.data());
   float* lse = static_cast<float*>(out.lse.data());
-  std::fill(lse, lse + rows, -std::numeric_limits<float>::infinity());
-
-  const LayerSnapshot& keys = *in.keys;
-  const std::vector<bool> touched = TouchedStripes(*in.selection, keys, in.q_begin + lq - 1);
-  const int64_t num_touched = std::count(touched.begin(), touched.end(), true);
-  // Results so far live in (o, lse); each further stripe is computed into `part` and merged,
-  // through `merged`, back into (o, lse). Memory: three outputs, whatever the stripe count.
-  std::vector<float> part_o, part_lse, merged_o, merged_lse;
-  int64_t done = 0;
+  if (!any) std::fill(lse, lse + rows, -std::numeric_limits<float>::infinity());
+  SparseAttentionParams p;
+  p.q = q;
+  p.selection = in.selection;
+  p.scale = in.scale;
+  p.o = OutputView{o, hq, lq, d};
+  p.lse = OutputView{lse, hq, lq, 1};
+  p.num_threads = in.num_threads;
+  p.cancelled = in.cancelled;
+  bool first = true;
   for (size_t i = 0; i < keys.stripes.size(); ++i) {
     if (!touched[i]) continue;
-    if (in.cancelled && in.cancelled()) {
-      return absl::CancelledError(absl::StrCat("Attend cancelled by the client after ", done,
-                                               " of ", num_touched, " stripes"));
+    if (first) {
+      p.k = keys.Keys(i);
+      p.v = keys.Values(i);
+      first = false;
+    } else {
+      p.more_kv.push_back({keys.Keys(i), keys.Values(i)});
     }
-    const bool first = done == 0;
-    if (!first && part_o.empty()) {
-      part_o.resize(static_cast<size_t>(rows * d));
-      part_lse.resize(static_cast<size_t>(rows));
-      merged_o.resize(part_o.size());
-      merged_lse.resize(part_lse.size());
-    }
-    SparseAttentionParams p;
-    p.q = q;
-    p.k = keys.Keys(i);
-    p.v = keys.Values(i);
-    p.selection = in.selection;
-    p.scale = in.scale;
-    p.o = OutputView{first ? o : part_o.data(), hq, lq, d};
-    p.lse = OutputView{first ? lse : part_lse.data(), hq, lq, 1};
-    p.num_threads = in.num_threads;
-    DHSA_RETURN_IF_ERROR(SparseAttentionCpu(p));
-    if (!first) {
-      DHSA_RETURN_IF_ERROR(
-          MergePartialsCpu({PartialView{o, lse}, PartialView{part_o.data(), part_lse.data()}}, rows,
-                           d, merged_o.data(), merged_lse.data(), in.num_threads));
-      std::copy(merged_o.begin(), merged_o.end(), o);
-      std::copy(merged_lse.begin(), merged_lse.end(), lse);
-    }
-    ++done;
+  }
+  if (any) {
+    const absl::Status status = SparseAttentionCpu(p);
+    if (absl::IsCancelled(status)) return absl::CancelledError("Attend cancelled by the client");
+    DHSA_RETURN_IF_ERROR(status);
   }
   AttentionShape shape;
   shape.hq = hq;

@@ -25,7 +25,7 @@ struct PartialAttention {
   Tensor o;                    // [Hq, Lq, d] float32; 0 where a row saw no key.
   Tensor lse;                  // [Hq, Lq] float32, natural log; -inf where a row saw no key.
   int64_t computed_pairs = 0;  // (query, key) pairs attended, over all query heads.
-  double seconds = 0;          // Kernels and merge.
+  double seconds = 0;          // The kernel call.
 };
 
 // What one Attend computes. Spans must have passed CheckSpansHeld against `keys`.
@@ -35,8 +35,8 @@ struct PartialAttentionInputs {
   const Selection* selection = nullptr;
   const LayerSnapshot* keys = nullptr;
   float scale = 0.0f;   // > 0.
-  int num_threads = 1;  // Threads inside each kernel call.
-  // Polled before each stripe; true aborts with Cancelled.
+  int num_threads = 1;  // Threads inside the kernel call.
+  // Polled between tiles of the kernel; true aborts with Cancelled.
   std::function<bool()> cancelled;
 };
 

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/cpu/merge.h"
@@ -226,6 +228,73 @@ TEST(SparseAttentionCpuTest, KeyStripesGivePartialsThatMergeIntoTheWhole) {
   const testing::AttentionValues naive = testing::SelectedAttention<float>(whole);
   testing::ExpectWithinTolerance(merged.o.data(), fp64.o, naive.o, "merged o");
   testing::ExpectWithinTolerance(merged.lse.data(), fp64.lse, naive.lse, "merged lse");
+}
+
+// A worker holding its stripes as separate runs, with gaps where other workers' stripes lie: one
+// call attends the held selected keys only, as the fp64 attention over the selection cut to them.
+TEST(SparseAttentionCpuTest, KeyRunsWithGapsAttendOnlyTheHeldKeys) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const Case c{"", 4, 2, 333, 1025, 64, DType::kBF16, SmallConfig(Policy::kDhsa, 192)};
+  Inputs in = MakeInputs(c, rng);
+  const Selection sel = testing::ReferenceSelection(in.qv, in.kv, c.config);
+  const std::vector<int64_t> cuts = {0, 300, 301, 640, 700, 1025};
+  for (const std::vector<size_t>& held :
+       {std::vector<size_t>{0, 1, 2, 3, 4}, std::vector<size_t>{0, 2, 4}, std::vector<size_t>{1, 3},
+        std::vector<size_t>{4}}) {
+    SCOPED_TRACE(::testing::Message() << held.size() << " runs, the first " << held[0]);
+    SparseAttentionParams p;
+    p.q = in.qv;
+    p.selection = &sel;
+    p.scale = 0.125f;
+    p.num_threads = 2;
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    for (size_t i : held) {
+      KvRun run{in.kv, in.vv};
+      for (HeadsView* view : {&run.k, &run.v}) {
+        view->data =
+            static_cast<const char*>(view->data) + view->Index(0, cuts[i]) * DTypeSize(view->dtype);
+        view->head_stride = c.lk * c.d;
+        view->len = cuts[i + 1] - cuts[i];
+        view->offset = cuts[i];
+      }
+      if (ranges.empty()) {
+        p.k = run.k;
+        p.v = run.v;
+      } else {
+        p.more_kv.push_back(run);
+      }
+      ranges.push_back({cuts[i], cuts[i + 1]});
+    }
+    testing::PoisonedOutputs out(c.hq, c.lq, c.d);
+    out.Attach(p, c.hq, c.lq, c.d);
+    ASSERT_TRUE(SparseAttentionCpu(p).ok());
+    for (float x : out.o) ASSERT_FALSE(std::isnan(x)) << "an output element was not written";
+    for (float x : out.lse) ASSERT_FALSE(std::isnan(x)) << "an lse element was not written";
+
+    Selection clipped = sel;
+    for (std::vector<Span>& spans : clipped.spans) {
+      std::vector<Span> kept;
+      for (const Span& s : spans) {
+        for (const auto& [begin, end] : ranges) {
+          if (std::max(s.begin, begin) < std::min(s.end, end)) {
+            kept.push_back({std::max(s.begin, begin), std::min(s.end, end)});
+          }
+        }
+      }
+      spans = kept;
+    }
+    SparseAttentionParams whole = p;
+    whole.k = in.kv;
+    whole.v = in.vv;
+    whole.more_kv.clear();
+    whole.selection = &clipped;
+    const testing::AttentionValues fp64 = testing::SelectedAttention<double>(whole);
+    const testing::AttentionValues naive = testing::SelectedAttention<float>(whole);
+    testing::ExpectWithinTolerance(out.o.data(), fp64.o, naive.o, "o");
+    testing::ExpectWithinTolerance(out.lse.data(), fp64.lse, naive.lse, "lse");
+  }
 }
 
 TEST(SparseAttentionCpuTest, BadParamsAreInvalidArgument) {

@@ -1,6 +1,8 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <utility>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/attention/sparse_attention.h"
@@ -205,6 +207,120 @@ TEST(SparseAttentionTest, GroupHeadsShareTheirKvHead) {
   EXPECT_EQ(std::memcmp(o, o + 64 * 64, 64 * 64 * sizeof(float)), 0);
   EXPECT_NE(std::memcmp(o, o + 2 * 64 * 64, 64 * 64 * sizeof(float)), 0);
   EXPECT_EQ(std::memcmp(o + 2 * 64 * 64, o + 3 * 64 * 64, 64 * 64 * sizeof(float)), 0);
+}
+
+// The spans of `sel` cut to the positions in `held` ([begin, end) ranges, sorted).
+Selection ClipToHeld(Selection sel, const std::vector<std::pair<int64_t, int64_t>>& held) {
+  for (std::vector<Span>& spans : sel.spans) {
+    std::vector<Span> clipped;
+    for (const Span& s : spans) {
+      for (const auto& [begin, end] : held) {
+        const int64_t b = std::max(s.begin, begin), e = std::min(s.end, end);
+        if (b < e) clipped.push_back({b, e});
+      }
+    }
+    spans = clipped;
+  }
+  return sel;
+}
+
+// A worker holds its stripes as separate runs, with gaps where other workers' stripes lie: the
+// result is attention over the held selected keys only; runs that cover every key change nothing.
+TEST(SparseAttentionTest, KeyRunsAttendOnlyTheKeysTheyHold) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  const Tensor q = testing::RandomTensor(rng, 4, 400, 32).ConvertTo(DType::kBF16);
+  const Tensor k = testing::SegmentedTensor(rng, 2, 1000, 32).ConvertTo(DType::kBF16);
+  const Tensor v = testing::RandomTensor(rng, 2, 1000, 32).ConvertTo(DType::kBF16);
+  DhsaConfig config;
+  config.budget = 256;
+  config.sink = 16;
+  config.local = 64;
+  config.q_block = 32;
+  config.chunk_mean = 16;
+  config.chunk_min = 4;
+  config.chunk_max = 48;
+  auto whole = AttendReference(q, k, v, config);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  const std::vector<int64_t> cuts = {0, 257, 258, 611, 1000};
+  std::vector<Tensor> k_parts, v_parts;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+    k_parts.push_back(SliceTokens(k, cuts[i], cuts[i + 1]));
+    v_parts.push_back(SliceTokens(v, cuts[i], cuts[i + 1]));
+  }
+  auto run = [&](size_t i) {
+    KvRun r{*HeadsView::Of(k_parts[i], "k"), *HeadsView::Of(v_parts[i], "v")};
+    r.k.offset = r.v.offset = cuts[i];
+    return r;
+  };
+  for (const std::vector<size_t>& held :
+       {std::vector<size_t>{0, 1, 2, 3}, std::vector<size_t>{0, 1, 3}, std::vector<size_t>{2}}) {
+    SCOPED_TRACE(::testing::Message() << held.size() << " runs held");
+    SparseAttentionParams p;
+    p.q = *HeadsView::Of(q, "q");
+    p.q.offset = 600;  // The queries are the last 400 positions of a 1000-token prefill.
+    const KvRun first = run(held[0]);
+    p.k = first.k;
+    p.v = first.v;
+    std::vector<std::pair<int64_t, int64_t>> ranges = {{cuts[held[0]], cuts[held[0] + 1]}};
+    for (size_t i = 1; i < held.size(); ++i) {
+      p.more_kv.push_back(run(held[i]));
+      ranges.push_back({cuts[held[i]], cuts[held[i] + 1]});
+    }
+    const Selection sel = whole->selection;
+    p.selection = &sel;
+    p.scale = 1.0f / std::sqrt(32.0f);
+    std::vector<float> o(4 * 400 * 32, NAN), lse(4 * 400, NAN);
+    p.o = OutputView{o.data(), 4, 400, 32};
+    p.lse = OutputView{lse.data(), 4, 400, 1};
+    p.num_threads = 2;
+    ASSERT_TRUE(SparseAttentionReference(p).ok());
+    std::vector<double> want_o, want_lse;
+    NaiveSelectedAttention(q, k, v, ClipToHeld(sel, ranges), p.scale, &want_o, &want_lse);
+    double max_o = 0, max_lse = 0;
+    for (size_t i = 0; i < o.size(); ++i) max_o = std::max(max_o, std::abs(o[i] - want_o[i]));
+    for (size_t i = 0; i < lse.size(); ++i) {
+      if (std::isinf(want_lse[i])) {
+        EXPECT_TRUE(std::isinf(lse[i]) && lse[i] < 0) << "row " << i << " holds no key";
+        EXPECT_EQ(o[i * 32], 0.0f);
+      } else {
+        max_lse = std::max(max_lse, std::abs(lse[i] - want_lse[i]));
+      }
+    }
+    EXPECT_LT(max_o, 2e-6);
+    EXPECT_LT(max_lse, 2e-5);
+  }
+}
+
+TEST(SparseAttentionTest, KeyRunsThatOverlapOrDoNotMatchAreInvalidArgument) {
+  std::mt19937_64 rng(3);
+  const Tensor q = testing::RandomTensor(rng, 2, 8, 16);
+  const Tensor k = testing::RandomTensor(rng, 1, 8, 16);
+  const Tensor k3 = testing::RandomTensor(rng, 2, 8, 16);
+  Selection sel;
+  sel.num_heads = 1;
+  sel.num_blocks = 1;
+  sel.block_size = 8;
+  sel.spans = {{{0, 8}}};
+  std::vector<float> o(2 * 8 * 16), lse(2 * 8);
+  SparseAttentionParams p;
+  p.q = *HeadsView::Of(q, "q");
+  p.k = p.v = *HeadsView::Of(k, "k");
+  p.selection = &sel;
+  p.scale = 0.25f;
+  p.o = OutputView{o.data(), 2, 8, 16};
+  p.lse = OutputView{lse.data(), 2, 8, 1};
+  SparseAttentionParams overlap = p;
+  KvRun again{p.k, p.v};
+  again.k.offset = again.v.offset = 7;
+  overlap.more_kv.push_back(again);
+  EXPECT_EQ(SparseAttentionReference(overlap).code(), absl::StatusCode::kInvalidArgument);
+  SparseAttentionParams heads = p;
+  KvRun other{*HeadsView::Of(k3, "k"), *HeadsView::Of(k3, "v")};
+  other.k.offset = other.v.offset = 8;
+  heads.more_kv.push_back(other);
+  EXPECT_EQ(SparseAttentionReference(heads).code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <random>
 #include <string>
 
@@ -97,7 +98,8 @@ TEST_F(KvStoreTest, ReservationsAreReleasedAndRechecked) {
   EXPECT_TRUE(store.Reserve(Write(10, 10, true)).ok());  // b's bytes came back.
 }
 
-TEST_F(KvStoreTest, CancelledBetweenStripes) {
+// Cancellation is polled before the kernel and between its tiles.
+TEST_F(KvStoreTest, CancelledBeforeOrDuringTheKernel) {
   SCOPED_TRACE(Seed());
   KvStore store(1 << 20);
   const Tensor all = RandomNormal(DType::kF32, {3, 40, 5}, rng_);
@@ -115,11 +117,14 @@ TEST_F(KvStoreTest, CancelledBetweenStripes) {
   in.selection = &sel;
   in.keys = &keys;
   in.scale = 0.5f;
-  int polls = 0;
-  in.cancelled = [&] { return ++polls > 1; };
-  const absl::Status s = ComputePartialAttention(in).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kCancelled);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("after 1 of 3 stripes"));
+  for (int allowed : {0, 1, 2}) {
+    SCOPED_TRACE(::testing::Message() << allowed << " polls answered false");
+    std::atomic<int> polls{0};
+    in.cancelled = [&] { return ++polls > allowed; };
+    const absl::Status s = ComputePartialAttention(in).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kCancelled);
+    EXPECT_THAT(std::string(s.message()), HasSubstr("Attend cancelled by the client"));
+  }
 
   in.cancelled = nullptr;
   absl::StatusOr<PartialAttention> full = ComputePartialAttention(in);
