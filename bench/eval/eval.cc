@@ -77,15 +77,15 @@ absl::StatusOr<Chunking> ComputeChunking(const HeadsView& q, const HeadsView& k,
   const auto start = Clock::now();
   if (variant.true_boundaries) {
     c.boundaries = TrueBoundaries(segment_starts, shape, config.chunk_max);
-    c.kappa = ChunkSummariesReference(k, c.boundaries, config.summary_norm);
-    c.rho = QueryBlockSummariesReference(q, shape.hkv, config.q_block, config.summary_norm);
+    c.kappa = ChunkSummariesReference(k, c.boundaries, ChunkSummaryNorm(config));
+    c.rho = ScoreQuerySummariesReference(q, shape.hkv, config);
   } else if (config.policy == Policy::kBlockTopk) {
     DhsaConfig blocks = config;
     blocks.boundary_mode = BoundaryMode::kFixed;
     blocks.chunk_mean = config.block;
     DHSA_ASSIGN_OR_RETURN(c.boundaries, SegmentKeysReference(k, 0, shape.lk, blocks));
-    c.kappa = ChunkSummariesReference(k, c.boundaries, SummaryNorm::kMean);
-    c.rho = QueryBlockSummariesReference(q, shape.hkv, config.q_block, SummaryNorm::kMean);
+    c.kappa = ChunkSummariesReference(k, c.boundaries, ChunkSummaryNorm(config));
+    c.rho = ScoreQuerySummariesReference(q, shape.hkv, config);
   } else {
     std::vector<int64_t> prior = {0};
     if (shape.t0() > 0) {
@@ -93,8 +93,8 @@ absl::StatusOr<Chunking> ComputeChunking(const HeadsView& q, const HeadsView& k,
     }
     DHSA_ASSIGN_OR_RETURN(c.boundaries,
                           AppendPrefillBoundariesReference(k, prior, shape.lk, config));
-    c.kappa = ChunkSummariesReference(k, c.boundaries, config.summary_norm);
-    c.rho = QueryBlockSummariesReference(q, shape.hkv, config.q_block, config.summary_norm);
+    c.kappa = ChunkSummariesReference(k, c.boundaries, ChunkSummaryNorm(config));
+    c.rho = ScoreQuerySummariesReference(q, shape.hkv, config);
   }
   c.seconds = SecondsSince(start);
   return c;

@@ -26,7 +26,9 @@ struct Variant {
 // modifiers joined with '_', applied to `base` in order:
 //   fixed, dynamic or any other boundary mode name: the chunking rule (fixed = chunks of
 //   chunk_mean keys); truth: the true segments of the input; mean: plain-mean summaries instead
-//   of sqrt; shared: one selection for all KV heads (shared_heads).
+//   of sqrt; shared: one selection for all KV heads (shared_heads); mass or paper: the chunk
+//   score; q<N>: query blocks of N rows (local window at least N); c<N>: chunks of N keys
+//   (dynamic chunks: mean N, min and max scaled alike); r<N>: score_rows of the mass score.
 // e.g. dhsa_fixed, dhsa_mean, dhsa_shared, dhsa_truth, dhsa_fixed_mean. The budget is left as in
 // `base`.
 absl::StatusOr<Variant> ParseVariant(absl::string_view name, const DhsaConfig& base);

@@ -47,9 +47,16 @@ absl::StatusOr<LmPolicy> ParseLmPolicy(const std::string& name, const DhsaConfig
   p.name = name;
   p.config = base;
   p.config.budget = budget;
-  if (name == "local" || name == "oracle_block") {
-    p.kind = name == "local" ? LmPolicy::Kind::kLocal : LmPolicy::Kind::kOracleBlock;
+  const std::string oracle = "oracle_block";
+  if (name == "local") {
+    p.kind = LmPolicy::Kind::kLocal;
     p.config.policy = Policy::kDhsa;
+  } else if (name.compare(0, oracle.size(), oracle) == 0) {
+    // oracle_block takes dhsa's modifiers for its structure: oracle_block_fixed_q32.
+    p.kind = LmPolicy::Kind::kOracleBlock;
+    DHSA_ASSIGN_OR_RETURN(Variant variant,
+                          ParseVariant("dhsa" + name.substr(oracle.size()), p.config));
+    p.config = variant.config;
   } else {
     absl::StatusOr<Variant> variant = ParseVariant(name, p.config);
     if (!variant.ok()) {

@@ -6,7 +6,8 @@
 //   oracle_block  dhsa's structure (query blocks, chunks, sink, local window, the same fill rule)
 //                 with chunks ranked by their true dense attention mass for the block's queries,
 //                 summed over the block's rows and the KV head's query heads: what a perfect chunk
-//                 score would give (an upper bound of the method, not a method).
+//                 score would give (an upper bound of the method, not a method); it takes dhsa's
+//                 variant modifiers for that structure (oracle_block_fixed_q32).
 #ifndef DHSA_BENCH_LM_LM_POLICIES_H_
 #define DHSA_BENCH_LM_LM_POLICIES_H_
 

@@ -18,6 +18,9 @@ void AddDhsaFlags(FlagSet& f, DhsaFlags* v) {
   f.Bool("shared-heads", &v->shared_heads, "one selection for all KV heads (paper v1)");
   f.Bool("mean-summaries", &v->mean_summaries,
          "plain-mean chunk summaries instead of sqrt (ablation)");
+  f.String("chunk-score", &v->chunk_score,
+           "dhsa chunk score: paper (the spec's) or mass (estimated attention mass)");
+  f.Int("score-rows", &v->score_rows, "mass score: query rows per mean query (divides q-block)");
   f.Double("scale", &v->scale, "softmax scale; 0 = 1/sqrt(d)");
 }
 
@@ -36,6 +39,8 @@ absl::StatusOr<DhsaConfig> ToDhsaConfig(const DhsaFlags& v) {
   c.shared_heads = v.shared_heads;
   c.summary_norm = v.mean_summaries ? SummaryNorm::kMean : SummaryNorm::kSqrt;
   c.scale = static_cast<float>(v.scale);
+  DHSA_ASSIGN_OR_RETURN(c.chunk_score, ParseChunkScore(v.chunk_score));
+  c.score_rows = v.score_rows;
   DHSA_RETURN_IF_ERROR(ValidateConfig(c));
   return c;
 }

@@ -17,11 +17,13 @@ struct DhsaFlags {
   int64_t chunk_mean = 32, chunk_min = 8, chunk_max = 128, block = 64;
   bool shared_heads = false;
   bool mean_summaries = false;
+  std::string chunk_score = "paper";
+  int64_t score_rows = 16;
   double scale = 0;
 };
 
 // Declares --policy --budget --sink --local --q-block --boundaries --chunk-mean --chunk-min
-// --chunk-max --block --shared-heads --mean-summaries --scale.
+// --chunk-max --block --shared-heads --mean-summaries --chunk-score --score-rows --scale.
 void AddDhsaFlags(FlagSet& flags, DhsaFlags* values);
 
 // The config the flags describe, validated.

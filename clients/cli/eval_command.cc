@@ -52,8 +52,6 @@ struct EvalFlags {
   int64_t windows = 8;
   int64_t window = 8192;
   int64_t trace_rows = 256;
-  std::string chunk_score = "paper";
-  int64_t score_rows = DhsaConfig().score_rows;
 };
 
 absl::StatusOr<std::vector<int64_t>> ParseIntList(const std::string& text, const char* flag) {
@@ -239,9 +237,6 @@ absl::Status EvalModel(EvalFlags& f, const EvalOptions& options, bool show) {
 
 absl::Status Eval(EvalFlags& f, bool budgets_given, bool policies_given) {
   DHSA_ASSIGN_OR_RETURN(DhsaConfig base, ToDhsaConfig(f.dhsa));
-  DHSA_ASSIGN_OR_RETURN(base.chunk_score, ParseChunkScore(f.chunk_score));
-  base.score_rows = f.score_rows;
-  DHSA_RETURN_IF_ERROR(ValidateConfig(base));
   EvalOptions options;
   options.base = base;
   DHSA_ASSIGN_OR_RETURN(options.budgets, ParseIntList(f.budgets, "budgets"));
@@ -378,10 +373,11 @@ int RunEval(const std::vector<std::string>& args) {
   flags.Int("chunk-min", &f.dhsa.chunk_min, "minimum chunk length");
   flags.Int("chunk-max", &f.dhsa.chunk_max, "longer chunks are split");
   flags.Int("block", &f.dhsa.block, "key block length of block_topk (Bk)");
-  flags.String("chunk-score", &f.chunk_score,
+  flags.String("chunk-score", &f.dhsa.chunk_score,
                "chunk score of dhsa: paper (the spec's rho . kappa) or mass (estimated attention"
                " mass, docs/fidelity.md)");
-  flags.Int("score-rows", &f.score_rows, "mass score: query rows per mean query (divides q-block)");
+  flags.Int("score-rows", &f.dhsa.score_rows,
+            "mass score: query rows per mean query (divides q-block)");
   flags.Double("scale", &f.dhsa.scale, "softmax scale; 0 = 1/sqrt(d)");
   flags.Int("len", &f.gen.len, "generator: tokens (Lq = Lk)");
   flags.Int("hq", &f.gen.hq, "generator: query heads");

@@ -34,8 +34,6 @@ struct LmFlags {
   int64_t windows = 1;
   int64_t threads = std::max(1u, std::thread::hardware_concurrency());
   DhsaFlags dhsa;
-  std::string chunk_score = "paper";
-  int64_t score_rows = DhsaConfig().score_rows;
 };
 
 absl::Status MakeDir(const std::string& path) {
@@ -50,8 +48,6 @@ absl::Status Lm(const LmFlags& f) {
   DhsaFlags knobs = f.dhsa;
   knobs.policy = "dhsa";  // The policy name is parsed below (it may be local or oracle_block).
   DHSA_ASSIGN_OR_RETURN(DhsaConfig base, ToDhsaConfig(knobs));
-  DHSA_ASSIGN_OR_RETURN(base.chunk_score, ParseChunkScore(f.chunk_score));
-  base.score_rows = f.score_rows;
   DHSA_ASSIGN_OR_RETURN(LmPolicy policy, ParseLmPolicy(f.dhsa.policy, base, f.dhsa.budget));
   if (f.windows <= 0 || f.window < 2 || f.offset < 0) {
     return absl::InvalidArgumentError("--windows must be positive, --window >= 2, --offset >= 0");
@@ -183,10 +179,6 @@ int RunLm(const std::vector<std::string>& args) {
                "write each layer's Q, K, V after rotary to DIR/window<n>/layer<l>/{q,k,v}.npy");
   flags.Int("threads", &f.threads, "threads");
   AddDhsaFlags(flags, &f.dhsa);
-  flags.String("chunk-score", &f.chunk_score,
-               "chunk score of dhsa: paper (the spec's rho . kappa) or mass (estimated attention"
-               " mass, docs/fidelity.md)");
-  flags.Int("score-rows", &f.score_rows, "mass score: query rows per mean query (divides q-block)");
   absl::Status parsed = flags.Parse(args);
   if (!parsed.ok()) return ReportError("lm", parsed);
   if (flags.help_requested()) {

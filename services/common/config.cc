@@ -107,6 +107,9 @@ absl::StatusOr<DhsaConfig> DhsaConfigFromProto(const v1::DhsaParams& params,
   if (params.shared_heads()) c.shared_heads = true;
   if (params.mean_summaries()) c.summary_norm = SummaryNorm::kMean;
   if (params.scale() != 0.0f) c.scale = params.scale();
+  if (params.chunk_score() == v1::CHUNK_SCORE_MASS) c.chunk_score = ChunkScore::kMass;
+  if (params.chunk_score() == v1::CHUNK_SCORE_PAPER) c.chunk_score = ChunkScore::kPaper;
+  c.score_rows = OrDefault(params.score_rows(), defaults.score_rows);
   DHSA_RETURN_IF_ERROR(ValidateConfig(c));
   return c;
 }
@@ -127,6 +130,9 @@ void DhsaConfigToProto(const DhsaConfig& c, v1::DhsaParams* p) {
   p->set_shared_heads(c.shared_heads);
   p->set_mean_summaries(c.summary_norm == SummaryNorm::kMean);
   p->set_scale(c.scale);
+  p->set_chunk_score(c.chunk_score == ChunkScore::kMass ? v1::CHUNK_SCORE_MASS
+                                                        : v1::CHUNK_SCORE_PAPER);
+  p->set_score_rows(c.score_rows);
 }
 
 void SelectionToAttendHeader(const Selection& selection, v1::AttendHeader* header) {

@@ -108,6 +108,8 @@ TEST(DhsaConfigFromProto, SetFieldsWinAndRoundTrip) {
   p.set_shared_heads(true);
   p.set_mean_summaries(true);
   p.set_scale(0.125f);
+  p.set_chunk_score(v1::CHUNK_SCORE_MASS);
+  p.set_score_rows(8);
   absl::StatusOr<DhsaConfig> c = DhsaConfigFromProto(p, DhsaConfig());
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->budget, 1024);
@@ -115,6 +117,8 @@ TEST(DhsaConfigFromProto, SetFieldsWinAndRoundTrip) {
   EXPECT_TRUE(c->shared_heads);
   EXPECT_EQ(c->summary_norm, SummaryNorm::kMean);
   EXPECT_FLOAT_EQ(c->scale, 0.125f);
+  EXPECT_EQ(c->chunk_score, ChunkScore::kMass);
+  EXPECT_EQ(c->score_rows, 8);
   v1::DhsaParams back;
   DhsaConfigToProto(*c, &back);
   EXPECT_EQ(back.SerializeAsString(), p.SerializeAsString());
