@@ -43,9 +43,18 @@ absl::StatusOr<Client> Client::Connect(const std::string& target, const ClientOp
   auto connection = std::make_shared<client_internal::Connection>();
   connection->target = target;
   connection->options = options;
-  connection->channel =
-      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(),
-                                ChannelArgumentsForMessageLimit(options.max_message_bytes));
+  grpc::ChannelArguments args = ChannelArgumentsForMessageLimit(options.max_message_bytes);
+  ChannelSecurity security;
+  security.ca_file = options.tls_ca_file;
+  security.cert_file = options.tls_cert_file;
+  security.key_file = options.tls_key_file;
+  security.server_name = options.tls_server_name;
+  security.token = options.token;
+  security.token_file = options.token_file;
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      MakeChannelCredentials(security, &args);
+  if (!credentials.ok()) return credentials.status();
+  connection->channel = grpc::CreateCustomChannel(target, *credentials, args);
   connection->stub = v1::Attention::NewStub(connection->channel);
   if (options.connect_timeout.count() > 0 &&
       !connection->channel->WaitForConnected(std::chrono::system_clock::now() +

@@ -34,6 +34,15 @@ struct ClientOptions {
   int64_t max_message_bytes = 4 << 20;
   // Connect waits this long for the router to answer (0: connect lazily on the first call).
   std::chrono::milliseconds connect_timeout{10000};
+  // TLS: a PEM CA bundle that verifies the router (TLS is on when set), a client certificate and
+  // key for mutual TLS, and the name the router's certificate carries (default: the target host).
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_server_name;
+  // Bearer token sent with every call (needs TLS), or a file whose first line is it.
+  std::string token;
+  std::string token_file;
 };
 
 struct SequenceOptions {

@@ -8,6 +8,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kernels/common/status_macros.h"
@@ -111,6 +112,7 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   }
 
   void OnDone() override {
+    if (reserved_bytes_ > 0) service_->EndKvCall(client_, reserved_bytes_);
     if (counted_) service_->EndRequest();
     delete this;
   }
@@ -123,11 +125,15 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
       return absl::InvalidArgumentError("the first Prefill message must be a PrefillHeader");
     }
     const v1::PrefillHeader& h = request_.header();
+    client_ = ClientIdentity(*context_);
+    DHSA_RETURN_IF_ERROR(service_->CheckOwner(h.sequence_id(), client_));
     DHSA_ASSIGN_OR_RETURN(seq_, service_->FindForCall(h.sequence_id(), h.layer()));
     if (h.num_tokens() < 1 || h.num_tokens() > kMaxTokensPerCall) {
       return absl::InvalidArgumentError(
           absl::StrCat("num_tokens must be in [1, ", kMaxTokensPerCall, "]; got ", h.num_tokens()));
     }
+    DHSA_RETURN_IF_ERROR(service_->BeginKvCall(client_, h.num_tokens() * seq_->bytes_per_token));
+    reserved_bytes_ = h.num_tokens() * seq_->bytes_per_token;
     layer_ = h.layer();
     want_lse_ = h.want_lse();
     const int64_t n = h.num_tokens();
@@ -245,8 +251,10 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   std::shared_ptr<SequenceState> seq_;
   int layer_ = 0;
   bool want_lse_ = false;
-  bool claimed_ = false;  // BeginLayerCall succeeded.
-  int received_ = 0;      // Tensors complete: q, k, v.
+  std::string client_;          // ClientIdentity of the caller.
+  int64_t reserved_bytes_ = 0;  // KV bytes reserved by BeginKvCall.
+  bool claimed_ = false;        // BeginLayerCall succeeded.
+  int received_ = 0;            // Tensors complete: q, k, v.
   std::vector<int64_t> shapes_[3];
   std::unique_ptr<TensorAssembler> assemblers_[3];
   std::shared_ptr<const Tensor> tensors_[3];
@@ -283,6 +291,23 @@ absl::StatusOr<RouterOptions> RouterOptionsFromServiceConfig(const v1::ServiceCo
   }
   DHSA_ASSIGN_OR_RETURN(o.default_config,
                         DhsaConfigFromProto(config.default_params(), DhsaConfig{}));
+  o.security.cert_file = config.tls().cert_file();
+  o.security.key_file = config.tls().key_file();
+  o.security.client_ca_file = config.tls().client_ca_file();
+  o.security.token_file = config.auth_token_file();
+  o.worker_security.ca_file = config.tls().worker_ca_file();
+  o.worker_security.cert_file = config.tls().worker_client_cert_file();
+  o.worker_security.key_file = config.tls().worker_client_key_file();
+  o.worker_security.server_name = config.tls().worker_server_name();
+  o.worker_security.token_file = config.worker_token_file();
+  if (config.max_sequences_per_client() < 0 || config.max_kv_bytes_per_client() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "router config: max_sequences_per_client and max_kv_bytes_per_client must be >= 0 (0: no "
+        "limit); got ",
+        config.max_sequences_per_client(), " and ", config.max_kv_bytes_per_client()));
+  }
+  o.max_sequences_per_client = config.max_sequences_per_client();
+  o.max_kv_bytes_per_client = config.max_kv_bytes_per_client();
   if (o.max_message_bytes < 4096 || o.stripe_tokens < 1 || o.threads < 0 || o.max_inflight < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "router config: need max_message_bytes >= 4096, stripe_tokens >= 1, threads >= 0 and "
@@ -316,6 +341,9 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Route
   pool_options.dns_target = options.worker_dns;
   pool_options.max_message_bytes = options.max_message_bytes;
   pool_options.probe_interval = options.probe_interval;
+  DHSA_ASSIGN_OR_RETURN(pool_options.credentials,
+                        MakeChannelCredentials(options.worker_security, /*args=*/nullptr));
+  pool_options.ssl_target_name = options.worker_security.server_name;
   DHSA_ASSIGN_OR_RETURN(service->pool_, WorkerPool::Create(pool_options));
   const int threads = options.threads > 0
                           ? options.threads
@@ -384,7 +412,8 @@ int64_t RouterService::CapacityTokens(const SequenceState& seq) const {
 }
 
 absl::Status RouterService::CreateSequenceImpl(const v1::CreateSequenceRequest& request,
-                                               v1::CreateSequenceResponse* response) {
+                                               v1::CreateSequenceResponse* response,
+                                               const std::string& client) {
   const v1::SequenceConfig& c = request.config();
   if (c.num_layers() < 1 || c.num_layers() > kMaxLayers) {
     return absl::InvalidArgumentError(
@@ -443,6 +472,15 @@ absl::Status RouterService::CreateSequenceImpl(const v1::CreateSequenceRequest& 
       return absl::InvalidArgumentError(
           absl::StrCat("sequence id '", id, "' is already in use; release it or pick another"));
     }
+    ClientUsage& usage = clients_[client];
+    if (options_.max_sequences_per_client > 0 &&
+        static_cast<int64_t>(usage.sequences.size()) >= options_.max_sequences_per_client) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("client '", client, "' holds ", usage.sequences.size(),
+                       " sequences, its limit ", "(max_sequences_per_client); release one first"));
+    }
+    usage.sequences.push_back(id);
+    owners_[id] = client;
     seq->id = id;
     seq->rotation = static_cast<int>(created_ % static_cast<uint64_t>(std::max(1, pool_->size())));
     ++created_;
@@ -457,7 +495,7 @@ grpc::ServerUnaryReactor* RouterService::CreateSequence(grpc::CallbackServerCont
                                                         const v1::CreateSequenceRequest* request,
                                                         v1::CreateSequenceResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(CreateSequenceImpl(*request, response)));
+  reactor->Finish(ToGrpcStatus(CreateSequenceImpl(*request, response, ClientIdentity(*context))));
   return reactor;
 }
 
@@ -475,11 +513,15 @@ grpc::ServerUnaryReactor* RouterService::Decode(grpc::CallbackServerContext* con
     reactor->Finish(ToGrpcStatus(admitted));
     return reactor;
   }
-  auto finish = [this, reactor](const absl::Status& status) {
+  const std::string client = ClientIdentity(*context);
+  auto reserved = std::make_shared<int64_t>(0);  // KV bytes reserved by BeginKvCall.
+  auto finish = [this, reactor, client, reserved](const absl::Status& status) {
+    if (*reserved > 0) EndKvCall(client, *reserved);
     EndRequest();
     reactor->Finish(ToGrpcStatus(status));
   };
   auto start = [&]() -> absl::Status {
+    DHSA_RETURN_IF_ERROR(CheckOwner(request->sequence_id(), client));
     DHSA_ASSIGN_OR_RETURN(std::shared_ptr<SequenceState> seq,
                           FindForCall(request->sequence_id(), request->layer()));
     DHSA_ASSIGN_OR_RETURN(Tensor q, TensorFromProto(request->q(), "q"));
@@ -488,6 +530,8 @@ grpc::ServerUnaryReactor* RouterService::Decode(grpc::CallbackServerContext* con
     DHSA_RETURN_IF_ERROR(CheckTensor(q, "q", seq->dtype, {seq->q_heads, 1, seq->head_dim}));
     DHSA_RETURN_IF_ERROR(CheckTensor(k, "k", seq->dtype, {seq->kv_heads, 1, seq->head_dim}));
     DHSA_RETURN_IF_ERROR(CheckTensor(v, "v", seq->dtype, {seq->kv_heads, 1, seq->head_dim}));
+    DHSA_RETURN_IF_ERROR(BeginKvCall(client, seq->bytes_per_token));
+    *reserved = seq->bytes_per_token;
     DHSA_RETURN_IF_ERROR(BeginLayerCall(*seq, request->layer(), /*decode=*/true));
     const bool want_lse = request->want_lse();
     LayerCall::Start(core_, seq, request->layer(), std::make_shared<const Tensor>(std::move(q)),
@@ -513,6 +557,43 @@ grpc::ServerUnaryReactor* RouterService::Decode(grpc::CallbackServerContext* con
   return reactor;
 }
 
+absl::Status RouterService::CheckOwner(const std::string& id, const std::string& client) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = owners_.find(id);
+  if (it == owners_.end() || it->second == client) return absl::OkStatus();
+  // Sequences of an authenticated client are invisible to others; a host-identified one is not
+  // an identity strong enough to hide anything behind.
+  if (absl::StartsWith(it->second, "peer:")) return absl::OkStatus();
+  return absl::NotFoundError(absl::StrCat("no sequence '", id, "' (never created, or released)"));
+}
+
+absl::Status RouterService::BeginKvCall(const std::string& client, int64_t bytes) {
+  if (options_.max_kv_bytes_per_client <= 0) return absl::OkStatus();
+  std::lock_guard<std::mutex> lock(mu_);
+  ClientUsage& usage = clients_[client];
+  int64_t held = usage.reserved_bytes;
+  for (const std::string& id : usage.sequences) {
+    auto it = sequences_.find(id);
+    if (it == sequences_.end()) continue;
+    std::lock_guard<std::mutex> seq_lock(it->second->mu);
+    for (const auto& [worker, b] : it->second->bytes_on_worker) held += b;
+  }
+  if (held + bytes > options_.max_kv_bytes_per_client) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("client '", client, "' holds ", held, " KV bytes; this call's ", bytes,
+                     " more would pass its limit of ", options_.max_kv_bytes_per_client,
+                     " (max_kv_bytes_per_client); release a sequence first"));
+  }
+  usage.reserved_bytes += bytes;
+  return absl::OkStatus();
+}
+
+void RouterService::EndKvCall(const std::string& client, int64_t bytes) {
+  if (options_.max_kv_bytes_per_client <= 0) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  clients_[client].reserved_bytes -= bytes;
+}
+
 absl::Status RouterService::InfoImpl(const std::string& id, v1::SequenceInfo* info) {
   DHSA_ASSIGN_OR_RETURN(std::shared_ptr<SequenceState> seq, FindForCall(id, 0));
   info->set_sequence_id(seq->id);
@@ -532,7 +613,8 @@ grpc::ServerUnaryReactor* RouterService::GetSequenceInfo(grpc::CallbackServerCon
                                                          const v1::GetSequenceInfoRequest* request,
                                                          v1::SequenceInfo* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(InfoImpl(request->sequence_id(), response)));
+  absl::Status owner = CheckOwner(request->sequence_id(), ClientIdentity(*context));
+  reactor->Finish(ToGrpcStatus(owner.ok() ? InfoImpl(request->sequence_id(), response) : owner));
   return reactor;
 }
 
@@ -542,6 +624,11 @@ grpc::ServerUnaryReactor* RouterService::ReleaseSequence(grpc::CallbackServerCon
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   std::shared_ptr<SequenceState> seq;
   std::map<int, int64_t> bytes;
+  const absl::Status owner = CheckOwner(request->sequence_id(), ClientIdentity(*context));
+  if (!owner.ok()) {
+    reactor->Finish(ToGrpcStatus(owner));
+    return reactor;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = sequences_.find(request->sequence_id());
@@ -562,6 +649,12 @@ grpc::ServerUnaryReactor* RouterService::ReleaseSequence(grpc::CallbackServerCon
     seq->released = true;
     bytes = seq->bytes_on_worker;
     sequences_.erase(it);
+    auto owner_it = owners_.find(seq->id);
+    if (owner_it != owners_.end()) {
+      std::vector<std::string>& held = clients_[owner_it->second].sequences;
+      held.erase(std::remove(held.begin(), held.end(), seq->id), held.end());
+      owners_.erase(owner_it);
+    }
   }
   int64_t freed = 0;
   for (const auto& [worker, b] : bytes) {
@@ -600,9 +693,9 @@ grpc::ServerUnaryReactor* RouterService::ReleaseSequence(grpc::CallbackServerCon
 absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(const RouterOptions& options) {
   std::unique_ptr<RouterServer> server(new RouterServer);
   DHSA_ASSIGN_OR_RETURN(server->service_, RouterService::Create(options));
-  DHSA_ASSIGN_OR_RETURN(server->server_,
-                        StartGrpcServer(options.listen_address, options.max_message_bytes,
-                                        {server->service_.get()}, &server->port_));
+  DHSA_ASSIGN_OR_RETURN(
+      server->server_, StartGrpcServer(options.listen_address, options.max_message_bytes,
+                                       {server->service_.get()}, &server->port_, options.security));
   grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService();
   if (health != nullptr) {
     RouterServer* self = server.get();

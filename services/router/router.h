@@ -56,6 +56,7 @@
 #include "dhsa/v1/service_config.pb.h"
 #include "kernels/common/config.h"
 #include "services/common/executor.h"
+#include "services/common/server.h"
 #include "services/router/layer_call.h"
 #include "services/router/placement.h"
 #include "services/router/sequence.h"
@@ -80,6 +81,10 @@ struct RouterOptions {
   // Deadline of each StoreKv and Attend made for a client call that sets no deadline (a client's
   // deadline propagates as is). Positive.
   std::chrono::milliseconds worker_call_timeout{120000};
+  ServerSecurity security;              // TLS and tokens of the public API.
+  ChannelSecurity worker_security;      // TLS (and token) of the calls to the workers.
+  int max_sequences_per_client = 0;     // 0: no limit.
+  int64_t max_kv_bytes_per_client = 0;  // 0: no limit.
 };
 
 // Router options from a ServiceConfig (zero fields keep the defaults above).
@@ -119,9 +124,28 @@ class RouterService final : public v1::Attention::CallbackService {
  private:
   explicit RouterService(const RouterOptions& options);
   absl::Status CreateSequenceImpl(const v1::CreateSequenceRequest& request,
-                                  v1::CreateSequenceResponse* response);
+                                  v1::CreateSequenceResponse* response, const std::string& client);
   absl::Status InfoImpl(const std::string& id, v1::SequenceInfo* info);
   int64_t CapacityTokens(const SequenceState& seq) const;
+
+ public:
+  // Per-client limits and ownership (RouterOptions::max_*_per_client); `client` is
+  // ClientIdentity() of the call. A sequence created by an authenticated client (token or
+  // certificate) is NOT_FOUND to every other client.
+  absl::Status CheckOwner(const std::string& id, const std::string& client);
+  // Reserves `bytes` of KV for a call of `client` on `seq`: RESOURCE_EXHAUSTED when its
+  // sequences' stored bytes plus its reservations would pass the limit. EndKvCall gives it back
+  // when the call has ended (the bytes stored are then counted from the sequence).
+  absl::Status BeginKvCall(const std::string& client, int64_t bytes);
+  void EndKvCall(const std::string& client, int64_t bytes);
+
+ private:
+  struct ClientUsage {
+    std::vector<std::string> sequences;  // Ids it holds.
+    int64_t reserved_bytes = 0;          // KV bytes of its calls in flight.
+  };
+  std::unordered_map<std::string, ClientUsage> clients_;  // Guarded by mu_.
+  std::unordered_map<std::string, std::string> owners_;   // Sequence id -> client; by mu_.
 
   const RouterOptions options_;
   std::unique_ptr<WorkerPool> pool_;

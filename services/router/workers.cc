@@ -112,7 +112,11 @@ void WorkerPool::AddWorkerLocked(const std::string& address) {
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, kMaxReconnectBackoffMs);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 200);
-  w->channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  if (!options_.ssl_target_name.empty()) args.SetSslTargetNameOverride(options_.ssl_target_name);
+  w->channel = grpc::CreateCustomChannel(
+      address,
+      options_.credentials != nullptr ? options_.credentials : grpc::InsecureChannelCredentials(),
+      args);
   w->stub = v1::Worker::NewStub(w->channel);
   workers_.push_back(std::move(w));
   WorkerLoad load;

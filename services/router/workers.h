@@ -8,6 +8,8 @@
 #ifndef DHSA_SERVICES_ROUTER_WORKERS_H_
 #define DHSA_SERVICES_ROUTER_WORKERS_H_
 
+#include <grpcpp/security/credentials.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -31,6 +33,9 @@ struct WorkerPoolOptions {
   int64_t max_message_bytes = 4 << 20;
   std::chrono::milliseconds probe_interval{2000};  // Stats probe and DNS refresh period.
   std::chrono::milliseconds probe_timeout{1000};   // Deadline of one probe.
+  // Credentials of the channels to the workers (TLS, mutual TLS, token); null: plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  std::string ssl_target_name;  // Name the workers' certificates carry (empty: their host).
 };
 
 // Resolves "dns:///name:port" (or "dns:name:port") to "ip:port" strings ("[ip6]:port"), sorted.

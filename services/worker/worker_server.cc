@@ -58,6 +58,10 @@ WorkerOptions WorkerOptionsFromServiceConfig(const v1::ServiceConfig& config) {
   o.threads = config.threads();
   o.max_message_bytes = config.max_message_bytes();
   o.backend = config.backend();
+  o.security.cert_file = config.tls().cert_file();
+  o.security.key_file = config.tls().key_file();
+  o.security.client_ca_file = config.tls().client_ca_file();
+  o.security.token_file = config.auth_token_file();
   return o;
 }
 
@@ -72,8 +76,9 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(const WorkerOp
   service_options.backend = o.backend;
   service_options.test_attend_stall = o.test_attend_stall;
   server->service_ = std::make_unique<WorkerService>(service_options);
-  DHSA_ASSIGN_OR_RETURN(server->server_, StartGrpcServer(o.listen_address, o.max_message_bytes,
-                                                         {server->service_.get()}, &server->port_));
+  DHSA_ASSIGN_OR_RETURN(server->server_,
+                        StartGrpcServer(o.listen_address, o.max_message_bytes,
+                                        {server->service_.get()}, &server->port_, o.security));
   server->server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
   return server;
 }

@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "dhsa/v1/service_config.pb.h"
+#include "services/common/server.h"
 #include "services/worker/worker_service.h"
 
 namespace dhsa {
@@ -27,10 +28,12 @@ struct WorkerOptions {
   // long before computing, or until the caller cancels it or its deadline passes. Lets tests stall
   // a worker to exercise deadlines and the router's rollback.
   absl::Duration test_attend_stall = absl::ZeroDuration();
+  ServerSecurity security;  // TLS, mutual TLS (only the router's certificate) and tokens.
 };
 
 // The worker's fields of a ServiceConfig (listen_address, capacity_bytes, threads,
-// max_message_bytes, backend), zeros kept as zeros (defaults are applied by Start).
+// max_message_bytes, backend, tls and auth_token_file), zeros kept as zeros (defaults are applied
+// by Start).
 WorkerOptions WorkerOptionsFromServiceConfig(const v1::ServiceConfig& config);
 
 class WorkerServer {
