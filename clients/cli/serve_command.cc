@@ -28,9 +28,9 @@ absl::Status Serve(const EmbeddedOptions& options, double drain_seconds, int64_t
                 host.c_str(), port);
   }
   std::printf(
-      "dhsa serve: router on %s with %d workers (stripes of %lld tokens); Ctrl-C or SIGTERM "
+      "dhsa serve: router on %s with %d %s workers (stripes of %lld tokens); Ctrl-C or SIGTERM "
       "stops it\n",
-      service->router_address().c_str(), service->num_workers(),
+      service->router_address().c_str(), service->num_workers(), options.backend.c_str(),
       static_cast<long long>(options.stripe_tokens));
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
@@ -64,6 +64,8 @@ int RunServe(const std::vector<std::string>& args) {
   flags.Int("stripe-tokens", &options.stripe_tokens, "tokens per KV stripe");
   flags.Int("threads", &threads, "threads of the router and of each worker (0: all cores)");
   flags.Int("capacity-bytes", &capacity, "KV bytes per worker (0: half the memory, shared)");
+  flags.String("backend", &options.backend,
+               "workers' backend: cpu, or cuda (builds with CUDA; bf16/fp16, head dim 64/128)");
   flags.Int("max-message-bytes", &max_message, "largest gRPC message; tensors go in pieces");
   flags.Double("drain-seconds", &drain, "how long SIGTERM waits for calls in flight");
   flags.Int("metrics-port", &metrics_port,

@@ -1,11 +1,8 @@
 #include "services/router/embedded.h"
 
-#include <unistd.h>
-
-#include <algorithm>
-
 #include "absl/strings/str_cat.h"
 #include "kernels/common/status_macros.h"
+#include "services/worker/backend.h"
 
 namespace dhsa {
 
@@ -17,9 +14,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedService>> EmbeddedService::Start(
   }
   int64_t capacity = options.capacity_bytes_per_worker;
   if (capacity <= 0) {
-    const int64_t physical = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) *
-                             static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
-    capacity = std::max<int64_t>(int64_t{1} << 26, physical / 2 / options.num_workers);
+    DHSA_ASSIGN_OR_RETURN(capacity, DefaultCapacityBytes(options.backend, options.num_workers));
   }
   std::unique_ptr<EmbeddedService> service(new EmbeddedService);
   router::RouterOptions router_options;
@@ -29,7 +24,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedService>> EmbeddedService::Start(
     w.capacity_bytes = capacity;
     w.threads = options.threads;
     w.max_message_bytes = options.max_message_bytes;
-    w.backend = "cpu";
+    w.backend = options.backend;
     DHSA_ASSIGN_OR_RETURN(std::unique_ptr<WorkerServer> worker, WorkerServer::Start(w));
     router_options.worker_addresses.push_back(absl::StrCat("127.0.0.1:", worker->port()));
     service->workers_.push_back(std::move(worker));

@@ -23,8 +23,10 @@ struct EmbeddedOptions {
   int64_t stripe_tokens = 4096;  // Tokens per KV stripe.
   // Threads of the router's executor and of each worker's attention (0: hardware concurrency).
   int threads = 0;
-  // KV bytes each worker accepts (0: half of physical memory shared by the workers).
+  // KV bytes each worker accepts (0: DefaultCapacityBytes(backend, num_workers), half of physical
+  // memory, or of the device's free memory for "cuda", shared by the workers).
   int64_t capacity_bytes_per_worker = 0;
+  std::string backend = "cpu";  // The workers' backend: "cpu" or "cuda" (builds with CUDA).
   int64_t max_message_bytes = 4 << 20;
   int max_inflight = 64;
   DhsaConfig default_config;                       // For sequences created without parameters.

@@ -1,7 +1,6 @@
 #include "services/worker/kv_store.h"
 
 #include <algorithm>
-#include <cstring>
 #include <iterator>
 #include <utility>
 
@@ -37,7 +36,9 @@ std::string Describe(const KvWrite& w) {
                       w.sequence_id, "' layer ", w.layer);
 }
 
-int64_t BufferBytes(const StripeBuffer& b) { return static_cast<int64_t>(b.k.size() + b.v.size()); }
+int64_t BufferBytes(const StripeBuffer& b) {
+  return static_cast<int64_t>(b.k->size() + b.v->size());
+}
 
 absl::Status CheckTensor(const Tensor& t, absl::string_view name, const KvWrite& w) {
   const std::vector<int64_t> expected = {w.kv_heads, w.num_tokens, w.head_dim};
@@ -52,28 +53,12 @@ absl::Status CheckTensor(const Tensor& t, absl::string_view name, const KvWrite&
 
 // Copies tokens [0, n) of every head of `src` ([heads, n, d]) to rows [at, at + n) of `dst`
 // ([heads, capacity, d]).
-void CopyRows(const Tensor& src, int64_t heads, int64_t n, int64_t row_bytes, int64_t capacity,
-              int64_t at, std::vector<uint8_t>* dst) {
-  for (int64_t h = 0; h < heads; ++h) {
-    std::memcpy(dst->data() + (h * capacity + at) * row_bytes, src.bytes.data() + h * n * row_bytes,
-                static_cast<size_t>(n * row_bytes));
-  }
-}
-
-// A buffer of `capacity` tokens holding the first `len` tokens of `old` (capacity `old_capacity`).
-std::shared_ptr<StripeBuffer> GrowBuffer(const StripeBuffer& old, int64_t heads, int64_t len,
-                                         int64_t row_bytes, int64_t capacity) {
-  auto grown = std::make_shared<StripeBuffer>();
-  grown->capacity_tokens = capacity;
-  grown->k.resize(static_cast<size_t>(heads * capacity * row_bytes));
-  grown->v.resize(grown->k.size());
-  for (int64_t h = 0; h < heads; ++h) {
-    const size_t from = static_cast<size_t>(h * old.capacity_tokens * row_bytes);
-    const size_t to = static_cast<size_t>(h * capacity * row_bytes);
-    std::memcpy(grown->k.data() + to, old.k.data() + from, static_cast<size_t>(len * row_bytes));
-    std::memcpy(grown->v.data() + to, old.v.data() + from, static_cast<size_t>(len * row_bytes));
-  }
-  return grown;
+absl::Status CopyRows(KvMemory& memory, const Tensor& src, int64_t heads, int64_t n,
+                      int64_t row_bytes, int64_t capacity, int64_t at, const KvBlock& dst) {
+  return memory.CopyIn(static_cast<uint8_t*>(dst.data()) + at * row_bytes,
+                       static_cast<size_t>(capacity * row_bytes), src.bytes.data(),
+                       static_cast<size_t>(n * row_bytes), static_cast<size_t>(n * row_bytes),
+                       static_cast<size_t>(heads));
 }
 
 }  // namespace
@@ -81,7 +66,7 @@ std::shared_ptr<StripeBuffer> GrowBuffer(const StripeBuffer& old, int64_t heads,
 HeadsView LayerSnapshot::Keys(size_t i) const {
   const StripeSnapshot& s = stripes[i];
   HeadsView view;
-  view.data = s.buffer->k.data();
+  view.data = s.buffer->k->data();
   view.dtype = dtype;
   view.heads = kv_heads;
   view.len = s.len;
@@ -93,7 +78,7 @@ HeadsView LayerSnapshot::Keys(size_t i) const {
 
 HeadsView LayerSnapshot::Values(size_t i) const {
   HeadsView view = Keys(i);
-  view.data = stripes[i].buffer->v.data();
+  view.data = stripes[i].buffer->v->data();
   return view;
 }
 
@@ -122,7 +107,30 @@ void KvReservation::Release() {
   bytes_ = 0;
 }
 
-KvStore::KvStore(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {}
+KvStore::KvStore(int64_t capacity_bytes, std::shared_ptr<KvMemory> memory)
+    : capacity_bytes_(capacity_bytes),
+      memory_(memory != nullptr ? std::move(memory) : std::make_shared<HostKvMemory>()) {}
+
+absl::StatusOr<std::shared_ptr<StripeBuffer>> KvStore::GrowLocked(const StripeBuffer& old,
+                                                                  int64_t heads, int64_t len,
+                                                                  int64_t row_bytes,
+                                                                  int64_t capacity) {
+  auto grown = std::make_shared<StripeBuffer>();
+  grown->capacity_tokens = capacity;
+  const size_t bytes = static_cast<size_t>(heads * capacity * row_bytes);
+  DHSA_ASSIGN_OR_RETURN(grown->k, memory_->Allocate(bytes));
+  DHSA_ASSIGN_OR_RETURN(grown->v, memory_->Allocate(bytes));
+  const size_t old_pitch = static_cast<size_t>(old.capacity_tokens * row_bytes);
+  const size_t pitch = static_cast<size_t>(capacity * row_bytes);
+  const size_t width = static_cast<size_t>(len * row_bytes);
+  if (width > 0) {
+    DHSA_RETURN_IF_ERROR(memory_->CopyWithin(grown->k->data(), pitch, old.k->data(), old_pitch,
+                                             width, static_cast<size_t>(heads)));
+    DHSA_RETURN_IF_ERROR(memory_->CopyWithin(grown->v->data(), pitch, old.v->data(), old_pitch,
+                                             width, static_cast<size_t>(heads)));
+  }
+  return grown;
+}
 
 int64_t KvStore::WriteBytes(const KvWrite& w) {
   return 2 * w.kv_heads * w.num_tokens * w.head_dim * static_cast<int64_t>(DTypeSize(w.dtype));
@@ -247,17 +255,18 @@ absl::StatusOr<KvCommit> KvStore::Commit(KvReservation reservation, const Tensor
       const int64_t capacity = needed > stripe.buffer->capacity_tokens
                                    ? std::max(2 * stripe.buffer->capacity_tokens, needed)
                                    : stripe.buffer->capacity_tokens;
-      std::shared_ptr<StripeBuffer> grown =
-          GrowBuffer(*stripe.buffer, w.kv_heads, stripe.len, row_bytes, capacity);
+      DHSA_ASSIGN_OR_RETURN(
+          std::shared_ptr<StripeBuffer> grown,
+          GrowLocked(*stripe.buffer, w.kv_heads, stripe.len, row_bytes, capacity));
       allocated_bytes_ += BufferBytes(*grown) - BufferBytes(*stripe.buffer);
       stripe.buffer = std::move(grown);
       stripe.high_water = stripe.len;
     }
     // Rows past every snapshot's length: readers of this buffer never look at them.
-    CopyRows(k, w.kv_heads, w.num_tokens, row_bytes, stripe.buffer->capacity_tokens, stripe.len,
-             &stripe.buffer->k);
-    CopyRows(v, w.kv_heads, w.num_tokens, row_bytes, stripe.buffer->capacity_tokens, stripe.len,
-             &stripe.buffer->v);
+    DHSA_RETURN_IF_ERROR(CopyRows(*memory_, k, w.kv_heads, w.num_tokens, row_bytes,
+                                  stripe.buffer->capacity_tokens, stripe.len, *stripe.buffer->k));
+    DHSA_RETURN_IF_ERROR(CopyRows(*memory_, v, w.kv_heads, w.num_tokens, row_bytes,
+                                  stripe.buffer->capacity_tokens, stripe.len, *stripe.buffer->v));
     stripe.len = needed;
     stripe.high_water = std::max(stripe.high_water, needed);
     out.stripe_begin = it->first;
@@ -268,8 +277,13 @@ absl::StatusOr<KvCommit> KvStore::Commit(KvReservation reservation, const Tensor
     stripe.high_water = w.num_tokens;
     stripe.buffer = std::make_shared<StripeBuffer>();
     stripe.buffer->capacity_tokens = w.num_tokens;
-    stripe.buffer->k = k.bytes;
-    stripe.buffer->v = v.bytes;
+    const size_t bytes = k.bytes.size();
+    DHSA_ASSIGN_OR_RETURN(stripe.buffer->k, memory_->Allocate(bytes));
+    DHSA_ASSIGN_OR_RETURN(stripe.buffer->v, memory_->Allocate(bytes));
+    DHSA_RETURN_IF_ERROR(
+        memory_->CopyIn(stripe.buffer->k->data(), bytes, k.bytes.data(), bytes, bytes, 1));
+    DHSA_RETURN_IF_ERROR(
+        memory_->CopyIn(stripe.buffer->v->data(), bytes, v.bytes.data(), bytes, bytes, 1));
     allocated_bytes_ += BufferBytes(*stripe.buffer);
     stripes.emplace(w.begin, std::move(stripe));
     out.stripe_begin = w.begin;

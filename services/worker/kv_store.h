@@ -1,7 +1,8 @@
 // The worker's KV cache: per (sequence, layer) a set of stripes (contiguous runs of absolute token
 // positions, all KV heads), with capacity accounting in bytes over all sequences.
 //
-// A stripe's keys and values each live in one buffer [Hkv, capacity, d] of the sequence's dtype,
+// A stripe's keys and values each live in one block [Hkv, capacity, d] of the sequence's dtype,
+// in the store's KvMemory (host memory, or device memory for the CUDA backend),
 // head-major with room to grow at the end of every head, so attention reads them in place through
 // HeadsView::head_stride. Appends fill that room and double the buffer (one copy) when it is full.
 // Readers take a snapshot (shared ownership of the buffers plus the lengths at that time): appends
@@ -28,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/tensor.h"
+#include "services/worker/kv_memory.h"
 
 namespace dhsa {
 
@@ -43,11 +45,12 @@ struct KvWrite {
   bool append = false;  // Extend the stripe ending at `begin` instead of starting a new one.
 };
 
-// Memory of one stripe; k and v are [kv_heads, capacity_tokens, head_dim] elements of the dtype.
+// Memory of one stripe; k and v are [kv_heads, capacity_tokens, head_dim] elements of the dtype,
+// in the store's KvMemory.
 struct StripeBuffer {
   int64_t capacity_tokens = 0;
-  std::vector<uint8_t> k;
-  std::vector<uint8_t> v;
+  std::unique_ptr<KvBlock> k;
+  std::unique_ptr<KvBlock> v;
 };
 
 // One stripe as a reader sees it: positions [begin, begin + len).
@@ -65,7 +68,9 @@ struct LayerSnapshot {
   DType dtype = DType::kF32;
   std::vector<StripeSnapshot> stripes;
 
-  // Keys or values of stripe `i` as [kv_heads, len, head_dim] rows at absolute offset `begin`.
+  // Keys or values of stripe `i` as [kv_heads, len, head_dim] rows at absolute offset `begin`
+  // (head_stride = capacity_tokens * head_dim). The data is in the store's KvMemory: device memory
+  // for the CUDA backend.
   HeadsView Keys(size_t i) const;
   HeadsView Values(size_t i) const;
 };
@@ -117,7 +122,8 @@ struct KvCommit {
 
 class KvStore {
  public:
-  explicit KvStore(int64_t capacity_bytes);
+  // Stripes in `memory` (host memory when null).
+  explicit KvStore(int64_t capacity_bytes, std::shared_ptr<KvMemory> memory = nullptr);
 
   // Checks `write` against the stored state (shapes of the sequence, the stripe to append to, no
   // overlap) and reserves its bytes. InvalidArgument for bad fields or shapes that differ from the
@@ -126,7 +132,8 @@ class KvStore {
 
   // Stores k and v (each [kv_heads, num_tokens, head_dim] of the write's dtype) under a reservation
   // from Reserve; the checks are repeated, since the state may have changed meanwhile. On error
-  // nothing is stored and the reservation is released.
+  // nothing is stored and the reservation is released; ResourceExhausted when the memory cannot
+  // allocate the stripe (a device with less free memory than the capacity promised).
   absl::StatusOr<KvCommit> Commit(KvReservation reservation, const Tensor& k, const Tensor& v);
 
   // The stripes of one layer; NotFound if the worker holds none.
@@ -170,7 +177,13 @@ class KvStore {
   void EndReservationLocked(int64_t bytes);
   void ReleaseBytes(int64_t bytes);
 
+  // A buffer of `capacity` tokens holding the first `len` tokens of `old`; mu_ held.
+  absl::StatusOr<std::shared_ptr<StripeBuffer>> GrowLocked(const StripeBuffer& old, int64_t heads,
+                                                           int64_t len, int64_t row_bytes,
+                                                           int64_t capacity);
+
   const int64_t capacity_bytes_;
+  const std::shared_ptr<KvMemory> memory_;
   mutable std::mutex mu_;
   std::map<std::string, Sequence> sequences_;  // Guarded by mu_.
   int64_t held_bytes_ = 0;                     // Guarded by mu_.

@@ -137,4 +137,28 @@ absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionI
   return out;
 }
 
+Selection SelectionForStripe(const Selection& selection, int64_t first_block, int64_t num_blocks,
+                             int64_t lo, int64_t hi, bool* any) {
+  Selection cut;
+  cut.unit = selection.unit;
+  cut.block_size = selection.block_size;
+  cut.first_block = first_block;
+  cut.num_blocks = num_blocks;
+  cut.num_heads = selection.num_heads;
+  cut.group = selection.group;
+  cut.spans.resize(static_cast<size_t>(cut.num_heads * num_blocks));
+  *any = false;
+  for (int64_t h = 0; h < cut.num_heads; ++h) {
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      std::vector<Span>& out = cut.At(h, b);
+      for (const Span& s : selection.At(h, first_block - selection.first_block + b)) {
+        const int64_t begin = std::max(s.begin, lo), end = std::min(s.end, hi);
+        if (begin < end) out.push_back({begin, end});
+      }
+      *any = *any || !out.empty();
+    }
+  }
+  return cut;
+}
+
 }  // namespace dhsa

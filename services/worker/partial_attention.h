@@ -42,6 +42,15 @@ struct PartialAttentionInputs {
 
 absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionInputs& in);
 
+// The per-stripe decomposition of the CUDA backend (one kernel call per stripe, partials merged):
+// the entries of `selection` (kKvHeadBlock) for absolute query blocks [first_block, first_block +
+// num_blocks), each span cut to [lo, hi) (a stripe's held positions, capped at the last query row
+// + 1). `any` tells whether some span is left. Attention over every stripe's cut, merged by LSE,
+// equals attention over the selection (tests/services/worker_backend_test.cc checks it on the CPU
+// kernel).
+Selection SelectionForStripe(const Selection& selection, int64_t first_block, int64_t num_blocks,
+                             int64_t lo, int64_t hi, bool* any);
+
 }  // namespace dhsa
 
 #endif  // DHSA_SERVICES_WORKER_PARTIAL_ATTENTION_H_

@@ -2,7 +2,6 @@
 
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/support/channel_arguments.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <thread>
@@ -19,16 +18,8 @@ constexpr char kDefaultListenAddress[] = "0.0.0.0:50061";
 constexpr int64_t kDefaultMaxMessageBytes = int64_t{4} << 20;
 constexpr char kServiceName[] = "dhsa.v1.Worker";
 
-int64_t HalfOfPhysicalMemory() {
-  const long pages = sysconf(_SC_PHYS_PAGES);
-  const long page_size = sysconf(_SC_PAGESIZE);
-  if (pages <= 0 || page_size <= 0) return int64_t{1} << 30;
-  return static_cast<int64_t>(pages) * page_size / 2;
-}
-
 absl::StatusOr<WorkerOptions> WithDefaults(WorkerOptions o) {
   if (o.listen_address.empty()) o.listen_address = kDefaultListenAddress;
-  if (o.capacity_bytes == 0) o.capacity_bytes = HalfOfPhysicalMemory();
   if (o.threads == 0)
     o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   if (o.max_message_bytes == 0) o.max_message_bytes = kDefaultMaxMessageBytes;
@@ -37,14 +28,6 @@ absl::StatusOr<WorkerOptions> WithDefaults(WorkerOptions o) {
     return absl::InvalidArgumentError(
         absl::StrCat("capacity_bytes, threads and max_message_bytes must not be negative; got ",
                      o.capacity_bytes, ", ", o.threads, " and ", o.max_message_bytes));
-  }
-  if (o.backend == "cuda") {
-    return absl::InvalidArgumentError(
-        "backend \"cuda\": this build has no CUDA backend (use --backend=cpu)");
-  }
-  if (o.backend != "cpu") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown backend \"", o.backend, "\"; expected \"cpu\" or \"cuda\""));
   }
   return o;
 }
@@ -68,6 +51,14 @@ WorkerOptions WorkerOptionsFromServiceConfig(const v1::ServiceConfig& config) {
 absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(const WorkerOptions& options) {
   std::unique_ptr<WorkerServer> server(new WorkerServer());
   DHSA_ASSIGN_OR_RETURN(server->options_, WithDefaults(options));
+  // The backend first: its name is checked (InvalidArgument for "cuda" without CUDA) and the
+  // default capacity depends on it.
+  DHSA_ASSIGN_OR_RETURN(std::unique_ptr<WorkerBackend> backend,
+                        CreateWorkerBackend(server->options_.backend));
+  if (server->options_.capacity_bytes == 0) {
+    DHSA_ASSIGN_OR_RETURN(server->options_.capacity_bytes,
+                          DefaultCapacityBytes(server->options_.backend, 1));
+  }
   const WorkerOptions& o = server->options_;
   WorkerService::Options service_options;
   service_options.capacity_bytes = o.capacity_bytes;
@@ -75,7 +66,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(const WorkerOp
   service_options.max_message_bytes = o.max_message_bytes;
   service_options.backend = o.backend;
   service_options.test_attend_stall = o.test_attend_stall;
-  server->service_ = std::make_unique<WorkerService>(service_options);
+  server->service_ = std::make_unique<WorkerService>(service_options, std::move(backend));
   DHSA_ASSIGN_OR_RETURN(server->server_,
                         StartGrpcServer(o.listen_address, o.max_message_bytes,
                                         {server->service_.get()}, &server->port_, o.security));

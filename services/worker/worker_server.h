@@ -19,11 +19,13 @@ namespace dhsa {
 
 // How to run a worker. Zero / empty fields take the defaults given.
 struct WorkerOptions {
-  std::string listen_address;     // "host:port"; port 0 picks a free one (default 0.0.0.0:50061).
-  int64_t capacity_bytes = 0;     // KV bytes accepted in all (default half of physical memory).
+  std::string listen_address;  // "host:port"; port 0 picks a free one (default 0.0.0.0:50061).
+  // KV bytes accepted in all (default: DefaultCapacityBytes(backend, 1) of backend.h, half of
+  // physical memory for "cpu", half of the device's free memory for "cuda").
+  int64_t capacity_bytes = 0;
   int threads = 0;                // Attention threads (default: hardware concurrency).
   int64_t max_message_bytes = 0;  // gRPC message limit both ways (default 4 MiB).
-  std::string backend;            // "cpu" (default); "cuda" needs a build with the CUDA backend.
+  std::string backend;            // "cpu" (default); "cuda" needs a build with DHSA_WITH_CUDA.
   // TEST ONLY (never set in production; no flag or config field sets it): every Attend waits this
   // long before computing, or until the caller cancels it or its deadline passes. Lets tests stall
   // a worker to exercise deadlines and the router's rollback.
@@ -39,7 +41,8 @@ WorkerOptions WorkerOptionsFromServiceConfig(const v1::ServiceConfig& config);
 class WorkerServer {
  public:
   // Starts serving; health reports "" and "dhsa.v1.Worker" SERVING. InvalidArgument for bad
-  // options (including backend "cuda" in a build without CUDA), Unavailable if it cannot listen.
+  // options (including backend "cuda" in a build without CUDA), FailedPrecondition for "cuda"
+  // without a usable device, Unavailable if it cannot listen.
   static absl::StatusOr<std::unique_ptr<WorkerServer>> Start(const WorkerOptions& options);
 
   // Shuts down with no drain time if Shutdown was not called.

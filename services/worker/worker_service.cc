@@ -23,8 +23,8 @@ namespace dhsa {
 class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::StoreKvRequest> {
  public:
   StoreKvReactor(grpc::CallbackServerContext* context, v1::StoreKvResponse* response,
-                 KvStore* store)
-      : context_(context), response_(response), store_(store) {
+                 KvStore* store, const WorkerBackend* backend)
+      : context_(context), response_(response), store_(store), backend_(backend) {
     StartRead(&request_);
   }
 
@@ -62,6 +62,7 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
       w.head_dim = h.head_dim();
       DHSA_ASSIGN_OR_RETURN(w.dtype, FromProtoDType(h.dtype()));
       w.append = h.append();
+      DHSA_RETURN_IF_ERROR(backend_->CheckLayout(w.head_dim, w.dtype));
       DHSA_ASSIGN_OR_RETURN(reservation_, store_->Reserve(w));
       k_.emplace("k", reservation_.bytes() / 2);
       v_.emplace("v", reservation_.bytes() / 2);
@@ -99,6 +100,7 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
   grpc::CallbackServerContext* const context_;
   v1::StoreKvResponse* const response_;
   KvStore* const store_;
+  const WorkerBackend* const backend_;
   v1::StoreKvRequest request_;
   Stage stage_ = Stage::kHeader;
   KvReservation reservation_;
@@ -112,8 +114,12 @@ class WorkerService::AttendReactor final
     : public grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse> {
  public:
   AttendReactor(grpc::CallbackServerContext* context, const WorkerService::Options& options,
-                KvStore* store, Executor* executor)
-      : context_(context), options_(options), store_(store), executor_(executor) {
+                KvStore* store, WorkerBackend* backend, Executor* executor)
+      : context_(context),
+        options_(options),
+        store_(store),
+        backend_(backend),
+        executor_(executor) {
     StartRead(&request_);
   }
 
@@ -243,7 +249,7 @@ class WorkerService::AttendReactor final
     // Share the pool's threads among the jobs in flight (this one included).
     in.num_threads = std::max(1, executor_->num_threads() / std::max(1, executor_->pending()));
     in.cancelled = [this] { return context_->IsCancelled(); };
-    DHSA_ASSIGN_OR_RETURN(const PartialAttention result, ComputePartialAttention(in));
+    DHSA_ASSIGN_OR_RETURN(const PartialAttention result, backend_->Compute(in));
     metrics::ObserveWorkerAttention(options_.backend, result.seconds);
     snapshot_.reset();  // Let a concurrent Drop free the stripes while the reply is sent.
 
@@ -263,6 +269,7 @@ class WorkerService::AttendReactor final
   grpc::CallbackServerContext* const context_;
   const WorkerService::Options& options_;
   KvStore* const store_;
+  WorkerBackend* const backend_;
   Executor* const executor_;
   v1::AttendRequest request_;
   // Set by the header.
@@ -276,8 +283,21 @@ class WorkerService::AttendReactor final
   std::deque<v1::AttendResponse> responses_;
 };
 
-WorkerService::WorkerService(const Options& options)
-    : options_(options), store_(options.capacity_bytes), executor_(options.threads) {
+namespace {
+
+std::unique_ptr<WorkerBackend> OrCpuBackend(std::unique_ptr<WorkerBackend> backend) {
+  if (backend != nullptr) return backend;
+  absl::StatusOr<std::unique_ptr<WorkerBackend>> cpu = CreateWorkerBackend("cpu");
+  return *std::move(cpu);  // The CPU backend always exists.
+}
+
+}  // namespace
+
+WorkerService::WorkerService(const Options& options, std::unique_ptr<WorkerBackend> backend)
+    : options_(options),
+      backend_(OrCpuBackend(std::move(backend))),
+      store_(options.capacity_bytes, backend_->memory()),
+      executor_(options.threads) {
   metrics::AddWorkerSource(this, options_.backend, [this] {
     const KvStats s = store_.Stats();
     return metrics::KvGauges{s.capacity_bytes, s.held_bytes, s.allocated_bytes, s.sequences,
@@ -289,12 +309,12 @@ WorkerService::~WorkerService() { metrics::RemoveSource(this); }
 
 grpc::ServerReadReactor<v1::StoreKvRequest>* WorkerService::StoreKv(
     grpc::CallbackServerContext* context, v1::StoreKvResponse* response) {
-  return new StoreKvReactor(context, response, &store_);
+  return new StoreKvReactor(context, response, &store_, backend_.get());
 }
 
 grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* WorkerService::Attend(
     grpc::CallbackServerContext* context) {
-  return new AttendReactor(context, options_, &store_, &executor_);
+  return new AttendReactor(context, options_, &store_, backend_.get(), &executor_);
 }
 
 grpc::ServerUnaryReactor* WorkerService::Drop(grpc::CallbackServerContext* context,
@@ -334,8 +354,15 @@ grpc::ServerUnaryReactor* WorkerService::Stats(grpc::CallbackServerContext* cont
   response->set_allocated_bytes(stats.allocated_bytes);
   response->set_sequences(stats.sequences);
   response->set_stripes(stats.stripes);
-  response->set_backend(options_.backend);
+  response->set_backend(backend_->name());
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::StatusOr<DeviceMemoryInfo> device = backend_->DeviceMemory();
+  if (!device.ok()) {
+    reactor->Finish(ToGrpcStatus(device.status()));
+    return reactor;
+  }
+  response->set_device_memory_total_bytes(device->total_bytes);
+  response->set_device_memory_free_bytes(device->free_bytes);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -9,6 +9,7 @@
 #include "absl/time/time.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "services/common/executor.h"
+#include "services/worker/backend.h"
 #include "services/worker/kv_store.h"
 
 namespace dhsa {
@@ -19,13 +20,14 @@ class WorkerService final : public v1::Worker::CallbackService {
     int64_t capacity_bytes = 0;     // KV bytes accepted in all.
     int threads = 1;                // Executor threads (attention jobs and their kernel threads).
     int64_t max_message_bytes = 0;  // Message limit; response tensors go in pieces below it.
-    std::string backend = "cpu";    // Reported by Stats.
+    std::string backend = "cpu";    // Metrics label (Stats reports the backend object's name).
     // Test only (WorkerOptions::test_attend_stall): every Attend waits this long on the executor,
     // or until it is cancelled, before it computes.
     absl::Duration test_attend_stall = absl::ZeroDuration();
   };
 
-  explicit WorkerService(const Options& options);
+  // Stripes and attention on `backend` (the CPU backend when null).
+  WorkerService(const Options& options, std::unique_ptr<WorkerBackend> backend = nullptr);
   // Runs the attention jobs still queued; the gRPC server must be shut down first.
   ~WorkerService() override;
 
@@ -48,6 +50,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   class AttendReactor;
 
   const Options options_;
+  const std::unique_ptr<WorkerBackend> backend_;
   KvStore store_;
   Executor executor_;
 };

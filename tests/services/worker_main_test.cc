@@ -102,7 +102,9 @@ TEST(WorkerBinary, BadCommandLinesExitTwo) {
   for (const std::vector<std::string>& args : {std::vector<std::string>{"--no-such-flag"},
                                                {"--threads"},
                                                {"--threads=-3"},
+#ifndef DHSA_TEST_WITH_CUDA  // Without CUDA in the build: a usage error.
                                                {"--backend=cuda", "--listen=127.0.0.1:0"},
+#endif
                                                {"--config=/nonexistent/worker.json"}}) {
     SCOPED_TRACE(args[0]);
     Child child = Spawn(args);
