@@ -36,10 +36,12 @@ class WorkerTest : public ::testing::Test {
     StartWorker(int64_t{1} << 30);
   }
 
-  void StartWorker(int64_t capacity_bytes) {
+  // `stall`: WorkerOptions::test_attend_stall (every Attend waits that long, or until cancelled).
+  void StartWorker(int64_t capacity_bytes, absl::Duration stall = absl::ZeroDuration()) {
     stub_.reset();
     server_.reset();
     WorkerOptions options;
+    options.test_attend_stall = stall;
     options.listen_address = "127.0.0.1:0";
     options.capacity_bytes = capacity_bytes;
     options.threads = 2;
@@ -498,7 +500,9 @@ TEST_F(WorkerTest, SpansOutsideHeldKeysFailPrecondition) {
 
 TEST_F(WorkerTest, DeadlineEndsAttend) {
   SCOPED_TRACE(Seed());
-  // Heavy compute (16 heads x 1000 rows x ~19500 keys on the reference kernel), light upload.
+  // The Attend stalls on the worker (test_attend_stall) past the 300 ms deadline: the fast CPU
+  // kernel alone may finish this call in time on a fast machine.
+  StartWorker(int64_t{1} << 30, absl::Seconds(30));
   const int64_t lk = 20000, d = 4;
   const Tensor k = RandomNormal(DType::kF32, {1, lk, d}, rng_);
   for (int64_t b = 0; b < lk; b += 2500) ASSERT_TRUE(Store("s", 0, b, b + 2500, false, k, k).ok());
