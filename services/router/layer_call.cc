@@ -105,10 +105,7 @@ absl::Status LayerCall::PlanAndStore() {
   Summaries rho;
   if (layer.layout.chunked()) {
     qv.offset = t0_;
-    rho = QueryBlockSummariesCpu(
-        qv, hkv_, config.q_block,
-        config.policy == Policy::kBlockTopk ? SummaryNorm::kMean : config.summary_norm,
-        core_.kernel_threads);
+    rho = ScoreQuerySummariesCpu(qv, hkv_, config, core_.kernel_threads);
   }
   SelectionInputs in;
   in.shape = {hq_, hkv_, dim_, lq, lk_};

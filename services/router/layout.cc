@@ -47,7 +47,7 @@ Tensor ConcatRows(const Tensor& a, const Tensor& b) {
 
 LayerLayout::LayerLayout(const DhsaConfig& config, int64_t kv_heads, int64_t head_dim, DType dtype)
     : config_(config),
-      norm_(config.policy == Policy::kBlockTopk ? SummaryNorm::kMean : config.summary_norm),
+      norm_(ChunkSummaryNorm(config)),
       chunked_(config.policy == Policy::kDhsa || config.policy == Policy::kBlockTopk),
       kv_heads_(kv_heads),
       head_dim_(head_dim),

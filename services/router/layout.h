@@ -71,7 +71,7 @@ class LayerLayout {
 
  private:
   DhsaConfig config_;  // For block_topk: fixed boundaries of `block` keys.
-  SummaryNorm norm_;   // kMean for block_topk.
+  SummaryNorm norm_;   // ChunkSummaryNorm(config).
   bool chunked_;
   int64_t kv_heads_;
   int64_t head_dim_;

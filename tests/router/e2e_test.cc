@@ -20,9 +20,17 @@ TEST_P(EveryPolicyTest, MatchesTheReferenceThroughPrefillChunkedPrefillAndDecode
   Harness h = Harness::Start(GetParam(), /*stripe_tokens=*/256);
   ASSERT_NE(h.client, nullptr);
   constexpr int64_t kHq = 4, kHkv = 2, kDim = 32, kLen = 1025, kFirst = 600, kSteps = 3;
-  for (Policy policy : {Policy::kDhsa, Policy::kBlockTopk, Policy::kStreaming, Policy::kDense}) {
-    SCOPED_TRACE(PolicyName(policy));
-    const DhsaConfig config = SmallConfig(policy);
+  // Every policy, and dhsa with the mass chunk score (query summaries per query head and piece).
+  DhsaConfig mass = SmallConfig(Policy::kDhsa);
+  mass.chunk_score = ChunkScore::kMass;
+  mass.q_block = 16;
+  mass.score_rows = 8;
+  for (const DhsaConfig& config :
+       {SmallConfig(Policy::kDhsa), mass, SmallConfig(Policy::kBlockTopk),
+        SmallConfig(Policy::kStreaming), SmallConfig(Policy::kDense)}) {
+    SCOPED_TRACE(::testing::Message()
+                 << PolicyName(config.policy)
+                 << (config.chunk_score == ChunkScore::kMass ? " (mass score)" : ""));
     const Inputs in = MakeInputs(rng, kHq, kHkv, kLen + kSteps, kDim);
     Sequence seq = h.Create(config, /*layers=*/2, kHq, kHkv, kDim);
 
