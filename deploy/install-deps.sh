@@ -11,6 +11,7 @@ packages=(
   python3-numpy python3-grpcio python3-protobuf python3-pytest
   clang-format
   prometheus python3-yaml
+  openssl
 )
 
 missing=()
