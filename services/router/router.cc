@@ -112,7 +112,7 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   }
 
   void OnDone() override {
-    if (reserved_bytes_ > 0) service_->EndKvCall(client_, reserved_bytes_);
+    ReleaseKvReservation();
     if (counted_) service_->EndRequest();
     delete this;
   }
@@ -187,6 +187,9 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
       std::lock_guard<std::mutex> lock(mu_);
       started_ = true;  // The call has given the layer back itself.
     }
+    // Committed or rolled back: the reservation ends before the client can hear of it, so that
+    // the client's next call is checked against what is held now.
+    ReleaseKvReservation();
     for (auto& t : tensors_) t.reset();
     if (!out.ok()) {
       Fail(out.status());
@@ -240,7 +243,18 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
       if (finished_) return;
       finished_ = true;
     }
+    ReleaseKvReservation();
     Finish(status);
+  }
+
+  // Gives back the bytes BeginKvCall reserved, once.
+  void ReleaseKvReservation() {
+    int64_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::swap(bytes, reserved_bytes_);
+    }
+    if (bytes > 0) service_->EndKvCall(client_, bytes);
   }
 
   RouterService* const service_;
@@ -252,7 +266,7 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   int layer_ = 0;
   bool want_lse_ = false;
   std::string client_;          // ClientIdentity of the caller.
-  int64_t reserved_bytes_ = 0;  // KV bytes reserved by BeginKvCall.
+  int64_t reserved_bytes_ = 0;  // KV bytes reserved by BeginKvCall; guarded by mu_ once set.
   bool claimed_ = false;        // BeginLayerCall succeeded.
   int received_ = 0;            // Tensors complete: q, k, v.
   std::vector<int64_t> shapes_[3];
