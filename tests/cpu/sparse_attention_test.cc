@@ -273,18 +273,7 @@ TEST(SparseAttentionCpuTest, KeyRunsWithGapsAttendOnlyTheHeldKeys) {
     for (float x : out.o) ASSERT_FALSE(std::isnan(x)) << "an output element was not written";
     for (float x : out.lse) ASSERT_FALSE(std::isnan(x)) << "an lse element was not written";
 
-    Selection clipped = sel;
-    for (std::vector<Span>& spans : clipped.spans) {
-      std::vector<Span> kept;
-      for (const Span& s : spans) {
-        for (const auto& [begin, end] : ranges) {
-          if (std::max(s.begin, begin) < std::min(s.end, end)) {
-            kept.push_back({std::max(s.begin, begin), std::min(s.end, end)});
-          }
-        }
-      }
-      spans = kept;
-    }
+    const Selection clipped = testing::ClipToHeld(sel, ranges);
     SparseAttentionParams whole = p;
     whole.k = in.kv;
     whole.v = in.vv;

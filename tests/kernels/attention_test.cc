@@ -209,21 +209,6 @@ TEST(SparseAttentionTest, GroupHeadsShareTheirKvHead) {
   EXPECT_EQ(std::memcmp(o + 2 * 64 * 64, o + 3 * 64 * 64, 64 * 64 * sizeof(float)), 0);
 }
 
-// The spans of `sel` cut to the positions in `held` ([begin, end) ranges, sorted).
-Selection ClipToHeld(Selection sel, const std::vector<std::pair<int64_t, int64_t>>& held) {
-  for (std::vector<Span>& spans : sel.spans) {
-    std::vector<Span> clipped;
-    for (const Span& s : spans) {
-      for (const auto& [begin, end] : held) {
-        const int64_t b = std::max(s.begin, begin), e = std::min(s.end, end);
-        if (b < e) clipped.push_back({b, e});
-      }
-    }
-    spans = clipped;
-  }
-  return sel;
-}
-
 // A worker holds its stripes as separate runs, with gaps where other workers' stripes lie: the
 // result is attention over the held selected keys only; runs that cover every key change nothing.
 TEST(SparseAttentionTest, KeyRunsAttendOnlyTheKeysTheyHold) {
@@ -277,7 +262,7 @@ TEST(SparseAttentionTest, KeyRunsAttendOnlyTheKeysTheyHold) {
     p.num_threads = 2;
     ASSERT_TRUE(SparseAttentionReference(p).ok());
     std::vector<double> want_o, want_lse;
-    NaiveSelectedAttention(q, k, v, ClipToHeld(sel, ranges), p.scale, &want_o, &want_lse);
+    NaiveSelectedAttention(q, k, v, testing::ClipToHeld(sel, ranges), p.scale, &want_o, &want_lse);
     double max_o = 0, max_lse = 0;
     for (size_t i = 0; i < o.size(); ++i) max_o = std::max(max_o, std::abs(o[i] - want_o[i]));
     for (size_t i = 0; i < lse.size(); ++i) {

@@ -2,13 +2,16 @@
 #ifndef DHSA_TESTS_KERNELS_TEST_UTIL_H_
 #define DHSA_TESTS_KERNELS_TEST_UTIL_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/common/tensor.h"
+#include "kernels/selection/selection.h"
 
 namespace dhsa::testing {
 
@@ -101,6 +104,21 @@ inline double MaxAbsDiff(const Tensor& a, const Tensor& b) {
     worst = std::max(worst, std::abs(static_cast<double>(a.Get(i)) - b.Get(i)));
   }
   return worst;
+}
+
+// The spans of `sel` cut to the positions in `held` ([begin, end) ranges, sorted).
+inline Selection ClipToHeld(Selection sel, const std::vector<std::pair<int64_t, int64_t>>& held) {
+  for (std::vector<Span>& spans : sel.spans) {
+    std::vector<Span> clipped;
+    for (const Span& s : spans) {
+      for (const auto& [begin, end] : held) {
+        const int64_t b = std::max(s.begin, begin), e = std::min(s.end, end);
+        if (b < e) clipped.push_back({b, e});
+      }
+    }
+    spans = clipped;
+  }
+  return sel;
 }
 
 }  // namespace dhsa::testing
