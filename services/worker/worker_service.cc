@@ -297,7 +297,8 @@ WorkerService::WorkerService(const Options& options, std::unique_ptr<WorkerBacke
     : options_(options),
       backend_(OrCpuBackend(std::move(backend))),
       store_(options.capacity_bytes, backend_->memory()),
-      executor_(options.threads) {
+      executor_(options.threads),
+      data_plane_(options.data_plane) {
   metrics::AddWorkerSource(this, options_.backend, [this] {
     const KvStats s = store_.Stats();
     return metrics::KvGauges{s.capacity_bytes, s.held_bytes, s.allocated_bytes, s.sequences,
@@ -363,7 +364,30 @@ grpc::ServerUnaryReactor* WorkerService::Stats(grpc::CallbackServerContext* cont
   }
   response->set_device_memory_total_bytes(device->total_bytes);
   response->set_device_memory_free_bytes(device->free_bytes);
+  data_plane_.FillStats(response);
   reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::JoinCommunicator(
+    grpc::CallbackServerContext* context, const v1::JoinCommunicatorRequest* request,
+    v1::JoinCommunicatorResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  data_plane_.JoinAsync(*request, [reactor, response](absl::StatusOr<v1::CommunicatorInfo> info) {
+    if (info.ok()) *response->mutable_communicator() = *std::move(info);
+    reactor->Finish(ToGrpcStatus(info.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::LeaveCommunicator(
+    grpc::CallbackServerContext* context, const v1::LeaveCommunicatorRequest* request,
+    v1::LeaveCommunicatorResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  data_plane_.LeaveAsync(*request, [reactor, response](bool found) {
+    response->set_found(found);
+    reactor->Finish(grpc::Status::OK);
+  });
   return reactor;
 }
 

@@ -9,6 +9,7 @@
 #include "absl/time/time.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "services/common/executor.h"
+#include "services/transport/data_plane.h"
 #include "services/worker/backend.h"
 #include "services/worker/kv_store.h"
 
@@ -24,6 +25,8 @@ class WorkerService final : public v1::Worker::CallbackService {
     // Test only (WorkerOptions::test_attend_stall): every Attend waits this long on the executor,
     // or until it is cancelled, before it computes.
     absl::Duration test_attend_stall = absl::ZeroDuration();
+    // NCCL communicators with the router (JoinCommunicator; services/transport).
+    transport::DataPlaneOptions data_plane;
   };
 
   // Stripes and attention on `backend` (the CPU backend when null).
@@ -44,6 +47,14 @@ class WorkerService final : public v1::Worker::CallbackService {
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context,
                                   const v1::StatsRequest* request,
                                   v1::StatsResponse* response) override;
+  grpc::ServerUnaryReactor* JoinCommunicator(grpc::CallbackServerContext* context,
+                                             const v1::JoinCommunicatorRequest* request,
+                                             v1::JoinCommunicatorResponse* response) override;
+  grpc::ServerUnaryReactor* LeaveCommunicator(grpc::CallbackServerContext* context,
+                                              const v1::LeaveCommunicatorRequest* request,
+                                              v1::LeaveCommunicatorResponse* response) override;
+  // The worker's NCCL communicators (the data plane reads tensors through them).
+  transport::WorkerDataPlane& data_plane() { return data_plane_; }
 
  private:
   class StoreKvReactor;
@@ -53,6 +64,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   const std::unique_ptr<WorkerBackend> backend_;
   KvStore store_;
   Executor executor_;
+  transport::WorkerDataPlane data_plane_;
 };
 
 }  // namespace dhsa
