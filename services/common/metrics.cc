@@ -144,8 +144,22 @@ class Core {
                          static_cast<double>(stats.causal_pairs()));
     }
     m.tokens->Increment(static_cast<double>(tokens));
-    to_workers_.Increment(static_cast<double>(stats.bytes_to_workers()));
-    from_workers_.Increment(static_cast<double>(stats.bytes_from_workers()));
+    Counter* to = &to_workers_;
+    Counter* from = &from_workers_;
+    if (!stats.transport().empty() && stats.transport() != "grpc") {
+      std::lock_guard<std::mutex> lock(mu_);  // One pair of series per transport.
+      auto& slot = transfer_by_transport_[stats.transport()];
+      if (slot.first == nullptr) {
+        slot.first =
+            &transfer_.Add({{"transport", stats.transport()}, {"direction", "to_workers"}});
+        slot.second =
+            &transfer_.Add({{"transport", stats.transport()}, {"direction", "from_workers"}});
+      }
+      to = slot.first;
+      from = slot.second;
+    }
+    to->Increment(static_cast<double>(stats.bytes_to_workers()));
+    from->Increment(static_cast<double>(stats.bytes_from_workers()));
   }
 
   void ObserveWorkerAttention(absl::string_view backend, double seconds) {
@@ -218,6 +232,8 @@ class Core {
   Counter& kv_stored_;
   Counter& to_workers_;
   Counter& from_workers_;
+  // Guarded by mu_: "shm", "nccl" -> (to_workers, from_workers).
+  std::map<std::string, std::pair<Counter*, Counter*>> transfer_by_transport_;
 
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<MethodMetrics>> methods_;  // Guarded by mu_.

@@ -25,6 +25,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedService>> EmbeddedService::Start(
     w.threads = options.threads;
     w.max_message_bytes = options.max_message_bytes;
     w.backend = options.backend;
+    w.data_plane = options.data_plane;
     DHSA_ASSIGN_OR_RETURN(std::unique_ptr<WorkerServer> worker, WorkerServer::Start(w));
     router_options.worker_addresses.push_back(absl::StrCat("127.0.0.1:", worker->port()));
     service->workers_.push_back(std::move(worker));
@@ -36,6 +37,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedService>> EmbeddedService::Start(
   router_options.max_inflight = options.max_inflight;
   router_options.default_config = options.default_config;
   router_options.probe_interval = options.probe_interval;
+  router_options.data_plane = options.data_plane;
   DHSA_ASSIGN_OR_RETURN(service->router_, router::RouterServer::Start(router_options));
   std::string host = options.listen_address.substr(0, options.listen_address.rfind(':'));
   if (host.empty() || host == "0.0.0.0" || host == "[::]") host = "127.0.0.1";

@@ -31,6 +31,8 @@ struct EmbeddedOptions {
   int max_inflight = 64;
   DhsaConfig default_config;                       // For sequences created without parameters.
   std::chrono::milliseconds probe_interval{1000};  // How fast the router notices a worker down.
+  // Router <-> worker tensors (default "auto": shared memory, since all run in this process).
+  v1::DataPlaneConfig data_plane;
 };
 
 class EmbeddedService {

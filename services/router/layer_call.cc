@@ -1,6 +1,7 @@
 #include "services/router/layer_call.h"
 
 #include <algorithm>
+#include <cstring>
 #include <set>
 #include <utility>
 
@@ -20,6 +21,48 @@ namespace {
 
 double Seconds(std::chrono::steady_clock::duration d) {
   return std::chrono::duration<double>(d).count();
+}
+
+// Rows [row_begin, row_end) of `t` ([heads, len, dim], or [heads, len] with dim 1) copied into a
+// new region of `arena` and described as tensor `name` in `desc`; null, with nothing described,
+// when the arena has no room (the tensor then goes over gRPC bytes).
+std::unique_ptr<transport::ShmRegion> CopyToArena(transport::ShmArena& arena, const Tensor& t,
+                                                  int64_t row_begin, int64_t row_end,
+                                                  const char* name, v1::TensorDescriptor* desc) {
+  const int64_t heads = t.shape[0];
+  const int64_t len = t.shape[1];
+  const int64_t dim = t.shape.size() > 2 ? t.shape[2] : 1;
+  const int64_t row_bytes = dim * static_cast<int64_t>(DTypeSize(t.dtype));
+  const int64_t rows = row_end - row_begin;
+  std::unique_ptr<transport::ShmRegion> region = arena.Allocate(heads * rows * row_bytes);
+  if (region == nullptr) return nullptr;
+  const uint8_t* src = static_cast<const uint8_t*>(t.data());
+  for (int64_t h = 0; h < heads; ++h) {
+    std::memcpy(region->data() + h * rows * row_bytes, src + (h * len + row_begin) * row_bytes,
+                static_cast<size_t>(rows * row_bytes));
+  }
+  desc->set_name(name);
+  desc->set_dtype(ToProtoDType(t.dtype));
+  desc->add_shape(heads);
+  desc->add_shape(rows);
+  if (t.shape.size() > 2) desc->add_shape(dim);
+  region->Describe(desc->mutable_shm());
+  return region;
+}
+
+// An empty region of `bytes` for a float32 tensor `name` of `shape` the worker writes.
+std::unique_ptr<transport::ShmRegion> OutputRegion(transport::ShmArena& arena,
+                                                   const std::vector<int64_t>& shape,
+                                                   const char* name, v1::TensorDescriptor* desc) {
+  int64_t bytes = static_cast<int64_t>(sizeof(float));
+  for (int64_t d : shape) bytes *= d;
+  std::unique_ptr<transport::ShmRegion> region = arena.Allocate(bytes);
+  if (region == nullptr) return nullptr;
+  desc->set_name(name);
+  desc->set_dtype(v1::DTYPE_FLOAT32);
+  for (int64_t d : shape) desc->add_shape(d);
+  region->Describe(desc->mutable_shm());
+  return region;
 }
 
 }  // namespace
@@ -131,6 +174,17 @@ absl::Status LayerCall::PlanAndStore() {
   DHSA_ASSIGN_OR_RETURN(works_, PlanAttention(selection, t0_, lk_, new_stripes_));
   out_.stats.set_selection_seconds(Seconds(Clock::now() - stage_start_));
 
+  // The data plane of this call: one transport for every worker it touches.
+  std::set<int> touched;
+  for (const StorePiece& p : pieces_) touched.insert(p.worker);
+  for (const WorkerWork& w : works_) touched.insert(w.worker);
+  if (!touched.empty()) {
+    DHSA_ASSIGN_OR_RETURN(const transport::TransportChoice choice,
+                          core_.pool->ChooseTransport({touched.begin(), touched.end()}));
+    transport_ = choice.kind;
+  }
+  out_.stats.set_transport(transport::KindName(transport_));
+
   // Store the new keys and values: one StoreKv per piece, all at once.
   stage_start_ = Clock::now();
   {
@@ -173,8 +227,26 @@ absl::Status LayerCall::PlanAndStore() {
       std::lock_guard<std::mutex> lock(mu_);
       store_sent_[i] = true;
     }
+    Regions regions;
+    if (transport_ == transport::Kind::kShm) {
+      // "k" and "v" through the worker's arena when both fit (else both as pieces).
+      if (std::shared_ptr<transport::ShmLink> link = core_.pool->ShmLinkOf(p.worker)) {
+        v1::StoreKvHeader described = header;
+        regions.push_back(CopyToArena(link->r2w(), *k_, p.begin - t0_, p.end - t0_, "k",
+                                      described.add_tensors()));
+        if (regions.back() != nullptr) {
+          regions.push_back(CopyToArena(link->r2w(), *v_, p.begin - t0_, p.end - t0_, "v",
+                                        described.add_tensors()));
+        }
+        if (regions.back() != nullptr) {
+          header = std::move(described);
+        } else {
+          regions.clear();
+        }
+      }
+    }
     StoreKvCall::Start(core_.pool->stub(p.worker), context, header, k_, v_, p.begin - t0_,
-                       p.end - t0_, core_.piece_bytes, std::move(on_done));
+                       p.end - t0_, core_.piece_bytes, std::move(regions), std::move(on_done));
   }
   return absl::OkStatus();
 }
@@ -236,8 +308,29 @@ void LayerCall::AfterStores() {
       on_done(absl::CancelledError("the client cancelled the call"), PartialResult{});
       continue;
     }
+    std::unique_ptr<transport::ShmRegion> q_region;
+    std::shared_ptr<transport::ShmRegion> o_region, lse_region;
+    if (transport_ == transport::Kind::kShm) {
+      // Each of "q" and the pair ("o", "lse") through the arenas when it fits, else as pieces.
+      if (std::shared_ptr<transport::ShmLink> link = core_.pool->ShmLinkOf(w.worker)) {
+        q_region = CopyToArena(link->r2w(), *q_, w.row_begin - t0_, w.row_end - t0_, "q",
+                               header.mutable_q_tensor());
+        if (q_region == nullptr) header.clear_q_tensor();
+        const int64_t rows = w.row_end - w.row_begin;
+        o_region = OutputRegion(link->w2r(), {hq_, rows, dim_}, "o", header.mutable_o_tensor());
+        if (o_region != nullptr) {
+          lse_region = OutputRegion(link->w2r(), {hq_, rows}, "lse", header.mutable_lse_tensor());
+        }
+        if (lse_region == nullptr) {
+          o_region.reset();
+          header.clear_o_tensor();
+          header.clear_lse_tensor();
+        }
+      }
+    }
     AttendCall::Start(core_.pool->stub(w.worker), context, header, q_, w.row_begin - t0_,
-                      w.row_end - t0_, core_.piece_bytes, std::move(on_done));
+                      w.row_end - t0_, core_.piece_bytes, std::move(q_region), std::move(o_region),
+                      std::move(lse_region), std::move(on_done));
   }
 }
 
@@ -275,8 +368,7 @@ absl::StatusOr<LayerCallOutput> LayerCall::MergeAndCommit() {
           " and lse ", ShapeString(p.lse.shape), "; expected float32 [", hq_, ", ", rows, ", ",
           dim_, "] and [", hq_, ", ", rows, "]"));
     }
-    out_.stats.set_bytes_from_workers(out_.stats.bytes_from_workers() +
-                                      static_cast<int64_t>(p.o.bytes.size() + p.lse.bytes.size()));
+    out_.stats.set_bytes_from_workers(out_.stats.bytes_from_workers() + p.byte_size());
     out_.stats.set_worker_kernel_seconds(
         std::max(out_.stats.worker_kernel_seconds(), p.result.attention_seconds()));
   }
@@ -301,8 +393,7 @@ absl::StatusOr<LayerCallOutput> LayerCall::MergeAndCommit() {
         if (w.row_begin > a || w.row_end < b) continue;
         const int64_t rows = w.row_end - w.row_begin;
         const int64_t first = g * rows + (a - w.row_begin);
-        parts.push_back({static_cast<const float*>(partials_[i].o.data()) + first * dim_,
-                         static_cast<const float*>(partials_[i].lse.data()) + first});
+        parts.push_back({partials_[i].o_data() + first * dim_, partials_[i].lse_data() + first});
       }
       const int64_t first = g * lq + (a - t0_);
       absl::Status merged =

@@ -107,6 +107,7 @@ class LayerCall : public std::enable_shared_from_this<LayerCall> {
 
   // Shapes of the call: queries [t0_, lk_).
   int64_t hq_ = 0, hkv_ = 0, dim_ = 0, t0_ = 0, lk_ = 0;
+  transport::Kind transport_ = transport::Kind::kGrpc;  // Of this call's worker tensors.
   LayoutDelta delta_;
   std::vector<StorePiece> pieces_;
   std::vector<Stripe> new_stripes_;

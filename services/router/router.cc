@@ -322,6 +322,7 @@ absl::StatusOr<RouterOptions> RouterOptionsFromServiceConfig(const v1::ServiceCo
   }
   o.max_sequences_per_client = config.max_sequences_per_client();
   o.max_kv_bytes_per_client = config.max_kv_bytes_per_client();
+  o.data_plane = config.data_plane();
   if (o.max_message_bytes < 4096 || o.stripe_tokens < 1 || o.threads < 0 || o.max_inflight < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "router config: need max_message_bytes >= 4096, stripe_tokens >= 1, threads >= 0 and "
@@ -358,6 +359,8 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Route
   DHSA_ASSIGN_OR_RETURN(pool_options.credentials,
                         MakeChannelCredentials(options.worker_security, /*args=*/nullptr));
   pool_options.ssl_target_name = options.worker_security.server_name;
+  DHSA_ASSIGN_OR_RETURN(pool_options.data_plane,
+                        transport::DataPlaneOptionsFromProto(options.data_plane));
   DHSA_ASSIGN_OR_RETURN(service->pool_, WorkerPool::Create(pool_options));
   const int threads = options.threads > 0
                           ? options.threads

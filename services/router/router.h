@@ -85,6 +85,7 @@ struct RouterOptions {
   ChannelSecurity worker_security;      // TLS (and token) of the calls to the workers.
   int max_sequences_per_client = 0;     // 0: no limit.
   int64_t max_kv_bytes_per_client = 0;  // 0: no limit.
+  v1::DataPlaneConfig data_plane;       // Router <-> worker tensors (services/transport).
 };
 
 // Router options from a ServiceConfig (zero fields keep the defaults above).

@@ -8,17 +8,21 @@
 namespace dhsa::router {
 
 StoreKvCall::StoreKvCall(std::shared_ptr<const Tensor> k, std::shared_ptr<const Tensor> v,
-                         int64_t row_begin, int64_t row_end, int64_t piece_bytes, Done done)
-    : k_(std::move(k), row_begin, row_end, "k", piece_bytes),
-      v_(std::move(v), row_begin, row_end, "v", piece_bytes),
-      done_(std::move(done)) {}
+                         int64_t row_begin, int64_t row_end, int64_t piece_bytes, Regions regions,
+                         Done done)
+    : regions_(std::move(regions)), done_(std::move(done)) {
+  if (regions_.empty()) {
+    k_.emplace(std::move(k), row_begin, row_end, "k", piece_bytes);
+    v_.emplace(std::move(v), row_begin, row_end, "v", piece_bytes);
+  }
+}
 
 void StoreKvCall::Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
                         const v1::StoreKvHeader& header, std::shared_ptr<const Tensor> k,
                         std::shared_ptr<const Tensor> v, int64_t row_begin, int64_t row_end,
-                        int64_t piece_bytes, Done done) {
-  auto* call =
-      new StoreKvCall(std::move(k), std::move(v), row_begin, row_end, piece_bytes, std::move(done));
+                        int64_t piece_bytes, Regions regions, Done done) {
+  auto* call = new StoreKvCall(std::move(k), std::move(v), row_begin, row_end, piece_bytes,
+                               std::move(regions), std::move(done));
   stub->async()->StoreKv(context, &call->response_, call);
   *call->request_.mutable_header() = header;
   call->StartWrite(&call->request_);
@@ -27,7 +31,7 @@ void StoreKvCall::Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
 
 void StoreKvCall::WriteNext() {
   v1::TensorPiece* piece = request_.mutable_piece();
-  if (k_.Next(piece) || v_.Next(piece)) {
+  if (k_.has_value() && (k_->Next(piece) || v_->Next(piece))) {
     StartWrite(&request_);
   } else {
     half_closed_ = true;
@@ -61,26 +65,40 @@ void StoreKvCall::OnDone(const grpc::Status& grpc_status) {
         may_have_stored = true;
     }
   }
-  done_(std::move(status), may_have_stored);
-  delete this;
+  Done done = std::move(done_);
+  delete this;  // Frees the regions first: the next call may reuse them at once.
+  done(std::move(status), may_have_stored);
 }
 
 AttendCall::AttendCall(grpc::ClientContext* context, std::shared_ptr<const Tensor> q,
                        int64_t row_begin, int64_t row_end, int64_t piece_bytes, int64_t o_bytes,
                        Done done)
     : context_(context),
-      q_(std::move(q), row_begin, row_end, "q", piece_bytes),
+      o_shape_({q->shape[0], row_end - row_begin, q->shape[2]}),
       done_(std::move(done)),
       o_("o", o_bytes),
-      lse_("lse", o_bytes) {}
+      lse_("lse", o_bytes) {
+  q_.emplace(std::move(q), row_begin, row_end, "q", piece_bytes);
+}
 
 void AttendCall::Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
                        const v1::AttendHeader& header, std::shared_ptr<const Tensor> q,
-                       int64_t row_begin, int64_t row_end, int64_t piece_bytes, Done done) {
+                       int64_t row_begin, int64_t row_end, int64_t piece_bytes,
+                       std::unique_ptr<transport::ShmRegion> q_region,
+                       std::shared_ptr<transport::ShmRegion> o_region,
+                       std::shared_ptr<transport::ShmRegion> lse_region, Done done) {
   const int64_t o_bytes =
       q->shape[0] * (row_end - row_begin) * q->shape[2] * static_cast<int64_t>(sizeof(float));
   auto* call = new AttendCall(context, std::move(q), row_begin, row_end, piece_bytes, o_bytes,
                               std::move(done));
+  if (header.has_q_tensor()) {
+    call->q_.reset();
+    call->q_region_ = std::move(q_region);
+  }
+  if (header.has_o_tensor()) {
+    call->partial_.o_region = std::move(o_region);
+    call->partial_.lse_region = std::move(lse_region);
+  }
   stub->async()->Attend(context, call);
   *call->request_.mutable_header() = header;
   call->StartWrite(&call->request_);
@@ -89,7 +107,7 @@ void AttendCall::Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
 }
 
 void AttendCall::WriteNext() {
-  if (q_.Next(request_.mutable_piece())) {
+  if (q_.has_value() && q_->Next(request_.mutable_piece())) {
     StartWrite(&request_);
   } else {
     StartWritesDone();
@@ -112,7 +130,10 @@ void AttendCall::OnReadDone(bool ok) {
   if (!ok) return;  // The worker finished; OnDone follows.
   absl::Status status;
   if (response_.has_piece()) {
-    status = o_.complete() ? lse_.Add(response_.piece()) : o_.Add(response_.piece());
+    status = partial_.o_region != nullptr
+                 ? absl::InternalError("pieces for tensors the header placed in shared memory")
+             : o_.complete() ? lse_.Add(response_.piece())
+                             : o_.Add(response_.piece());
   } else if (response_.has_result()) {
     have_result_ = true;
     partial_.result = response_.result();
@@ -133,7 +154,17 @@ void AttendCall::OnDone(const grpc::Status& grpc_status) {
     status = error_;
   }
   if (status.ok()) status = FromGrpcStatus(grpc_status);
-  if (status.ok()) {
+  if (status.ok() && partial_.o_region != nullptr) {
+    if (!have_result_) {
+      status = absl::InternalError("Attend answer incomplete: no result");
+    } else {
+      // The data stays in the regions; the tensors say what it is.
+      partial_.o.dtype = DType::kF32;
+      partial_.o.shape = o_shape_;
+      partial_.lse.dtype = DType::kF32;
+      partial_.lse.shape = {o_shape_[0], o_shape_[1]};
+    }
+  } else if (status.ok()) {
     absl::StatusOr<Tensor> o = o_.Take();
     absl::StatusOr<Tensor> lse = lse_.Take();
     if (!o.ok() || !lse.ok() || !have_result_) {
@@ -145,8 +176,11 @@ void AttendCall::OnDone(const grpc::Status& grpc_status) {
       partial_.lse = *std::move(lse);
     }
   }
-  done_(std::move(status), std::move(partial_));
-  delete this;
+  if (!status.ok()) partial_ = PartialResult{};  // Frees the output regions now.
+  Done done = std::move(done_);
+  PartialResult partial = std::move(partial_);
+  delete this;  // Frees the "q" region.
+  done(std::move(status), std::move(partial));
 }
 
 void DropOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id,

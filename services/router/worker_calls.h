@@ -11,18 +11,26 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "kernels/common/tensor.h"
 #include "services/common/wire.h"
 #include "services/router/pieces.h"
+#include "services/transport/shm_arena.h"
 
 namespace dhsa::router {
 
+// Shared-memory regions a call sends from; freed (or quarantined while the worker still has them
+// pinned) when the call ends.
+using Regions = std::vector<std::unique_ptr<transport::ShmRegion>>;
+
 // StoreKv: the header, then "k" and "v" rows [row_begin, row_end) of the call's new keys and
-// values.
+// values; or, when the header describes them (StoreKvHeader.tensors, in `regions`), the header
+// alone.
 class StoreKvCall : public grpc::ClientWriteReactor<v1::StoreKvRequest> {
  public:
   // `may_have_stored`: true when the call succeeded, or failed in a way that leaves its outcome
@@ -35,39 +43,59 @@ class StoreKvCall : public grpc::ClientWriteReactor<v1::StoreKvRequest> {
   static void Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
                     const v1::StoreKvHeader& header, std::shared_ptr<const Tensor> k,
                     std::shared_ptr<const Tensor> v, int64_t row_begin, int64_t row_end,
-                    int64_t piece_bytes, Done done);
+                    int64_t piece_bytes, Regions regions, Done done);
 
   void OnWriteDone(bool ok) override;
   void OnDone(const grpc::Status& status) override;
 
  private:
   StoreKvCall(std::shared_ptr<const Tensor> k, std::shared_ptr<const Tensor> v, int64_t row_begin,
-              int64_t row_end, int64_t piece_bytes, Done done);
+              int64_t row_end, int64_t piece_bytes, Regions regions, Done done);
   void WriteNext();
 
-  PieceStream k_;
-  PieceStream v_;
+  std::optional<PieceStream> k_;  // Unset when "k" and "v" go out of band.
+  std::optional<PieceStream> v_;
+  Regions regions_;
   Done done_;
   v1::StoreKvRequest request_;
   v1::StoreKvResponse response_;
   bool half_closed_ = false;  // Every piece was written and StartWritesDone issued.
 };
 
-// What a worker's Attend returned: o [Hq, rows, d] and lse [Hq, rows] float32.
+// What a worker's Attend returned: o [Hq, rows, d] and lse [Hq, rows] float32. Over gRPC bytes
+// `o` and `lse` hold the data; over shared memory they carry dtype and shape only and the data is
+// in the regions (read in place, held until this result is destroyed).
 struct PartialResult {
   Tensor o;
   Tensor lse;
   v1::AttendResult result;
+  std::shared_ptr<transport::ShmRegion> o_region;
+  std::shared_ptr<transport::ShmRegion> lse_region;
+
+  const float* o_data() const {
+    return static_cast<const float*>(o_region ? o_region->data() : o.data());
+  }
+  const float* lse_data() const {
+    return static_cast<const float*>(lse_region ? lse_region->data() : lse.data());
+  }
+  int64_t byte_size() const {
+    return o_region ? o_region->bytes() + lse_region->bytes()
+                    : static_cast<int64_t>(o.bytes.size() + lse.bytes.size());
+  }
 };
 
-// Attend: the header, then "q" rows [row_begin, row_end) of the call's queries; reads "o", "lse"
-// and the result.
+// Attend: the header, then "q" rows [row_begin, row_end) of the call's queries (none when the
+// header's q_tensor describes them, in `q_region`); reads "o", "lse" and the result (the result
+// alone when the header's o_tensor and lse_tensor name `o_region` and `lse_region`).
 class AttendCall : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendResponse> {
  public:
   using Done = std::function<void(absl::Status, PartialResult)>;
   static void Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
                     const v1::AttendHeader& header, std::shared_ptr<const Tensor> q,
-                    int64_t row_begin, int64_t row_end, int64_t piece_bytes, Done done);
+                    int64_t row_begin, int64_t row_end, int64_t piece_bytes,
+                    std::unique_ptr<transport::ShmRegion> q_region,
+                    std::shared_ptr<transport::ShmRegion> o_region,
+                    std::shared_ptr<transport::ShmRegion> lse_region, Done done);
 
   void OnWriteDone(bool ok) override;
   void OnReadDone(bool ok) override;
@@ -80,7 +108,9 @@ class AttendCall : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendR
   void Fail(absl::Status status);
 
   grpc::ClientContext* context_;
-  PieceStream q_;
+  std::optional<PieceStream> q_;  // Unset when "q" goes out of band.
+  std::unique_ptr<transport::ShmRegion> q_region_;
+  std::vector<int64_t> o_shape_;  // [Hq, rows, d].
   Done done_;
   v1::AttendRequest request_;
   v1::AttendResponse response_;

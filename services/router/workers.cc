@@ -4,8 +4,10 @@
 #include <grpcpp/security/credentials.h>
 #include <netdb.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <iostream>
 #include <set>
 
 #include "absl/strings/match.h"
@@ -71,7 +73,8 @@ absl::StatusOr<std::vector<std::string>> ResolveDnsTarget(const std::string& tar
   return std::vector<std::string>(out.begin(), out.end());
 }
 
-WorkerPool::WorkerPool(const WorkerPoolOptions& options) : options_(options) {}
+WorkerPool::WorkerPool(const WorkerPoolOptions& options)
+    : options_(options), name_(absl::StrCat("router-", getpid())) {}
 
 absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Create(const WorkerPoolOptions& options) {
   if (options.addresses.empty() && options.dns_target.empty()) {
@@ -103,6 +106,14 @@ WorkerPool::~WorkerPool() {
   }
   cv_.notify_all();
   if (prober_.joinable()) prober_.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    if (workers_[i]->shm != nullptr) {
+      transport::ShmLink::DetachAsync(workers_[i]->stub.get(), workers_[i]->shm,
+                                      options_.probe_timeout);
+      workers_[i]->shm.reset();
+    }
+  }
 }
 
 void WorkerPool::AddWorkerLocked(const std::string& address) {
@@ -173,8 +184,43 @@ void WorkerPool::ReportCallStatus(int worker, const absl::Status& status) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     loads_[static_cast<size_t>(worker)].available = false;
+    DropShmLocked(worker, std::string(status.message()));
   }
   NotifyIfChanged();
+}
+
+void WorkerPool::DropShmLocked(int worker, const std::string& why) {
+  Worker& w = *workers_[static_cast<size_t>(worker)];
+  w.shm_unsupported = false;  // Whoever answers at this address next gets asked again.
+  if (w.shm == nullptr) return;
+  // Regions of calls in flight keep the router's mappings until those calls end; the worker's
+  // mappings went with it (or go with the detach).
+  transport::ShmLink::DetachAsync(w.stub.get(), w.shm, options_.probe_timeout);
+  w.shm.reset();
+  std::cerr << "dhsa-router: worker " << w.address
+            << ": shared-memory data plane dropped (gRPC bytes until it is back): " << why
+            << std::endl;
+}
+
+std::shared_ptr<transport::ShmLink> WorkerPool::ShmLinkOf(int worker) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return workers_[static_cast<size_t>(worker)]->shm;
+}
+
+absl::StatusOr<transport::TransportChoice> WorkerPool::ChooseTransport(
+    const std::vector<int>& workers) const {
+  std::vector<transport::PeerState> peers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int w : workers) {
+      transport::PeerState p;
+      p.address = workers_[static_cast<size_t>(w)]->address;
+      p.shm_ready = workers_[static_cast<size_t>(w)]->shm != nullptr;
+      peers.push_back(std::move(p));
+    }
+  }
+  // NCCL communicators are not wired into the router's calls yet: never chosen here.
+  return transport::ChooseTransport(options_.data_plane.mode, /*nccl_built=*/false, peers);
 }
 
 bool WorkerPool::AnyAvailable() const {
@@ -242,15 +288,63 @@ void WorkerPool::ProbeNow() {
     std::unique_lock<std::mutex> lock(done_mu);
     done_cv.wait(lock, [&] { return remaining == 0; });
   }
+  std::vector<size_t> connect;  // Workers that answered and need a shared-memory link.
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (size_t i = 0; i < probes.size(); ++i) {
       WorkerLoad& load = loads_[i];
       load.available = probes[i]->status.ok() && listed[i];
       if (probes[i]->status.ok()) load.capacity_bytes = probes[i]->response.capacity_bytes();
+      if (options_.data_plane.mode == transport::Mode::kGrpc) continue;
+      Worker& w = *workers_[i];
+      if (!probes[i]->status.ok()) {
+        DropShmLocked(static_cast<int>(i), probes[i]->status.error_message());
+        continue;
+      }
+      if (w.shm != nullptr) {
+        // A worker that restarted at the same address no longer holds our arenas.
+        const auto& arenas = probes[i]->response.arenas();
+        const bool held = std::any_of(arenas.begin(), arenas.end(), [&](const v1::ArenaInfo& a) {
+          return a.arena_id() == w.shm->r2w().id();
+        });
+        if (!held) DropShmLocked(static_cast<int>(i), "the worker no longer holds its arenas");
+      }
+      if (w.shm == nullptr && !w.shm_unsupported && listed[i]) connect.push_back(i);
     }
   }
   NotifyIfChanged();
+  if (connect.empty()) return;
+  std::lock_guard<std::mutex> connecting(connect_mu_);
+  for (size_t i : connect) {
+    v1::Worker::Stub* stub;
+    int generation;
+    std::string address;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (workers_[i]->shm != nullptr) continue;  // Another ProbeNow got there first.
+      stub = workers_[i]->stub.get();
+      generation = ++workers_[i]->shm_generation;
+      address = workers_[i]->address;
+    }
+    absl::StatusOr<std::shared_ptr<transport::ShmLink>> link =
+        transport::ShmLink::Connect(stub, name_, static_cast<int>(i), generation,
+                                    options_.data_plane.shm_arena_bytes, options_.probe_timeout);
+    std::lock_guard<std::mutex> lock(mu_);
+    Worker& w = *workers_[i];
+    if (link.ok()) {
+      w.shm = *std::move(link);
+      std::cerr << "dhsa-router: worker " << address
+                << ": shared-memory data plane up (2 arenas of "
+                << options_.data_plane.shm_arena_bytes << " bytes)" << std::endl;
+    } else {
+      // Another host (or an older worker without AttachArena): gRPC bytes from now on.
+      w.shm_unsupported = link.status().code() == absl::StatusCode::kFailedPrecondition ||
+                          link.status().code() == absl::StatusCode::kUnimplemented;
+      std::cerr << "dhsa-router: worker " << address
+                << ": no shared-memory data plane, gRPC bytes: " << link.status().message()
+                << std::endl;
+    }
+  }
 }
 
 void WorkerPool::ProbeLoop() {

@@ -24,6 +24,8 @@
 #include "absl/status/statusor.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "services/router/placement.h"
+#include "services/transport/options.h"
+#include "services/transport/shm_link.h"
 
 namespace dhsa::router {
 
@@ -36,6 +38,9 @@ struct WorkerPoolOptions {
   // Credentials of the channels to the workers (TLS, mutual TLS, token); null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   std::string ssl_target_name;  // Name the workers' certificates carry (empty: their host).
+  // The data plane (ServiceConfig.data_plane): unless its mode is kGrpc, a worker that answers a
+  // probe gets a shared-memory link (transport/shm_link.h) when it runs on this host.
+  transport::DataPlaneOptions data_plane;
 };
 
 // Resolves "dns:///name:port" (or "dns:name:port") to "ip:port" strings ("[ip6]:port"), sorted.
@@ -71,8 +76,15 @@ class WorkerPool {
   // Called (from the probe thread or a reporting thread) whenever AnyAvailable() changes.
   void SetAvailabilityListener(std::function<void(bool)> listener);
 
-  // Re-resolves DNS and probes every worker now, waiting for the answers.
+  // Re-resolves DNS and probes every worker now, waiting for the answers; connects the
+  // shared-memory data plane of workers that answer and lack it (or lost it: restarted).
   void ProbeNow();
+
+  // The shared-memory link with `worker`, or null (other host, mode grpc, worker down).
+  std::shared_ptr<transport::ShmLink> ShmLinkOf(int worker) const;
+  // The transport of a call on `workers` (transport::ChooseTransport; logs nothing).
+  absl::StatusOr<transport::TransportChoice> ChooseTransport(const std::vector<int>& workers) const;
+  const transport::DataPlaneOptions& data_plane() const { return options_.data_plane; }
 
  private:
   struct Worker {
@@ -80,6 +92,10 @@ class WorkerPool {
     std::shared_ptr<grpc::Channel> channel;
     std::unique_ptr<v1::Worker::Stub> stub;
     bool listed = true;  // Still in the DNS answer (always true for a fixed list).
+    std::shared_ptr<transport::ShmLink> shm;  // Shared-memory data plane, when connected.
+    // The worker could not map our arenas (another host): not retried until it is lost and back.
+    bool shm_unsupported = false;
+    int shm_generation = 0;
   };
 
   explicit WorkerPool(const WorkerPoolOptions& options);
@@ -87,6 +103,8 @@ class WorkerPool {
   void RefreshDnsLocked();
   void ProbeLoop();
   void NotifyIfChanged();
+  // Drops the shared-memory link of `worker` (logs why); mu_ held.
+  void DropShmLocked(int worker, const std::string& why);
 
   const WorkerPoolOptions options_;
   mutable std::mutex mu_;
@@ -96,6 +114,8 @@ class WorkerPool {
   bool last_any_available_ = false;               // Guarded by mu_.
   bool stopping_ = false;                         // Guarded by mu_.
   std::condition_variable cv_;
+  std::mutex connect_mu_;   // One ProbeNow connects at a time.
+  const std::string name_;  // "router-<pid>": prefix of arena ids.
   std::thread prober_;
 };
 

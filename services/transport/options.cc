@@ -1,5 +1,6 @@
 #include "services/transport/options.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -18,7 +19,17 @@ absl::StatusOr<absl::Duration> Timeout(double seconds, double default_seconds, c
 
 }  // namespace
 
-const char* KindName(Kind kind) { return kind == Kind::kNccl ? "nccl" : "grpc"; }
+const char* KindName(Kind kind) {
+  switch (kind) {
+    case Kind::kNccl:
+      return "nccl";
+    case Kind::kShm:
+      return "shm";
+    case Kind::kGrpc:
+      break;
+  }
+  return "grpc";
+}
 
 bool NcclBuilt() {
 #ifdef DHSA_TRANSPORT_WITH_NCCL
@@ -37,10 +48,19 @@ absl::StatusOr<DataPlaneOptions> DataPlaneOptionsFromProto(const v1::DataPlaneCo
     o.mode = Mode::kGrpc;
   } else if (t == "nccl") {
     o.mode = Mode::kNccl;
+  } else if (t == "shm") {
+    o.mode = Mode::kShm;
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
-        "data_plane.transport must be \"auto\", \"grpc\" or \"nccl\"; got \"", t, "\""));
+        "data_plane.transport must be \"auto\", \"grpc\", \"shm\" or \"nccl\"; got \"", t, "\""));
   }
+  if (config.shm_arena_bytes() < 0 ||
+      (config.shm_arena_bytes() > 0 && config.shm_arena_bytes() < (int64_t{1} << 20))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("data_plane.shm_arena_bytes must be 0 (default 1 GiB) or >= 1 MiB; got ",
+                     config.shm_arena_bytes()));
+  }
+  if (config.shm_arena_bytes() > 0) o.shm_arena_bytes = config.shm_arena_bytes();
   for (int d : config.router_devices()) {
     if (d < 0) {
       return absl::InvalidArgumentError(
@@ -70,26 +90,47 @@ absl::StatusOr<TransportChoice> ChooseTransport(Mode mode, bool nccl_built,
     return absl::InvalidArgumentError("a sequence with no worker has no transport to choose");
   }
   if (mode == Mode::kGrpc) return TransportChoice{Kind::kGrpc, "data_plane.transport is grpc"};
-  if (!nccl_built) {
-    if (mode == Mode::kNccl) {
-      return absl::UnavailableError(
-          "data_plane.transport is nccl but this router was built without NCCL "
-          "(-DDHSA_WITH_NCCL=ON)");
+  const auto first_without = [&](bool PeerState::*ready) -> const PeerState* {
+    for (const PeerState& w : workers) {
+      if (!(w.*ready)) return &w;
     }
-    return TransportChoice{Kind::kGrpc, "built without NCCL"};
-  }
-  for (const PeerState& w : workers) {
-    if (!w.communicator_ready) {
-      const std::string why =
-          absl::StrCat("worker ", w.address, " shares no ready NCCL communicator with the router");
-      if (mode == Mode::kNccl) {
-        return absl::UnavailableError(absl::StrCat("data_plane.transport is nccl but ", why));
-      }
-      return TransportChoice{Kind::kGrpc, why};
+    return nullptr;
+  };
+  const PeerState* no_comm = first_without(&PeerState::communicator_ready);
+  const PeerState* no_shm = first_without(&PeerState::shm_ready);
+  const std::string no_comm_why =
+      !nccl_built          ? std::string("this router was built without NCCL (-DDHSA_WITH_NCCL=ON)")
+      : no_comm != nullptr ? absl::StrCat("worker ", no_comm->address,
+                                          " shares no ready NCCL communicator with the router")
+                           : std::string();
+  const std::string no_shm_why =
+      no_shm != nullptr ? absl::StrCat("worker ", no_shm->address,
+                                       " shares no shared-memory arena with the router")
+                        : std::string();
+  if (mode == Mode::kNccl) {
+    if (!no_comm_why.empty()) {
+      return absl::UnavailableError(absl::StrCat("data_plane.transport is nccl but ", no_comm_why));
     }
+    return TransportChoice{
+        Kind::kNccl, absl::StrCat("all ", workers.size(), " workers share a ready communicator")};
   }
-  return TransportChoice{
-      Kind::kNccl, absl::StrCat("all ", workers.size(), " workers share a ready communicator")};
+  if (mode == Mode::kShm) {
+    if (!no_shm_why.empty()) {
+      return absl::UnavailableError(absl::StrCat("data_plane.transport is shm but ", no_shm_why));
+    }
+    return TransportChoice{
+        Kind::kShm, absl::StrCat("all ", workers.size(), " workers share arenas (same host)")};
+  }
+  if (no_comm_why.empty()) {
+    return TransportChoice{
+        Kind::kNccl, absl::StrCat("all ", workers.size(), " workers share a ready communicator")};
+  }
+  if (no_shm_why.empty()) {
+    return TransportChoice{
+        Kind::kShm,
+        absl::StrCat("all ", workers.size(), " workers share arenas (same host); ", no_comm_why)};
+  }
+  return TransportChoice{Kind::kGrpc, absl::StrCat(no_comm_why, "; ", no_shm_why)};
 }
 
 }  // namespace dhsa::transport

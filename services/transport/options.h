@@ -3,6 +3,7 @@
 #ifndef DHSA_SERVICES_TRANSPORT_OPTIONS_H_
 #define DHSA_SERVICES_TRANSPORT_OPTIONS_H_
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -12,11 +13,11 @@
 
 namespace dhsa::transport {
 
-enum class Kind { kGrpc, kNccl };
-// "grpc" or "nccl": the value of the metrics' `transport` label and of the logs.
+enum class Kind { kGrpc, kNccl, kShm };
+// "grpc", "nccl" or "shm": the value of the metrics' `transport` label and of the logs.
 const char* KindName(Kind kind);
 
-enum class Mode { kAuto, kGrpc, kNccl };
+enum class Mode { kAuto, kGrpc, kNccl, kShm };
 
 struct DataPlaneOptions {
   Mode mode = Mode::kAuto;
@@ -24,6 +25,7 @@ struct DataPlaneOptions {
   int device = 0;                   // Worker's device.
   absl::Duration setup_timeout = absl::Seconds(30);
   absl::Duration transfer_timeout = absl::Seconds(60);
+  int64_t shm_arena_bytes = int64_t{1} << 30;  // Router: each shared-memory arena.
 };
 
 // The options of `config` with defaults for zero fields. InvalidArgument for an unknown transport
@@ -38,6 +40,8 @@ struct PeerState {
   std::string address;
   // The router and this worker share a communicator in state "ready".
   bool communicator_ready = false;
+  // The router and this worker share shared-memory arenas (same host; shm_arena.h).
+  bool shm_ready = false;
 };
 
 struct TransportChoice {
@@ -46,8 +50,9 @@ struct TransportChoice {
 };
 
 // The transport of a sequence's worker calls: kNccl when the mode allows it, this build has NCCL
-// and every worker of the sequence shares a ready communicator with the router; kGrpc otherwise.
-// Mode kNccl without that is Unavailable (naming the first worker without a communicator); a
+// and every worker of the sequence shares a ready communicator with the router; else kShm when the
+// mode allows it and every worker shares arenas with the router; kGrpc otherwise. Mode kNccl (kShm)
+// without that is Unavailable (naming the first worker without a communicator (arenas)); a
 // sequence with no worker is InvalidArgument.
 absl::StatusOr<TransportChoice> ChooseTransport(Mode mode, bool nccl_built,
                                                 const std::vector<PeerState>& workers);

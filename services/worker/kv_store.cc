@@ -53,10 +53,10 @@ absl::Status CheckTensor(const Tensor& t, absl::string_view name, const KvWrite&
 
 // Copies tokens [0, n) of every head of `src` ([heads, n, d]) to rows [at, at + n) of `dst`
 // ([heads, capacity, d]).
-absl::Status CopyRows(KvMemory& memory, const Tensor& src, int64_t heads, int64_t n,
+absl::Status CopyRows(KvMemory& memory, const void* src, int64_t heads, int64_t n,
                       int64_t row_bytes, int64_t capacity, int64_t at, const KvBlock& dst) {
   return memory.CopyIn(static_cast<uint8_t*>(dst.data()) + at * row_bytes,
-                       static_cast<size_t>(capacity * row_bytes), src.bytes.data(),
+                       static_cast<size_t>(capacity * row_bytes), src,
                        static_cast<size_t>(n * row_bytes), static_cast<size_t>(n * row_bytes),
                        static_cast<size_t>(heads));
 }
@@ -225,6 +225,15 @@ absl::StatusOr<KvCommit> KvStore::Commit(KvReservation reservation, const Tensor
   const KvWrite& w = reservation.write_;
   DHSA_RETURN_IF_ERROR(CheckTensor(k, "k", w));
   DHSA_RETURN_IF_ERROR(CheckTensor(v, "v", w));
+  return CommitRaw(std::move(reservation), k.bytes.data(), v.bytes.data());
+}
+
+absl::StatusOr<KvCommit> KvStore::CommitRaw(KvReservation reservation, const void* k,
+                                            const void* v) {
+  if (reservation.store_ != this) {
+    return absl::InternalError("KvStore::Commit called without a reservation of this store");
+  }
+  const KvWrite& w = reservation.write_;
   const int64_t row_bytes = w.head_dim * static_cast<int64_t>(DTypeSize(w.dtype));
 
   std::lock_guard<std::mutex> lock(mu_);
@@ -277,13 +286,11 @@ absl::StatusOr<KvCommit> KvStore::Commit(KvReservation reservation, const Tensor
     stripe.high_water = w.num_tokens;
     stripe.buffer = std::make_shared<StripeBuffer>();
     stripe.buffer->capacity_tokens = w.num_tokens;
-    const size_t bytes = k.bytes.size();
+    const size_t bytes = static_cast<size_t>(w.kv_heads * w.num_tokens * row_bytes);
     DHSA_ASSIGN_OR_RETURN(stripe.buffer->k, memory_->Allocate(bytes));
     DHSA_ASSIGN_OR_RETURN(stripe.buffer->v, memory_->Allocate(bytes));
-    DHSA_RETURN_IF_ERROR(
-        memory_->CopyIn(stripe.buffer->k->data(), bytes, k.bytes.data(), bytes, bytes, 1));
-    DHSA_RETURN_IF_ERROR(
-        memory_->CopyIn(stripe.buffer->v->data(), bytes, v.bytes.data(), bytes, bytes, 1));
+    DHSA_RETURN_IF_ERROR(memory_->CopyIn(stripe.buffer->k->data(), bytes, k, bytes, bytes, 1));
+    DHSA_RETURN_IF_ERROR(memory_->CopyIn(stripe.buffer->v->data(), bytes, v, bytes, bytes, 1));
     allocated_bytes_ += BufferBytes(*stripe.buffer);
     stripes.emplace(w.begin, std::move(stripe));
     out.stripe_begin = w.begin;

@@ -135,6 +135,10 @@ class KvStore {
   // nothing is stored and the reservation is released; ResourceExhausted when the memory cannot
   // allocate the stripe (a device with less free memory than the capacity promised).
   absl::StatusOr<KvCommit> Commit(KvReservation reservation, const Tensor& k, const Tensor& v);
+  // The same from host memory the caller guarantees holds [kv_heads, num_tokens, head_dim]
+  // elements of the write's dtype at `k` and `v` (a shared-memory region: one copy, straight into
+  // the stripe).
+  absl::StatusOr<KvCommit> CommitRaw(KvReservation reservation, const void* k, const void* v);
 
   // The stripes of one layer; NotFound if the worker holds none.
   absl::StatusOr<LayerSnapshot> Snapshot(const std::string& sequence_id, int32_t layer) const;

@@ -45,6 +45,7 @@ WorkerOptions WorkerOptionsFromServiceConfig(const v1::ServiceConfig& config) {
   o.security.key_file = config.tls().key_file();
   o.security.client_ca_file = config.tls().client_ca_file();
   o.security.token_file = config.auth_token_file();
+  o.data_plane = config.data_plane();
   return o;
 }
 
@@ -66,6 +67,8 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(const WorkerOp
   service_options.max_message_bytes = o.max_message_bytes;
   service_options.backend = o.backend;
   service_options.test_attend_stall = o.test_attend_stall;
+  DHSA_ASSIGN_OR_RETURN(service_options.data_plane,
+                        transport::DataPlaneOptionsFromProto(o.data_plane));
   server->service_ = std::make_unique<WorkerService>(service_options, std::move(backend));
   DHSA_ASSIGN_OR_RETURN(server->server_,
                         StartGrpcServer(o.listen_address, o.max_message_bytes,

@@ -31,11 +31,14 @@ struct WorkerOptions {
   // a worker to exercise deadlines and the router's rollback.
   absl::Duration test_attend_stall = absl::ZeroDuration();
   ServerSecurity security;  // TLS, mutual TLS (only the router's certificate) and tokens.
+  // Data plane (ServiceConfig.data_plane): the worker's NCCL device and timeouts. Shared-memory
+  // arenas need no worker configuration (the router creates and sizes them).
+  v1::DataPlaneConfig data_plane;
 };
 
 // The worker's fields of a ServiceConfig (listen_address, capacity_bytes, threads,
-// max_message_bytes, backend, tls and auth_token_file), zeros kept as zeros (defaults are applied
-// by Start).
+// max_message_bytes, backend, tls, auth_token_file and data_plane), zeros kept as zeros (defaults
+// are applied by Start).
 WorkerOptions WorkerOptionsFromServiceConfig(const v1::ServiceConfig& config);
 
 class WorkerServer {

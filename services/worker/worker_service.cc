@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <optional>
@@ -17,14 +18,90 @@
 #include "services/worker/partial_attention.h"
 
 namespace dhsa {
+namespace {
+
+// Checks an out-of-band tensor descriptor of a header: named `name`, `dtype` `shape`, in shared
+// memory. NCCL descriptors are not served by the worker's calls yet (Unimplemented).
+absl::Status CheckOutOfBand(const v1::TensorDescriptor& d, const char* name, DType dtype,
+                            const std::vector<int64_t>& shape) {
+  if (d.name() != name) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("out-of-band tensor '", d.name(), "' where '", name, "' was expected"));
+  }
+  if (!d.has_shm()) {
+    return absl::UnimplementedError(
+        absl::StrCat("tensor '", name,
+                     "' is described for NCCL; this worker's calls take tensors over gRPC "
+                     "bytes or shared memory only"));
+  }
+  DHSA_ASSIGN_OR_RETURN(const DType got, FromProtoDType(d.dtype()));
+  const std::vector<int64_t> got_shape(d.shape().begin(), d.shape().end());
+  if (got != dtype || got_shape != shape) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "out-of-band tensor '", name, "' is ", DTypeName(got), " ", ShapeString(got_shape),
+        "; the header announces ", DTypeName(dtype), " ", ShapeString(shape)));
+  }
+  DHSA_ASSIGN_OR_RETURN(const int64_t bytes, TensorByteSize(shape, dtype, name));
+  if (d.shm().bytes() != bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("shared-memory region of tensor '", name,
+                                                   "' holds ", d.shm().bytes(),
+                                                   " bytes; its shape needs ", bytes));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// Host buffers for "q" tensors read from shared memory, kept between calls (at most kMaxBytes in
+// all): a fresh buffer of hundreds of MB page-faults on every call, a reused one does not.
+class WorkerService::BufferPool {
+ public:
+  static constexpr int64_t kMaxBytes = int64_t{512} << 20;
+
+  ByteBuffer Take(int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t best = spare_.size();
+    for (size_t i = 0; i < spare_.size(); ++i) {
+      if (static_cast<int64_t>(spare_[i].capacity()) >= bytes &&
+          (best == spare_.size() || spare_[i].capacity() < spare_[best].capacity())) {
+        best = i;
+      }
+    }
+    ByteBuffer out;
+    if (best < spare_.size()) {
+      out = std::move(spare_[best]);
+      held_ -= static_cast<int64_t>(out.capacity());
+      spare_.erase(spare_.begin() + static_cast<std::ptrdiff_t>(best));
+    }
+    out.resize(static_cast<size_t>(bytes));
+    return out;
+  }
+
+  void Give(ByteBuffer buffer) {
+    const int64_t cap = static_cast<int64_t>(buffer.capacity());
+    if (cap == 0 || cap > kMaxBytes) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    while (!spare_.empty() && held_ + cap > kMaxBytes) {  // Drop the oldest.
+      held_ -= static_cast<int64_t>(spare_.front().capacity());
+      spare_.erase(spare_.begin());
+    }
+    held_ += cap;
+    spare_.push_back(std::move(buffer));
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<ByteBuffer> spare_;  // Guarded by mu_.
+  int64_t held_ = 0;               // Guarded by mu_.
+};
 
 // StoreKv: header (checked and capacity reserved at once), then "k" and "v" pieces; the tokens are
 // committed when the client half-closes, so an aborted stream stores nothing.
 class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::StoreKvRequest> {
  public:
   StoreKvReactor(grpc::CallbackServerContext* context, v1::StoreKvResponse* response,
-                 KvStore* store, const WorkerBackend* backend)
-      : context_(context), response_(response), store_(store), backend_(backend) {
+                 KvStore* store, const WorkerBackend* backend, transport::ShmPeerArenas* arenas)
+      : context_(context), response_(response), store_(store), backend_(backend), arenas_(arenas) {
     StartRead(&request_);
   }
 
@@ -63,7 +140,23 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
       DHSA_ASSIGN_OR_RETURN(w.dtype, FromProtoDType(h.dtype()));
       w.append = h.append();
       DHSA_RETURN_IF_ERROR(backend_->CheckLayout(w.head_dim, w.dtype));
+      if (h.tensors_size() != 0) {
+        // Out of band: "k" and "v" lie in shared memory; read at the commit.
+        if (h.tensors_size() != 2) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "StoreKvHeader.tensors must describe 'k' and 'v'; got ", h.tensors_size()));
+        }
+        const std::vector<int64_t> shape = {w.kv_heads, w.num_tokens, w.head_dim};
+        DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.tensors(0), "k", w.dtype, shape));
+        DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.tensors(1), "v", w.dtype, shape));
+        k_region_ = h.tensors(0).shm();
+        v_region_ = h.tensors(1).shm();
+      }
       DHSA_ASSIGN_OR_RETURN(reservation_, store_->Reserve(w));
+      if (k_region_.has_value()) {
+        stage_ = Stage::kDone;
+        return absl::OkStatus();
+      }
       k_.emplace("k", reservation_.bytes() / 2);
       v_.emplace("v", reservation_.bytes() / 2);
       stage_ = Stage::kK;
@@ -86,10 +179,19 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
     if (stage_ == Stage::kHeader) {
       return absl::InvalidArgumentError("StoreKv stream ended without a header");
     }
-    DHSA_ASSIGN_OR_RETURN(Tensor k, k_->Take());
-    DHSA_ASSIGN_OR_RETURN(Tensor v, v_->Take());
     const int64_t bytes = reservation_.bytes();
-    DHSA_ASSIGN_OR_RETURN(const KvCommit commit, store_->Commit(std::move(reservation_), k, v));
+    KvCommit commit;
+    if (k_region_.has_value()) {
+      // Straight from the router's arena into the stripe (one copy); the pins keep the router
+      // from reusing the regions meanwhile.
+      DHSA_ASSIGN_OR_RETURN(transport::ShmPin k, arenas_->Pin(*k_region_, bytes / 2, false));
+      DHSA_ASSIGN_OR_RETURN(transport::ShmPin v, arenas_->Pin(*v_region_, bytes / 2, false));
+      DHSA_ASSIGN_OR_RETURN(commit, store_->CommitRaw(std::move(reservation_), k.data(), v.data()));
+    } else {
+      DHSA_ASSIGN_OR_RETURN(Tensor k, k_->Take());
+      DHSA_ASSIGN_OR_RETURN(Tensor v, v_->Take());
+      DHSA_ASSIGN_OR_RETURN(commit, store_->Commit(std::move(reservation_), k, v));
+    }
     metrics::CountKvStored(bytes);
     response_->set_held_bytes(commit.held_bytes);
     response_->set_stripe_begin(commit.stripe_begin);
@@ -101,10 +203,12 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
   v1::StoreKvResponse* const response_;
   KvStore* const store_;
   const WorkerBackend* const backend_;
+  transport::ShmPeerArenas* const arenas_;
   v1::StoreKvRequest request_;
   Stage stage_ = Stage::kHeader;
   KvReservation reservation_;
   std::optional<TensorAssembler> k_, v_;
+  std::optional<v1::ShmRegion> k_region_, v_region_;  // Out-of-band "k" and "v".
 };
 
 // Attend: header (checked against a snapshot of the stored stripes at once), then "q" pieces; once
@@ -114,12 +218,15 @@ class WorkerService::AttendReactor final
     : public grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse> {
  public:
   AttendReactor(grpc::CallbackServerContext* context, const WorkerService::Options& options,
-                KvStore* store, WorkerBackend* backend, Executor* executor)
+                KvStore* store, WorkerBackend* backend, Executor* executor,
+                transport::ShmPeerArenas* arenas, BufferPool* buffers)
       : context_(context),
         options_(options),
         store_(store),
         backend_(backend),
-        executor_(executor) {
+        executor_(executor),
+        arenas_(arenas),
+        buffers_(buffers) {
     StartRead(&request_);
   }
 
@@ -133,7 +240,7 @@ class WorkerService::AttendReactor final
       Finish(ToGrpcStatus(status));
       return;
     }
-    if (q_ && q_->complete()) {
+    if (q_direct_.has_value() || (q_ && q_->complete())) {
       // No further reads: anything the client still sends is ignored.
       executor_->Submit([this] { Run(); });
       return;
@@ -209,7 +316,32 @@ class WorkerService::AttendReactor final
     }
     q_begin_ = h.q_begin();
     scale_ = h.scale() > 0.0f ? h.scale() : 1.0f / std::sqrt(static_cast<float>(h.head_dim()));
+    if (h.has_o_tensor() != h.has_lse_tensor()) {
+      return absl::InvalidArgumentError("AttendHeader sets one of o_tensor and lse_tensor alone");
+    }
+    if (h.has_o_tensor()) {
+      DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.o_tensor(), "o", DType::kF32, q_shape_));
+      DHSA_RETURN_IF_ERROR(
+          CheckOutOfBand(h.lse_tensor(), "lse", DType::kF32, {h.q_heads(), h.num_rows()}));
+      o_region_ = h.o_tensor().shm();
+      lse_region_ = h.lse_tensor().shm();
+    }
     snapshot_ = std::move(snapshot);
+    if (h.has_q_tensor()) {
+      // Out of band: "q" lies in the router's arena; copied once into a reused buffer.
+      DHSA_ASSIGN_OR_RETURN(const DType q_dtype, FromProtoDType(h.q_tensor().dtype()));
+      DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.q_tensor(), "q", q_dtype, q_shape_));
+      const int64_t bytes = h.q_tensor().shm().bytes();
+      DHSA_ASSIGN_OR_RETURN(transport::ShmPin pin,
+                            arenas_->Pin(h.q_tensor().shm(), bytes, /*write=*/false));
+      Tensor q;
+      q.dtype = q_dtype;
+      q.shape = q_shape_;
+      q.bytes = buffers_->Take(bytes);
+      std::memcpy(q.bytes.data(), pin.data(), static_cast<size_t>(bytes));
+      q_direct_ = std::move(q);
+      return absl::OkStatus();
+    }
     q_.emplace("q", max_q_bytes);
     return absl::OkStatus();
   }
@@ -234,7 +366,19 @@ class WorkerService::AttendReactor final
   }
 
   absl::Status Compute() {
-    DHSA_ASSIGN_OR_RETURN(const Tensor q, q_->Take());
+    Tensor q;
+    if (q_direct_.has_value()) {
+      q = std::move(*q_direct_);
+      q_direct_.reset();
+    } else {
+      DHSA_ASSIGN_OR_RETURN(q, q_->Take());
+    }
+    absl::Status status = ComputeWith(q);
+    buffers_->Give(std::move(q.bytes));
+    return status;
+  }
+
+  absl::Status ComputeWith(const Tensor& q) {
     if (q.shape != q_shape_) {
       return absl::InvalidArgumentError(absl::StrCat("tensor 'q' has shape ", ShapeString(q.shape),
                                                      "; the header announces ",
@@ -252,6 +396,20 @@ class WorkerService::AttendReactor final
     DHSA_ASSIGN_OR_RETURN(const PartialAttention result, backend_->Compute(in));
     metrics::ObserveWorkerAttention(options_.backend, result.seconds);
     snapshot_.reset();  // Let a concurrent Drop free the stripes while the reply is sent.
+
+    if (o_region_.has_value()) {
+      // Into the regions the router set aside; the answer is the result alone.
+      const int64_t o_bytes = static_cast<int64_t>(result.o.bytes.size());
+      const int64_t lse_bytes = static_cast<int64_t>(result.lse.bytes.size());
+      DHSA_ASSIGN_OR_RETURN(transport::ShmPin o, arenas_->Pin(*o_region_, o_bytes, true));
+      DHSA_ASSIGN_OR_RETURN(transport::ShmPin lse, arenas_->Pin(*lse_region_, lse_bytes, true));
+      std::memcpy(o.data(), result.o.bytes.data(), static_cast<size_t>(o_bytes));
+      std::memcpy(lse.data(), result.lse.bytes.data(), static_cast<size_t>(lse_bytes));
+      v1::AttendResult* done = responses_.emplace_back().mutable_result();
+      done->set_attention_seconds(result.seconds);
+      done->set_computed_pairs(result.computed_pairs);
+      return absl::OkStatus();
+    }
 
     const int64_t piece_bytes = PieceBytesForMessageLimit(options_.max_message_bytes);
     const auto queue = [this](v1::TensorPiece&& piece) {
@@ -271,6 +429,8 @@ class WorkerService::AttendReactor final
   KvStore* const store_;
   WorkerBackend* const backend_;
   Executor* const executor_;
+  transport::ShmPeerArenas* const arenas_;
+  BufferPool* const buffers_;
   v1::AttendRequest request_;
   // Set by the header.
   std::optional<LayerSnapshot> snapshot_;
@@ -279,6 +439,8 @@ class WorkerService::AttendReactor final
   int64_t q_begin_ = 0;
   float scale_ = 0.0f;
   std::optional<TensorAssembler> q_;
+  std::optional<Tensor> q_direct_;                      // "q" read from shared memory.
+  std::optional<v1::ShmRegion> o_region_, lse_region_;  // Where "o" and "lse" go.
   // The reply; the front message is being written.
   std::deque<v1::AttendResponse> responses_;
 };
@@ -297,6 +459,7 @@ WorkerService::WorkerService(const Options& options, std::unique_ptr<WorkerBacke
     : options_(options),
       backend_(OrCpuBackend(std::move(backend))),
       store_(options.capacity_bytes, backend_->memory()),
+      buffers_(std::make_unique<BufferPool>()),
       executor_(options.threads),
       data_plane_(options.data_plane) {
   metrics::AddWorkerSource(this, options_.backend, [this] {
@@ -310,12 +473,13 @@ WorkerService::~WorkerService() { metrics::RemoveSource(this); }
 
 grpc::ServerReadReactor<v1::StoreKvRequest>* WorkerService::StoreKv(
     grpc::CallbackServerContext* context, v1::StoreKvResponse* response) {
-  return new StoreKvReactor(context, response, &store_, backend_.get());
+  return new StoreKvReactor(context, response, &store_, backend_.get(), &arenas_);
 }
 
 grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* WorkerService::Attend(
     grpc::CallbackServerContext* context) {
-  return new AttendReactor(context, options_, &store_, backend_.get(), &executor_);
+  return new AttendReactor(context, options_, &store_, backend_.get(), &executor_, &arenas_,
+                           buffers_.get());
 }
 
 grpc::ServerUnaryReactor* WorkerService::Drop(grpc::CallbackServerContext* context,
@@ -365,6 +529,7 @@ grpc::ServerUnaryReactor* WorkerService::Stats(grpc::CallbackServerContext* cont
   response->set_device_memory_total_bytes(device->total_bytes);
   response->set_device_memory_free_bytes(device->free_bytes);
   data_plane_.FillStats(response);
+  arenas_.FillStats(response);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
@@ -388,6 +553,26 @@ grpc::ServerUnaryReactor* WorkerService::LeaveCommunicator(
     response->set_found(found);
     reactor->Finish(grpc::Status::OK);
   });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::AttachArena(grpc::CallbackServerContext* context,
+                                                     const v1::AttachArenaRequest* request,
+                                                     v1::AttachArenaResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // shm_open and mmap of an object the router already sized: quick, fine on a gRPC thread.
+  absl::StatusOr<v1::ArenaInfo> info = arenas_.Attach(*request);
+  if (info.ok()) *response->mutable_arena() = *std::move(info);
+  reactor->Finish(ToGrpcStatus(info.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::DetachArena(grpc::CallbackServerContext* context,
+                                                     const v1::DetachArenaRequest* request,
+                                                     v1::DetachArenaResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  response->set_found(arenas_.Detach(request->arena_id()));
+  reactor->Finish(grpc::Status::OK);
   return reactor;
 }
 

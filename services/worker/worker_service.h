@@ -4,12 +4,14 @@
 #define DHSA_SERVICES_WORKER_WORKER_SERVICE_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "absl/time/time.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "services/common/executor.h"
 #include "services/transport/data_plane.h"
+#include "services/transport/shm_arena.h"
 #include "services/worker/backend.h"
 #include "services/worker/kv_store.h"
 
@@ -53,16 +55,27 @@ class WorkerService final : public v1::Worker::CallbackService {
   grpc::ServerUnaryReactor* LeaveCommunicator(grpc::CallbackServerContext* context,
                                               const v1::LeaveCommunicatorRequest* request,
                                               v1::LeaveCommunicatorResponse* response) override;
+  grpc::ServerUnaryReactor* AttachArena(grpc::CallbackServerContext* context,
+                                        const v1::AttachArenaRequest* request,
+                                        v1::AttachArenaResponse* response) override;
+  grpc::ServerUnaryReactor* DetachArena(grpc::CallbackServerContext* context,
+                                        const v1::DetachArenaRequest* request,
+                                        v1::DetachArenaResponse* response) override;
+  // The shared-memory arenas routers attached.
+  transport::ShmPeerArenas& arenas() { return arenas_; }
   // The worker's NCCL communicators (the data plane reads tensors through them).
   transport::WorkerDataPlane& data_plane() { return data_plane_; }
 
  private:
   class StoreKvReactor;
   class AttendReactor;
+  class BufferPool;
 
   const Options options_;
   const std::unique_ptr<WorkerBackend> backend_;
   KvStore store_;
+  transport::ShmPeerArenas arenas_;
+  std::unique_ptr<BufferPool> buffers_;  // Before executor_: its jobs give buffers back.
   Executor executor_;
   transport::WorkerDataPlane data_plane_;
 };

@@ -275,6 +275,50 @@ TEST(ChooseTransport, NcclOnlyWhenEveryWorkerSharesAReadyCommunicator) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ChooseTransport, SharedMemoryWhenEveryWorkerSharesArenasAndNoCommunicator) {
+  const std::vector<PeerState> shm = {{"w0:1", false, true}, {"w1:1", false, true}};
+  const std::vector<PeerState> mixed = {{"w0:1", false, true}, {"w1:1", false, false}};
+  const std::vector<PeerState> both = {{"w0:1", true, true}, {"w1:1", true, true}};
+  absl::StatusOr<TransportChoice> c = ChooseTransport(Mode::kAuto, false, shm);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->kind, Kind::kShm);
+  EXPECT_STREQ(KindName(c->kind), "shm");
+  c = ChooseTransport(Mode::kAuto, true, shm);  // NCCL built, no communicator.
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->kind, Kind::kShm);
+  c = ChooseTransport(Mode::kAuto, true, both);  // NCCL first.
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->kind, Kind::kNccl);
+  c = ChooseTransport(Mode::kShm, true, both);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->kind, Kind::kShm);
+  c = ChooseTransport(Mode::kAuto, false, mixed);  // One remote worker: gRPC for the call.
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->kind, Kind::kGrpc);
+  EXPECT_NE(c->reason.find("w1:1"), std::string::npos) << c->reason;
+  absl::Status s = ChooseTransport(Mode::kShm, false, mixed).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(s.message().find("w1:1"), absl::string_view::npos) << s;
+  c = ChooseTransport(Mode::kGrpc, false, shm);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->kind, Kind::kGrpc);
+}
+
+TEST(DataPlaneOptions, ShmTransportAndArenaSize) {
+  v1::DataPlaneConfig c;
+  c.set_transport("shm");
+  absl::StatusOr<DataPlaneOptions> d = DataPlaneOptionsFromProto(c);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->mode, Mode::kShm);
+  EXPECT_EQ(d->shm_arena_bytes, int64_t{1} << 30);
+  c.set_shm_arena_bytes(int64_t{3} << 20);
+  EXPECT_EQ(DataPlaneOptionsFromProto(c)->shm_arena_bytes, int64_t{3} << 20);
+  c.set_shm_arena_bytes(4096);
+  EXPECT_EQ(DataPlaneOptionsFromProto(c).status().code(), absl::StatusCode::kInvalidArgument);
+  c.set_shm_arena_bytes(-1);
+  EXPECT_EQ(DataPlaneOptionsFromProto(c).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(PickRouterDevice, AvoidsTheWorkersDevice) {
   const std::vector<std::pair<int, std::string>> devs = {{0, "0000:19:00.0"}, {1, "0000:3b:00.0"}};
   EXPECT_EQ(*PickRouterDevice(devs, "0000:19:00.0"), 1);
