@@ -13,7 +13,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 build="${DHSA_GPU_BUILD_DIR:-$root/build-cuda}"
-carry="$root/.device-carry"
+carry="$root/${DHSA_CARRY:-.device-carry}"  # DHSA_CARRY: another folder name
 arch="${DHSA_CUDA_ARCHITECTURES:-90a}"
 limit_mb=60
 

@@ -8,13 +8,16 @@
 # peers (bench/gpu/sdpa_peer.py, which prints the issue's table last) 150 s, each run on its own so
 # one overrun leaves the others' numbers.
 # DHSA_SKIP_PEERS=1 skips the peers (their numbers do not depend on our code); DHSA_BENCH_SECONDS
-# sets the benchmark's --seconds (0.5), DHSA_BENCH_KERNEL its --kernel (auto; hopper for the wgmma
-# kernel, which kAuto does not pick yet).
+# sets the benchmark's --seconds (0.5), DHSA_BENCH_KERNEL its --kernel (auto: the Hopper kernel on
+# an sm_90a build and device), DHSA_BENCH_ARGS more options (e.g. --compare=portable,early).
+# DHSA_TEST_FILTER (gtest filter), DHSA_TEST_TIMEOUT, DHSA_BENCH_TIMEOUT and DHSA_PEERS_TIMEOUT
+# trim the run to fit a shorter device call; DHSA_WITH_WORKER=1 also runs the CUDA worker tests
+# (run_worker_tests.sh, tests only, carry $DHSA_WORKER_CARRY) after gpu_test.
 # Exit status: 0 when the tests passed and both benchmark parts succeeded, 1 otherwise.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-carry="$root/.device-carry"
+carry="$root/${DHSA_CARRY:-.device-carry}"
 out="${OUT:-/tmp/dhsa-device-out}"
 mkdir -p "$out"
 summary="$out/summary.txt"
@@ -57,16 +60,26 @@ missing=$(grep -h '=> not found' "$out/env.txt" | sort -u | tr -s ' \t' ' ')
 
 echo "run_on_device: gpu_test ..."
 start=$SECONDS
-timeout 200 "$carry/bin/gpu_test" --gtest_color=no >"$out/gpu_test.log" 2>&1
+timeout "${DHSA_TEST_TIMEOUT:-200}" "$carry/bin/gpu_test" --gtest_color=no \
+  --gtest_filter="${DHSA_TEST_FILTER:-*}" >"$out/gpu_test.log" 2>&1
 test_rc=$?
 test_s=$((SECONDS - start))
 echo "run_on_device: gpu_test rc=$test_rc in ${test_s}s"
+worker_rc=""
+if [[ "${DHSA_WITH_WORKER:-0}" == 1 ]]; then
+  OUT="$out/worker" DHSA_WORKER_BENCH=0 DHSA_WORKER_TEST_TIMEOUT="${DHSA_WORKER_TEST_TIMEOUT:-60}" \
+    bash "$root/bench/gpu/run_worker_tests.sh" run >"$out/worker.log" 2>&1
+  worker_rc=$?
+  echo "run_on_device: worker tests rc=$worker_rc"
+fi
 
 declare -A bench_rc
 echo "run_on_device: bench ..."
 start=$SECONDS
-timeout 230 "$carry/bin/sparse_attention_bench" --seconds="${DHSA_BENCH_SECONDS:-0.5}" \
-  --kernel="${DHSA_BENCH_KERNEL:-auto}" >"$out/bench.log" 2>&1
+# shellcheck disable=SC2086  # DHSA_BENCH_ARGS is a list of options.
+timeout "${DHSA_BENCH_TIMEOUT:-230}" "$carry/bin/sparse_attention_bench" \
+  --seconds="${DHSA_BENCH_SECONDS:-0.5}" --kernel="${DHSA_BENCH_KERNEL:-auto}" \
+  ${DHSA_BENCH_ARGS:-} >"$out/bench.log" 2>&1
 bench_rc[bench]=$?
 echo "run_on_device: bench rc=${bench_rc[bench]} in $((SECONDS - start))s"
 if [[ "${DHSA_SKIP_PEERS:-0}" == 1 ]]; then
@@ -75,7 +88,7 @@ if [[ "${DHSA_SKIP_PEERS:-0}" == 1 ]]; then
 else
   echo "run_on_device: peers ..."
   start=$SECONDS
-  PYTHONUNBUFFERED=1 timeout 150 python3 "$root/bench/gpu/sdpa_peer.py" --ours="$out/bench.log" \
+  PYTHONUNBUFFERED=1 timeout "${DHSA_PEERS_TIMEOUT:-150}" python3 "$root/bench/gpu/sdpa_peer.py" --ours="$out/bench.log" \
     >"$out/peers.log" 2>&1
   bench_rc[peers]=$?
 fi
@@ -92,13 +105,16 @@ passed=$(count_tests 'OK')
 failed=$(count_tests 'FAILED')
 skipped=$(count_tests 'SKIPPED')
 note=""
-((test_rc == 124)) && note=" (TIMED OUT after 240 s)"
+((test_rc == 124)) && note=" (TIMED OUT after ${DHSA_TEST_TIMEOUT:-200} s)"
 ((test_rc > 128 && test_rc != 124)) && note=" (killed by signal $((test_rc - 128)))"
 say ""
 say "===== dhsa CUDA sparse attention: device run summary ====="
 say "device: $gpu_line"
 [[ -n "$missing" ]] && say "MISSING LIBRARIES: $missing"
 say "gpu_test: rc=$test_rc$note, $passed passed, $failed failed, $skipped skipped, ${test_s}s"
+if [[ -n "$worker_rc" ]]; then
+  say "worker tests (gpu_service_test): rc=$worker_rc; $(grep -E 'PASSED|FAILED' "$out/worker.log" | tr '\n' ' ' | cut -c1-200)"
+fi
 say "$(printf '%-44s %-6s %-10s %-10s %-6s %-10s %-10s %s' case status o_err naive ratio lse_err naive kernel)"
 grep -oE 'SparseAttentionCudaTest.MatchesReferenceWithinStoragePrecision/[A-Za-z0-9_]*' \
   "$out/gpu_test.log" | sed 's|.*/||' | sort -u | while read -r name; do
@@ -143,4 +159,4 @@ if grep -q '^== issue 5 benchmark' "$out/peers.log"; then
 else
   tail -n 8 "$out/peers.log" | cut -c1-300 | tee -a "$summary"
 fi
-((test_rc == 0 && bench_rc[bench] == 0 && bench_rc[peers] == 0))
+((test_rc == 0 && bench_rc[bench] == 0 && bench_rc[peers] == 0 && ${worker_rc:-0} == 0))

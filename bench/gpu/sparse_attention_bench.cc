@@ -8,6 +8,9 @@
 // L <= --check_max the device selection equals the reference selection (computed on the CPU), and
 // a kernel other than the portable one (--kernel) gives the portable kernel's outputs within 2e-2
 // (o) and 1e-2 (lse).
+// --compare=K1,K2,... also times the attention of other kernels (portable, hopper, hopper_serial)
+// and of the Hopper kernel's tuning variants (sparse_attention_variants.h: variant names, or "all")
+// on the same selection, each checked against the portable kernel the same way, in a second table.
 //
 // Prints one `CSV,...` line per case (bench/gpu/sdpa_peer.py reads them to put the peers beside
 // ours) and a table last.
@@ -15,6 +18,7 @@
 // Usage: sparse_attention_bench [--lengths=8192,32768,65536,131072] [--budgets=2048,4096]
 //                               [--seconds=1] [--check_max=32768]
 //                               [--kernel=auto|portable|hopper|hopper_serial]
+//                               [--compare=portable,hopper,...,VARIANT,...|all]
 // Exit status: 0 when every case ran and passed its checks, 1 otherwise, 2 without a device.
 #include <cuda_runtime_api.h>
 
@@ -23,6 +27,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -38,6 +43,7 @@
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/selection_cuda.h"
 #include "kernels/cuda/sparse_attention_cuda.h"
+#include "kernels/cuda/sparse_attention_variants.h"
 
 namespace dhsa {
 namespace {
@@ -50,6 +56,7 @@ struct Options {
   double seconds = 1.0;  // Timed runs per measurement take about this long (3 to 50 runs).
   int64_t check_max = 32768;
   SparseAttentionCudaKernel kernel = SparseAttentionCudaKernel::kAuto;
+  std::vector<std::string> compare;  // Other kernels or variants timed beside (--compare).
 };
 
 const char* KernelName(SparseAttentionCudaKernel kernel) {
@@ -66,7 +73,17 @@ const char* KernelName(SparseAttentionCudaKernel kernel) {
   return "?";
 }
 
+// One compared kernel or variant on one case.
+struct Compared {
+  std::string name;
+  DeviceTiming attention;
+  double tflops = 0;
+  std::string check = "ok";
+  bool failed = false;
+};
+
 struct Row {
+  std::vector<Compared> compared;
   int64_t len = 0;
   int64_t budget = 0;
   int64_t pairs = 0;
@@ -113,6 +130,18 @@ bool ParseOptions(int argc, char** argv, Options* o) {
         }
       }
       if (!known) return false;
+    } else if (key == "--compare") {
+      o->compare.clear();
+      for (absl::string_view part : absl::StrSplit(value, ',')) {
+        if (part == "all") {
+          for (const char* k : {"portable", "hopper"}) o->compare.emplace_back(k);
+          for (int i = 0; i < SparseAttentionHopperVariantCount(); ++i) {
+            o->compare.emplace_back(SparseAttentionHopperVariantName(i));
+          }
+        } else if (!part.empty()) {
+          o->compare.emplace_back(part);
+        }
+      }
     } else {
       return false;
     }
@@ -141,6 +170,29 @@ int64_t ComputedPairs(const Selection& s, int64_t lk, int64_t group) {
     }
   }
   return pairs * group;
+}
+
+// The launch of compared kernel `name` (a kernel's name or a Hopper variant's), or an error.
+absl::StatusOr<std::function<absl::Status(cudaStream_t)>> ComparedLaunch(
+    const std::string& name, const SparseAttentionCudaParams& p) {
+  for (SparseAttentionCudaKernel k :
+       {SparseAttentionCudaKernel::kPortable, SparseAttentionCudaKernel::kHopper,
+        SparseAttentionCudaKernel::kHopperSerial}) {
+    if (name == KernelName(k)) {
+      SparseAttentionCudaParams q = p;
+      q.kernel = k;
+      DHSA_RETURN_IF_ERROR(CanImplement(q));
+      return std::function<absl::Status(cudaStream_t)>(
+          [q](cudaStream_t stream) { return SparseAttentionCuda(q, stream); });
+    }
+  }
+  for (int i = 0; i < SparseAttentionHopperVariantCount(); ++i) {
+    if (name == SparseAttentionHopperVariantName(i)) {
+      return std::function<absl::Status(cudaStream_t)>(
+          [p, i](cudaStream_t stream) { return SparseAttentionCudaHopperVariant(p, i, stream); });
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown kernel or variant '", name, "'"));
 }
 
 struct DeviceInputs {
@@ -236,7 +288,66 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
     row->failed = row->failed || !close;
   }
 
+  // Compared kernels: each one's outputs against the portable kernel's, then its attention time.
   const int reps = RepsFor(first_ms, options.seconds, 3, 50);
+  if (!options.compare.empty()) {
+    std::vector<float> o_portable(static_cast<size_t>(w.q.NumElements())), lse_portable(lse.size()),
+        o(o_portable.size()), lse_k(lse.size());
+    SparseAttentionCudaParams portable = p;
+    portable.kernel = SparseAttentionCudaKernel::kPortable;
+    DHSA_RETURN_IF_ERROR(SparseAttentionCuda(portable, stream));
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "portable attention"));
+    DHSA_RETURN_IF_ERROR(d.o.CopyToHost(o_portable.data(), o.size() * sizeof(float)));
+    DHSA_RETURN_IF_ERROR(d.lse.CopyToHost(lse_portable.data(), lse.size() * sizeof(float)));
+    for (const std::string& name : options.compare) {
+      Compared c;
+      c.name = name;
+      absl::StatusOr<std::function<absl::Status(cudaStream_t)>> launch = ComparedLaunch(name, p);
+      absl::Status status = launch.status();
+      if (status.ok()) status = d.o.Fill(0xFF);
+      if (status.ok()) status = d.lse.Fill(0xFF);
+      if (status.ok()) status = (*launch)(stream);
+      if (status.ok()) status = CudaStatus(cudaStreamSynchronize(stream), name);
+      if (status.ok()) status = d.o.CopyToHost(o.data(), o.size() * sizeof(float));
+      if (status.ok()) status = d.lse.CopyToHost(lse_k.data(), lse_k.size() * sizeof(float));
+      if (!status.ok()) {
+        c.check = status.ToString();
+        c.failed = true;
+        row->compared.push_back(c);
+        continue;
+      }
+      double o_diff = 0, lse_diff = 0;
+      int64_t nonfinite_k = 0;
+      for (size_t i = 0; i < o.size(); ++i) {
+        nonfinite_k += std::isfinite(o[i]) ? 0 : 1;
+        o_diff = std::max(o_diff, double(std::fabs(o[i] - o_portable[i])));
+      }
+      for (size_t i = 0; i < lse_k.size(); ++i) {
+        nonfinite_k += std::isfinite(lse_k[i]) ? 0 : 1;
+        lse_diff = std::max(lse_diff, double(std::fabs(lse_k[i] - lse_portable[i])));
+      }
+      const bool close = nonfinite_k == 0 && o_diff <= 2e-2 && lse_diff <= 1e-2;
+      c.check =
+          absl::StrCat(close ? "=portable" : "!= portable", " (do ", absl::SixDigits(o_diff),
+                       " dlse ", absl::SixDigits(lse_diff),
+                       nonfinite_k > 0 ? absl::StrCat(", ", nonfinite_k, " non-finite") : "", ")");
+      // Diagnostic variants time part of the work: their outputs are wrong by design.
+      const bool diagnostic = name.rfind("diag_", 0) == 0;
+      if (diagnostic) c.check = "diagnostic (outputs not checked)";
+      c.failed = !close && !diagnostic;
+      absl::StatusOr<DeviceTiming> timing =
+          TimeOnDevice([&] { return (*launch)(stream); }, stream, 2, reps);
+      if (!timing.ok()) {
+        c.check = timing.status().ToString();
+        c.failed = true;
+      } else {
+        c.attention = *timing;
+        c.tflops = 4.0 * kDim * double(row->pairs) / (c.attention.median_ms * 1e-3) / 1e12;
+      }
+      row->compared.push_back(c);
+    }
+  }
+
   auto select = [&] { return selection.Run(d.q.data(), d.k.data(), stream); };
   auto attend = [&] { return SparseAttentionCuda(p, stream); };
   auto both = [&]() -> absl::Status {
@@ -274,11 +385,11 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
 int Main(int argc, char** argv) {
   Options options;
   if (!ParseOptions(argc, argv, &options)) {
-    std::fprintf(
-        stderr,
-        "usage: %s [--lengths=8192,32768,65536,131072] [--budgets=2048,4096] "
-        "[--seconds=1] [--check_max=32768] [--kernel=auto|portable|hopper|hopper_serial]\n",
-        argv[0]);
+    std::fprintf(stderr,
+                 "usage: %s [--lengths=8192,32768,65536,131072] [--budgets=2048,4096] "
+                 "[--seconds=1] [--check_max=32768] [--kernel=auto|portable|hopper|hopper_serial] "
+                 "[--compare=KERNEL_OR_VARIANT,...|all]\n",
+                 argv[0]);
     return 1;
   }
   int devices = 0;
@@ -329,6 +440,12 @@ int Main(int argc, char** argv) {
         row.failed = true;
       }
       failed = failed || row.failed;
+      for (const Compared& c : row.compared) {
+        failed = failed || c.failed;
+        std::printf("COMPARE,%lld,%lld,%s,%.4f,%.2f,%s\n", static_cast<long long>(len),
+                    static_cast<long long>(budget), c.name.c_str(), c.attention.median_ms, c.tflops,
+                    c.check.c_str());
+      }
       std::printf("CSV,%lld,%lld,%lld,%.6f,%.4f,%.4f,%.4f,%.2f,%s,%s\n",
                   static_cast<long long>(len), static_cast<long long>(budget),
                   static_cast<long long>(row.pairs), row.density, row.select.median_ms,
@@ -356,6 +473,19 @@ int Main(int argc, char** argv) {
         r.total.median_ms,
         r.total.median_ms > 0 ? 100.0 * r.select.median_ms / r.total.median_ms : 0.0, r.tflops,
         share, r.check.c_str());
+  }
+  if (!options.compare.empty()) {
+    std::printf(
+        "\n== attention kernels side by side (same selection; TFLOP/s on computed pairs) ==\n");
+    std::printf("%-7s %-6s %-14s %9s %9s %8s %s\n", "L", "budget", "kernel", "attn_ms", "min_ms",
+                "TFLOP/s", "check");
+    for (const Row& r : rows) {
+      for (const Compared& c : r.compared) {
+        std::printf("%-7lld %-6lld %-14s %9.3f %9.3f %8.1f %s\n", static_cast<long long>(r.len),
+                    static_cast<long long>(r.budget), c.name.c_str(), c.attention.median_ms,
+                    c.attention.min_ms, c.tflops, c.check.c_str());
+      }
+    }
   }
   cudaStreamDestroy(stream);
   return failed ? 1 : 0;

@@ -128,7 +128,12 @@ __device__ __forceinline__ uint32_t Pack<__half>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-template <typename T, int kDim, bool kOverlap>
+// kOverlap: O += P V of tile t - 1 runs while the softmax of tile t runs. kEarly (with kOverlap):
+// the key positions of tile t + 2 are looked up while tile t's S = Q K^T runs (their global
+// loads off the critical path), by half the threads of each warpgroup, and one barrier per tile.
+// kLoads = false (with kEarly; a diagnostic for tuning, wrong results): only tile 0 is loaded and
+// every later tile computes on whatever its buffers hold, which times the math without the loads.
+template <typename T, int kDim, bool kOverlap, bool kEarly = false, bool kLoads = true>
 __global__ void __launch_bounds__(kThreads, 1)
     HopperSparseAttentionKernel(const __grid_constant__ SparseAttentionCudaParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -210,16 +215,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Threads 0..kKeyTile-1 each own one slot of a tile: the position of packed key
   // tile * kKeyTile + tid, found by a cursor that only moves forward through the spans.
+  // With kEarly the slots are owned by threads 0..63 of each warpgroup (slot = 64 wg + tid % 128),
+  // so that both warpgroups wait equally for the lookups.
   int64_t cursor = entry[2];
+  const bool owns_slot = kEarly ? tid % 128 < kKeyTile / 2 : tid < kKeyTile;
+  const int slot = kEarly ? wg * (kKeyTile / 2) + tid % 128 : tid;
   auto find_positions = [&](int tile) {
-    if (tid < kKeyTile) {
-      const int64_t packed = packed_begin + static_cast<int64_t>(tile) * kKeyTile + tid;
+    if (owns_slot) {
+      const int64_t packed = packed_begin + static_cast<int64_t>(tile) * kKeyTile + slot;
       int32_t pos = kNoKey;
       if (packed < packed_end) {
         while (cursor + 1 < end_span && p.span_starts[cursor + 1] <= packed) ++cursor;
         pos = p.spans[cursor].begin + static_cast<int32_t>(packed - p.span_starts[cursor]);
       }
-      key_pos[(tile % 3) * kKeyTile + tid] = pos;
+      key_pos[(tile % 3) * kKeyTile + slot] = pos;
     }
   };
   auto load_tile = [&](int tile) {
@@ -277,6 +286,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     load_tile(0);
     CopyAsyncCommit();
+    // kEarly: tile 1's positions, visible after the first barrier of the loop.
+    if (kEarly && num_tiles > 1) find_positions(1);
   }
 
   if constexpr (kOverlap) {
@@ -371,24 +382,47 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Tile t lives in buffer t % 3: while tile t's S and softmax run, O += P V of tile t - 1 reads
     // buffer (t - 1) % 3 and tile t + 1 is loaded into buffer (t + 1) % 3.
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      const bool prefetch = tile + 1 < num_tiles;
-      if (prefetch) find_positions(tile + 1);
-      // The next positions are visible, and every warpgroup is done with tile t - 2's buffer.
-      __syncthreads();
-      if (prefetch) load_tile(tile + 1);
-      CopyAsyncCommit();
-      CopyAsyncWait<1>();  // This tile's group (and Q, committed with tile 0) has landed.
-      FenceProxyAsync();   // ... and is visible to wgmma (the async proxy), as are the zero tiles.
-      __syncthreads();
-      issue_s((tile % 3) * Layout::kTile);
-      issue_pv(((tile + 2) % 3) * Layout::kTile);  // Tile t - 1 (a no-op for t = 0).
-      WgmmaWait<1>();                              // S of this tile is done.
-      FenceRegisters(s);
-      softmax(key_pos + (tile % 3) * kKeyTile);
-      WgmmaWait<0>();  // O += P V of the previous tile is done: P and O may change.
-      FenceRegisters(o_acc);
-      pack_and_rescale();
+    if constexpr (kEarly) {
+      // Per tile: one barrier (tile t landed and visible; every warpgroup done with tile t - 2's
+      // buffers and with the positions of tile t - 1, whose slots tile t + 2 takes), S of t and
+      // O += P V of t - 1 issued, the loads of tile t + 1 (positions looked up one tile ago) and
+      // the lookup of tile t + 2 while they run, then softmax.
+      for (int tile = 0; tile < num_tiles; ++tile) {
+        CopyAsyncWait<0>();  // This tile's group (and Q, committed with tile 0) has landed.
+        FenceProxyAsync();   // ... and is visible to wgmma (the async proxy), as are the zeros.
+        __syncthreads();
+        issue_s((tile % 3) * Layout::kTile);
+        issue_pv(((tile + 2) % 3) * Layout::kTile);  // Tile t - 1 (a no-op for t = 0).
+        if (kLoads && tile + 1 < num_tiles) load_tile(tile + 1);
+        CopyAsyncCommit();
+        if (kLoads && tile + 2 < num_tiles) find_positions(tile + 2);
+        WgmmaWait<1>();  // S of this tile is done.
+        FenceRegisters(s);
+        softmax(key_pos + (tile % 3) * kKeyTile);
+        WgmmaWait<0>();  // O += P V of the previous tile is done: P and O may change.
+        FenceRegisters(o_acc);
+        pack_and_rescale();
+      }
+    } else {
+      for (int tile = 0; tile < num_tiles; ++tile) {
+        const bool prefetch = tile + 1 < num_tiles;
+        if (prefetch) find_positions(tile + 1);
+        // The next positions are visible, and every warpgroup is done with tile t - 2's buffer.
+        __syncthreads();
+        if (prefetch) load_tile(tile + 1);
+        CopyAsyncCommit();
+        CopyAsyncWait<1>();  // This tile's group (and Q, committed with tile 0) has landed.
+        FenceProxyAsync();  // ... and is visible to wgmma (the async proxy), as are the zero tiles.
+        __syncthreads();
+        issue_s((tile % 3) * Layout::kTile);
+        issue_pv(((tile + 2) % 3) * Layout::kTile);  // Tile t - 1 (a no-op for t = 0).
+        WgmmaWait<1>();                              // S of this tile is done.
+        FenceRegisters(s);
+        softmax(key_pos + (tile % 3) * kKeyTile);
+        WgmmaWait<0>();  // O += P V of the previous tile is done: P and O may change.
+        FenceRegisters(o_acc);
+        pack_and_rescale();
+      }
     }
     // O += P V of the last tile (a no-op when there was no tile: P = 0, V zero).
     issue_pv(((num_tiles + 2) % 3) * Layout::kTile);
@@ -523,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // Launches the kernel for (T, kDim, kOverlap) on `stream`; the params passed CanImplement.
-template <typename T, int kDim, bool kOverlap = true>
+template <typename T, int kDim, bool kOverlap = true, bool kEarly = false, bool kLoads = true>
 cudaError_t Launch(const SparseAttentionCudaParams& p, cudaStream_t stream) {
   const int64_t rows_per_head = kRows / (p.hq / p.hkv);
   const int64_t tiles_per_block = (p.block_size + rows_per_head - 1) / rows_per_head;
@@ -531,10 +565,11 @@ cudaError_t Launch(const SparseAttentionCudaParams& p, cudaStream_t stream) {
                   static_cast<unsigned>(p.hkv));
   constexpr size_t kSmem = SmemLayout<kDim>::kBytes;
   const cudaError_t error =
-      cudaFuncSetAttribute(HopperSparseAttentionKernel<T, kDim, kOverlap>,
+      cudaFuncSetAttribute(HopperSparseAttentionKernel<T, kDim, kOverlap, kEarly, kLoads>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
-  HopperSparseAttentionKernel<T, kDim, kOverlap><<<grid, kThreads, kSmem, stream>>>(p);
+  HopperSparseAttentionKernel<T, kDim, kOverlap, kEarly, kLoads>
+      <<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -6,7 +6,7 @@ namespace dhsa {
 namespace sparse_attention_kernel {
 
 cudaError_t LaunchHopperBf16Dim128(const SparseAttentionCudaParams& params, cudaStream_t stream) {
-  return sparse_attention_hopper::Launch<__nv_bfloat16, 128>(params, stream);
+  return sparse_attention_hopper::Launch<__nv_bfloat16, 128, true, true>(params, stream);
 }
 
 cudaError_t LaunchHopperSerialBf16Dim128(const SparseAttentionCudaParams& params,

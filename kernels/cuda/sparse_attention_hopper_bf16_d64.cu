@@ -6,7 +6,7 @@ namespace dhsa {
 namespace sparse_attention_kernel {
 
 cudaError_t LaunchHopperBf16Dim64(const SparseAttentionCudaParams& params, cudaStream_t stream) {
-  return sparse_attention_hopper::Launch<__nv_bfloat16, 64>(params, stream);
+  return sparse_attention_hopper::Launch<__nv_bfloat16, 64, true, true>(params, stream);
 }
 
 }  // namespace sparse_attention_kernel

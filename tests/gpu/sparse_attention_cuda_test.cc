@@ -30,6 +30,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/selection_csr.h"
+#include "kernels/cuda/sparse_attention_variants.h"
 #include "tests/kernels/test_util.h"
 
 namespace dhsa {
@@ -123,10 +124,12 @@ struct DeviceResult {
 };
 
 // Uploads the stored inputs and the selection, runs the kernel on NaN-poisoned outputs, returns
-// them. k_s/v_s hold keys [k_offset, k_offset + len).
+// them. k_s/v_s hold keys [k_offset, k_offset + len). variant >= 0 runs that Hopper tuning variant
+// (sparse_attention_variants.h) instead of `kernel`.
 absl::StatusOr<DeviceResult> RunCuda(const Tensor& q_s, const Tensor& k_s, const Tensor& v_s,
                                      const Selection& selection, int64_t q_offset, int64_t k_offset,
-                                     float scale, SparseAttentionCudaKernel kernel) {
+                                     float scale, SparseAttentionCudaKernel kernel,
+                                     int variant = -1) {
   const int64_t hq = q_s.shape[0], lq = q_s.shape[1], d = q_s.shape[2];
   DHSA_ASSIGN_OR_RETURN(DeviceBuffer q, DeviceBuffer::FromHost(q_s.data(), q_s.bytes.size()));
   DHSA_ASSIGN_OR_RETURN(DeviceBuffer k, DeviceBuffer::FromHost(k_s.data(), k_s.bytes.size()));
@@ -158,7 +161,11 @@ absl::StatusOr<DeviceResult> RunCuda(const Tensor& q_s, const Tensor& k_s, const
   p.scale = scale;
   p.kernel = kernel;
   DHSA_RETURN_IF_ERROR(device_selection.Attach(&p));
-  DHSA_RETURN_IF_ERROR(SparseAttentionCuda(p, nullptr));
+  if (variant >= 0) {
+    DHSA_RETURN_IF_ERROR(SparseAttentionCudaHopperVariant(p, variant, nullptr));
+  } else {
+    DHSA_RETURN_IF_ERROR(SparseAttentionCuda(p, nullptr));
+  }
   DHSA_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "sparse attention kernel"));
   DHSA_RETURN_IF_ERROR(o.CopyToHost(result.o.data(), result.o.size() * sizeof(float)));
   DHSA_RETURN_IF_ERROR(lse.CopyToHost(result.lse.data(), result.lse.size() * sizeof(float)));
@@ -180,10 +187,10 @@ struct AttentionCase {
 // gtest prints the case by name, not as bytes.
 void PrintTo(const AttentionCase& c, std::ostream* os) { *os << c.name; }
 
-// Kernel choice: kAuto stays on the portable kernel (the Hopper kernel is opt-in until verified on
-// a device), kHopper is served exactly where it can run, kHopperSerial has bf16 d = 128 only.
+// Kernel choice: kAuto is the Hopper kernel where it can run (sm_90a build, sm_90 device), else
+// the portable one; kHopper is served exactly there, kHopperSerial has bf16 d = 128 only.
 // CanImplement reads no device memory, so placeholder (aligned, never dereferenced) pointers do.
-TEST(SparseAttentionCudaKernelChoice, HopperOnlyWhereAvailableAndOptIn) {
+TEST(SparseAttentionCudaKernelChoice, HopperWhereAvailable) {
   alignas(16) static float placeholder[16];
   SparseAttentionCudaParams p;
   p.dtype = DType::kBF16;
@@ -200,7 +207,16 @@ TEST(SparseAttentionCudaKernelChoice, HopperOnlyWhereAvailableAndOptIn) {
   static const int64_t offsets[2] = {0, 0};
   p.entry_offsets = offsets;
   ASSERT_TRUE(CanImplement(p).ok()) << CanImplement(p);
-  EXPECT_EQ(ChosenKernel(p), SparseAttentionCudaKernel::kPortable);
+  EXPECT_EQ(ChosenKernel(p), SparseAttentionCudaHopperAvailable()
+                                 ? SparseAttentionCudaKernel::kHopper
+                                 : SparseAttentionCudaKernel::kPortable);
+  p.dtype = DType::kF16;
+  p.head_dim = 64;
+  EXPECT_EQ(ChosenKernel(p), SparseAttentionCudaHopperAvailable()
+                                 ? SparseAttentionCudaKernel::kHopper
+                                 : SparseAttentionCudaKernel::kPortable);
+  p.dtype = DType::kBF16;
+  p.head_dim = 128;
   p.kernel = SparseAttentionCudaKernel::kHopper;
   EXPECT_EQ(CanImplement(p).ok(), SparseAttentionCudaHopperAvailable()) << CanImplement(p);
   EXPECT_EQ(ChosenKernel(p), SparseAttentionCudaKernel::kHopper);
@@ -212,9 +228,15 @@ TEST(SparseAttentionCudaKernelChoice, HopperOnlyWhereAvailableAndOptIn) {
 
 class SparseAttentionCudaTest : public ::testing::TestWithParam<AttentionCase> {};
 
-TEST_P(SparseAttentionCudaTest, MatchesReferenceWithinStoragePrecision) {
-  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
-  const AttentionCase c = GetParam();
+// One kernel (or Hopper tuning variant, variant >= 0) to check.
+struct KernelRun {
+  SparseAttentionCudaKernel kernel;
+  int variant;
+  std::string name;
+};
+
+// Every run of `kernels` on case `c` against the reference (see the file comment).
+void CheckKernels(const AttentionCase& c, const std::vector<KernelRun>& kernels) {
   const uint64_t seed = testing::FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
@@ -263,22 +285,12 @@ TEST_P(SparseAttentionCudaTest, MatchesReferenceWithinStoragePrecision) {
   NaiveStorageAttention(view(q_s, t0), view(k_s, c.k_begin), view(v_s, c.k_begin), *selection,
                         scale, c.dtype, &naive_o, &naive_lse);
 
-  // The portable kernel; on a Hopper device with sm_90a code also the Hopper kernel and (bf16,
-  // d = 128) its serial variant. Each against the reference.
-  std::vector<SparseAttentionCudaKernel> kernels = {SparseAttentionCudaKernel::kPortable};
-  if (SparseAttentionCudaHopperAvailable()) {
-    kernels.push_back(SparseAttentionCudaKernel::kHopper);
-    if (c.dtype == DType::kBF16 && c.d == 128) {
-      kernels.push_back(SparseAttentionCudaKernel::kHopperSerial);
-    }
-  }
-  for (const SparseAttentionCudaKernel kernel : kernels) {
-    const char* kernel_name = kernel == SparseAttentionCudaKernel::kHopper         ? "hopper"
-                              : kernel == SparseAttentionCudaKernel::kHopperSerial ? "hopper_serial"
-                                                                                   : "portable";
+  for (const KernelRun& k : kernels) {
+    const SparseAttentionCudaKernel kernel = k.kernel;
+    const char* kernel_name = k.name.c_str();
     SCOPED_TRACE(kernel_name);
     const absl::StatusOr<DeviceResult> run =
-        RunCuda(q_s, k_s, v_s, *selection, t0, c.k_begin, scale, kernel);
+        RunCuda(q_s, k_s, v_s, *selection, t0, c.k_begin, scale, kernel, k.variant);
     ASSERT_TRUE(run.ok()) << run.status();
 
     // Every element written; rows without keys exactly o = 0, lse = -inf, as the reference.
@@ -311,11 +323,43 @@ TEST_P(SparseAttentionCudaTest, MatchesReferenceWithinStoragePrecision) {
 
     // A second run gives the same bits: no race, no read of memory nothing wrote.
     const absl::StatusOr<DeviceResult> again =
-        RunCuda(q_s, k_s, v_s, *selection, t0, c.k_begin, scale, kernel);
+        RunCuda(q_s, k_s, v_s, *selection, t0, c.k_begin, scale, kernel, k.variant);
     ASSERT_TRUE(again.ok()) << again.status();
     EXPECT_EQ(std::memcmp(again->o.data(), run->o.data(), run->o.size() * sizeof(float)), 0);
     EXPECT_EQ(std::memcmp(again->lse.data(), run->lse.data(), run->lse.size() * sizeof(float)), 0);
   }
+}
+
+// The portable kernel; on a Hopper device with sm_90a code also the Hopper kernel and (bf16,
+// d = 128) its serial variant.
+TEST_P(SparseAttentionCudaTest, MatchesReferenceWithinStoragePrecision) {
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  const AttentionCase c = GetParam();
+  std::vector<KernelRun> kernels = {{SparseAttentionCudaKernel::kPortable, -1, "portable"}};
+  if (SparseAttentionCudaHopperAvailable()) {
+    kernels.push_back({SparseAttentionCudaKernel::kHopper, -1, "hopper"});
+    if (c.dtype == DType::kBF16 && c.d == 128) {
+      kernels.push_back({SparseAttentionCudaKernel::kHopperSerial, -1, "hopper_serial"});
+    }
+  }
+  CheckKernels(c, kernels);
+}
+
+// The Hopper kernel's tuning variants (bf16, d = 128; all but the diagnostics), which a tuned
+// kernel may become.
+TEST_P(SparseAttentionCudaTest, HopperVariantsMatchReference) {
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  const AttentionCase c = GetParam();
+  if (!SparseAttentionCudaHopperAvailable() || c.dtype != DType::kBF16 || c.d != 128) {
+    GTEST_SKIP() << "variants exist for bf16, d = 128 on sm_90a builds and devices only";
+  }
+  std::vector<KernelRun> kernels;
+  for (int i = 0; i < SparseAttentionHopperVariantCount(); ++i) {
+    const std::string name = SparseAttentionHopperVariantName(i);
+    if (name.rfind("diag_", 0) == 0) continue;
+    kernels.push_back({SparseAttentionCudaKernel::kHopper, i, "variant_" + name});
+  }
+  CheckKernels(c, kernels);
 }
 
 constexpr DType kBf16 = DType::kBF16, kF16 = DType::kF16;
