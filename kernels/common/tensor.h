@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "kernels/common/dtype.h"
+#include "kernels/common/large_blocks.h"
 
 namespace dhsa {
 
@@ -27,6 +28,20 @@ struct DefaultInitAllocator : std::allocator<T> {
     using other = DefaultInitAllocator<U>;
   };
   using std::allocator<T>::allocator;
+  // Large buffers come from large_blocks (huge pages, reused when freed; see there why).
+  T* allocate(size_t n) {
+    if (n * sizeof(T) >= large_blocks::kMinBytes) {
+      return static_cast<T*>(large_blocks::Allocate(n * sizeof(T)));
+    }
+    return std::allocator<T>::allocate(n);
+  }
+  void deallocate(T* p, size_t n) {
+    if (n * sizeof(T) >= large_blocks::kMinBytes) {
+      large_blocks::Free(p, n * sizeof(T));
+      return;
+    }
+    std::allocator<T>::deallocate(p, n);
+  }
   template <typename U>
   void construct(U* p) noexcept(std::is_nothrow_default_constructible<U>::value) {
     ::new (static_cast<void*>(p)) U;

@@ -6,10 +6,12 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 #include <grpcpp/support/channel_arguments.h>
+#include <malloc.h>
 
 #include <algorithm>
 #include <fstream>
 #include <limits>
+#include <mutex>
 #include <sstream>
 #include <utility>
 
@@ -218,11 +220,22 @@ std::string ClientIdentity(const grpc::ServerContextBase& context) {
   return absl::StrCat("peer:", peer);
 }
 
+void KeepMessageBuffersMapped() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // 32 MiB is the largest mmap threshold glibc accepts; both calls are advice that changes no
+    // result (a failure leaves the defaults).
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  });
+}
+
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(const std::string& address,
                                                               int64_t max_message_bytes,
                                                               std::vector<grpc::Service*> services,
                                                               int* bound_port,
                                                               const ServerSecurity& security) {
+  KeepMessageBuffersMapped();
   if (address.empty()) return absl::InvalidArgumentError("listen address is empty");
   if (max_message_bytes <= 0) {
     return absl::InvalidArgumentError(
@@ -262,6 +275,7 @@ int StreamWindowBytes(int64_t max_message_bytes) {
 }
 
 grpc::ChannelArguments ChannelArgumentsForMessageLimit(int64_t max_message_bytes) {
+  KeepMessageBuffersMapped();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(ClampToInt(max_message_bytes));
   args.SetMaxSendMessageSize(ClampToInt(max_message_bytes));

@@ -74,6 +74,14 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(const std::string&
 inline constexpr int64_t kMinStreamWindowBytes = int64_t{8} << 20;
 int StreamWindowBytes(int64_t max_message_bytes);
 
+// Sets glibc's malloc, once per process, to keep the buffers of large messages mapped: blocks up to
+// 32 MiB come from the heap rather than a fresh mmap, and up to 1 GiB of free heap stays mapped
+// instead of being trimmed. A tensor streams as 4 MiB messages, each parsed into a new buffer; by
+// default every one of them could cost a page fault per 4 KiB when written, which measured as the
+// largest system-time cost of the service on a 2-core VM (perf, `dhsa demo`). Called by
+// StartGrpcServer and ChannelArgumentsForMessageLimit, so every dhsa server and client has it.
+void KeepMessageBuffersMapped();
+
 // Channel arguments a client of a dhsa server uses so that messages up to `max_message_bytes`
 // pass in both directions, with the stream window above.
 grpc::ChannelArguments ChannelArgumentsForMessageLimit(int64_t max_message_bytes);

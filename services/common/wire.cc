@@ -17,9 +17,6 @@ constexpr int64_t kMaxTensorBytes = int64_t{1} << 62;
 // Room for a piece's name, dtype, shape and offset and the oneof wrapper around it.
 constexpr int64_t kPieceOverheadBytes = 1024;
 
-// Bytes a TensorAssembler allocates before any data has arrived.
-constexpr int64_t kMaxReserveBytes = int64_t{64} << 20;
-
 std::vector<int64_t> ShapeOf(const google::protobuf::RepeatedField<int64_t>& shape) {
   return std::vector<int64_t>(shape.begin(), shape.end());
 }
@@ -164,9 +161,10 @@ absl::Status TensorAssembler::Add(const v1::TensorPiece& piece) {
     tensor_.dtype = *dtype;
     tensor_.shape = std::move(shape);
     tensor_.bytes.clear();
-    // Reserve at most kMaxReserveBytes up front: the declared size is the sender's word, and a
-    // hostile one may declare terabytes; beyond it the buffer grows with the bytes that arrive.
-    tensor_.bytes.reserve(static_cast<size_t>(std::min(total, kMaxReserveBytes)));
+    // The whole declared size at once (it is within max_bytes, the caller's bound): growing the
+    // buffer as pieces arrive would copy it again at every doubling. Large buffers are mapped, not
+    // touched, so memory is only committed as the bytes arrive.
+    tensor_.bytes.reserve(static_cast<size_t>(total));
     total_bytes_ = total;
     started_ = true;
   }
