@@ -41,7 +41,8 @@ enum class ChunkScore {
            // every `score_rows`-row piece of the block, the piece's mean query q against each
            // chunk's mean key k gives the logit scale * q.k + log(len); a softmax over the chunks
            // that start before the block's end turns the logits into shares of attention, and a
-           // chunk's score is its share summed over heads and pieces.
+           // chunk's score is its share summed over heads and pieces. A block with fewer rows than
+           // a piece (decode) scores with one mean query per KV head over its group, by logit.
 };
 
 absl::string_view PolicyName(Policy p);

@@ -97,17 +97,21 @@ Summaries QueryBlockSummariesCpu(const HeadsView& q, int64_t kv_heads, int64_t q
   const int64_t first = q.offset, last = q.offset + q.len;  // Query positions [first, last).
   const int64_t first_block = first / q_block;
   Summaries s = EmptySummaries(kv_heads, (last - 1) / q_block - first_block + 1, q.dim);
-  cpu::ParallelFor(s.heads * s.count, num_threads, [&](int64_t n, int) {
-    const int64_t h = n / s.count, i = n % s.count;
-    const int64_t a = std::max(first, (first_block + i) * q_block);
-    const int64_t b = std::min(last, (first_block + i + 1) * q_block);
-    std::vector<double> acc(static_cast<size_t>(q.dim), 0.0);
+  // Ranges of (head, block) items, buffers per range: the mass score's pieces are many and small.
+  cpu::ParallelForRanges(s.heads * s.count, num_threads, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(static_cast<size_t>(q.dim));
     std::vector<float> buffer(static_cast<size_t>(q.dim));
-    for (int64_t g = h * group; g < (h + 1) * group; ++g) {
-      for (int64_t t = a; t < b; ++t) AddRow(q, g, t - q.offset, buffer, acc);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t h = n / s.count, i = n % s.count;
+      const int64_t a = std::max(first, (first_block + i) * q_block);
+      const int64_t b = std::min(last, (first_block + i + 1) * q_block);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t g = h * group; g < (h + 1) * group; ++g) {
+        for (int64_t t = a; t < b; ++t) AddRow(q, g, t - q.offset, buffer, acc);
+      }
+      StoreDivided(acc, static_cast<double>(group) * Normaliser(b - a, norm),
+                   s.data.data() + (h * s.count + i) * s.dim);
     }
-    StoreDivided(acc, static_cast<double>(group) * Normaliser(b - a, norm),
-                 s.data.data() + (h * s.count + i) * s.dim);
   });
   return s;
 }

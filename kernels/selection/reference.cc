@@ -133,19 +133,46 @@ std::vector<float> MassScoresReference(const SelectionInputs& in, const DhsaConf
   const int64_t g_end = config.shared_heads ? shape.hq : (kv_head + 1) * group;
   const int64_t rows = config.score_rows;
   const int64_t first_piece = shape.t0() / rows;
-  const int64_t p_begin = std::max(shape.t0(), block * config.q_block) / rows;
+  const int64_t row_begin = std::max(shape.t0(), block * config.q_block);
+  const int64_t p_begin = row_begin / rows;
   const int64_t p_end = (e - 1) / rows + 1;
   std::vector<double> total(static_cast<size_t>(eligible), 0.0),
       logits(static_cast<size_t>(visible));
+  auto logit = [&](const double* r, int64_t h, int64_t c) {
+    const float* k = in.kappa->Row(h, c);
+    double dot = 0.0;
+    for (int64_t x = 0; x < dim; ++x) dot += r[x] * k[x];
+    return scale * dot + std::log(static_cast<double>(b[c + 1] - b[c]));
+  };
+  if (e - row_begin < rows) {
+    // Fewer rows than a piece (decode): per KV head of the group (every KV head with
+    // shared_heads), one mean query over its query heads and the block's rows; the score is the
+    // mean over those KV heads of the logit l(c) (one softmax ranks chunks as its logits do).
+    const int64_t h_begin = g_begin / group, h_end = g_end / group;
+    std::vector<double> mean(static_cast<size_t>(dim));
+    for (int64_t h = h_begin; h < h_end; ++h) {
+      std::fill(mean.begin(), mean.end(), 0.0);
+      for (int64_t g = h * group; g < (h + 1) * group; ++g) {
+        for (int64_t piece = p_begin; piece < p_end; ++piece) {
+          const int64_t n = std::min(e, (piece + 1) * rows) - std::max(row_begin, piece * rows);
+          const float* r = in.rho->Row(g, piece - first_piece);
+          for (int64_t x = 0; x < dim; ++x) mean[x] += static_cast<double>(r[x]) * n;
+        }
+      }
+      for (double& x : mean) x /= static_cast<double>(group * (e - row_begin));
+      for (int64_t j = 0; j < eligible; ++j) total[j] += logit(mean.data(), h, j);
+    }
+    for (double& t : total) t /= static_cast<double>(h_end - h_begin);
+    return std::vector<float>(total.begin(), total.end());
+  }
+  std::vector<double> r(static_cast<size_t>(dim));
   for (int64_t g = g_begin; g < g_end; ++g) {
     for (int64_t piece = p_begin; piece < p_end; ++piece) {
-      const float* r = in.rho->Row(g, piece - first_piece);
+      const float* rf = in.rho->Row(g, piece - first_piece);
+      std::copy(rf, rf + dim, r.begin());
       double top = -std::numeric_limits<double>::infinity();
       for (int64_t c = 0; c < visible; ++c) {
-        const float* k = in.kappa->Row(g / group, c);
-        double dot = 0.0;
-        for (int64_t x = 0; x < dim; ++x) dot += static_cast<double>(r[x]) * k[x];
-        logits[c] = scale * dot + std::log(static_cast<double>(b[c + 1] - b[c]));
+        logits[c] = logit(r.data(), g / group, c);
         top = std::max(top, logits[c]);
       }
       double z = 0.0;

@@ -69,7 +69,11 @@ struct SelectionInputs {
 // h's group (every query head with shared_heads) and each piece p of score_rows rows of the block
 // inside the query range, l[c] = scale * rho[g][p] . kappa[g / G][c] + log(len c) over the chunks c
 // that start before the block's end e = min((block+1) * q_block, lk); s[j] = sum over (g, p) of
-// exp(l[j] - max l) / sum_c exp(l[c] - max l). In double, rounded to fp32 once.
+// exp(l[j] - max l) / sum_c exp(l[c] - max l). A block with fewer query rows in range than
+// score_rows (decode) has one mean query per KV head instead, over its group's query heads and the
+// block's rows (the pieces' means weighted by their rows), and s[j] is the mean over the KV heads
+// (h, or every one with shared_heads) of that query's logit l[j]: one softmax ranks the chunks as
+// its logits do, so the exponentials are skipped. In double, rounded to fp32 once.
 std::vector<float> ChunkScoresReference(const SelectionInputs& in, const DhsaConfig& config,
                                         int64_t kv_head, int64_t block);
 

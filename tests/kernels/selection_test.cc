@@ -246,6 +246,35 @@ std::vector<double> MassFromTensors(const Tensor& q, const Tensor& k, const std:
   const int64_t e = std::min((block + 1) * c.q_block, lk);
   const int64_t eligible = EligibleChunks(b, block * c.q_block);
   std::vector<double> total(static_cast<size_t>(eligible), 0.0);
+  auto logits_of = [&](const std::vector<double>& mq) {
+    std::vector<double> logit;
+    for (size_t j = 0; j + 1 < b.size() && b[j] < e; ++j) {
+      double dot = 0;
+      for (int64_t x = 0; x < d; ++x) {
+        double mk = 0;
+        for (int64_t t = b[j]; t < b[j + 1]; ++t) mk += k.Get((h * lk + t) * d + x);
+        dot += mq[x] * mk / static_cast<double>(b[j + 1] - b[j]);
+      }
+      logit.push_back(dot / std::sqrt(static_cast<double>(d)) +
+                      std::log(static_cast<double>(b[j + 1] - b[j])));
+    }
+    return logit;
+  };
+  const int64_t row_begin = std::max(t0, block * c.q_block);
+  if (e - row_begin < c.score_rows) {
+    // Fewer rows than a piece: one mean query over the group's heads and the rows; its logits.
+    std::vector<double> mq(static_cast<size_t>(d), 0.0);
+    for (int64_t g = h * group; g < (h + 1) * group; ++g) {
+      for (int64_t p = row_begin; p < e; ++p) {
+        for (int64_t x = 0; x < d; ++x) {
+          mq[x] += q.Get((g * lq + p - t0) * d + x) / static_cast<double>(group * (e - row_begin));
+        }
+      }
+    }
+    const std::vector<double> logit = logits_of(mq);
+    for (int64_t j = 0; j < eligible; ++j) total[j] = logit[j];
+    return total;
+  }
   for (int64_t g = h * group; g < (h + 1) * group; ++g) {
     for (int64_t first = block * c.q_block; first < e; first += c.score_rows) {
       const int64_t a = std::max(first, t0), z = std::min(first + c.score_rows, e);
@@ -254,17 +283,7 @@ std::vector<double> MassFromTensors(const Tensor& q, const Tensor& k, const std:
       for (int64_t p = a; p < z; ++p) {
         for (int64_t x = 0; x < d; ++x) mq[x] += q.Get((g * lq + p - t0) * d + x) / (z - a);
       }
-      std::vector<double> logit;
-      for (size_t j = 0; j + 1 < b.size() && b[j] < e; ++j) {
-        double dot = 0;
-        for (int64_t x = 0; x < d; ++x) {
-          double mk = 0;
-          for (int64_t t = b[j]; t < b[j + 1]; ++t) mk += k.Get((h * lk + t) * d + x);
-          dot += mq[x] * mk / static_cast<double>(b[j + 1] - b[j]);
-        }
-        logit.push_back(dot / std::sqrt(static_cast<double>(d)) +
-                        std::log(static_cast<double>(b[j + 1] - b[j])));
-      }
+      const std::vector<double> logit = logits_of(mq);
       const double top = *std::max_element(logit.begin(), logit.end());
       double zsum = 0;
       for (double l : logit) zsum += std::exp(l - top);
@@ -288,7 +307,8 @@ TEST(SelectionTest, MassScoreIsTheSoftmaxShareOfMeanQueriesOverMeanKeys) {
   c.sink = 4;
   c.local = 12;
   c.budget = 40;
-  for (int64_t lq : {int64_t{83}, int64_t{30}, int64_t{1}}) {
+  // lq 3 and 1: a last block with fewer rows than a piece.
+  for (int64_t lq : {int64_t{83}, int64_t{30}, int64_t{3}, int64_t{1}}) {
     const int64_t lk = 83;
     const Tensor q = testing::RandomTensor(rng, 6, lq, 13);
     const Tensor k = testing::SegmentedTensor(rng, 2, lk, 13);
@@ -306,7 +326,7 @@ TEST(SelectionTest, MassScoreIsTheSoftmaxShareOfMeanQueriesOverMeanKeys) {
         const std::vector<double> want = MassFromTensors(q, k, b, c, h, block);
         ASSERT_EQ(got.size(), want.size());
         for (size_t j = 0; j < want.size(); ++j) {
-          EXPECT_NEAR(got[j], want[j], 1e-5 * want[j] + 1e-12)
+          EXPECT_NEAR(got[j], want[j], 1e-5 * std::abs(want[j]) + 1e-12)
               << "lq " << lq << " block " << block << " head " << h << " chunk " << j;
         }
       }
