@@ -10,8 +10,8 @@
 # DHSA_SKIP_PEERS=1 skips the peers (their numbers do not depend on our code); DHSA_BENCH_SECONDS
 # sets the benchmark's --seconds (0.5), DHSA_BENCH_KERNEL its --kernel (auto: the Hopper kernel on
 # an sm_90a build and device), DHSA_BENCH_ARGS more options (e.g. --compare=portable,early).
-# DHSA_TEST_FILTER (gtest filter), DHSA_TEST_TIMEOUT, DHSA_BENCH_TIMEOUT and DHSA_PEERS_TIMEOUT
-# trim the run to fit a shorter device call; DHSA_WITH_WORKER=1 also runs the CUDA worker tests
+# DHSA_TEST_FILTER (gtest filter), DHSA_TEST_TIMEOUT, DHSA_BENCH_TIMEOUT, DHSA_PEERS_TIMEOUT and
+# DHSA_PEERS_ARGS (e.g. --lengths=131072) trim the run to fit a shorter device call; DHSA_WITH_WORKER=1 also runs the CUDA worker tests
 # (run_worker_tests.sh, tests only, carry $DHSA_WORKER_CARRY) after gpu_test.
 # Exit status: 0 when the tests passed and both benchmark parts succeeded, 1 otherwise.
 set -uo pipefail
@@ -88,7 +88,9 @@ if [[ "${DHSA_SKIP_PEERS:-0}" == 1 ]]; then
 else
   echo "run_on_device: peers ..."
   start=$SECONDS
-  PYTHONUNBUFFERED=1 timeout "${DHSA_PEERS_TIMEOUT:-150}" python3 "$root/bench/gpu/sdpa_peer.py" --ours="$out/bench.log" \
+  # shellcheck disable=SC2086  # DHSA_PEERS_ARGS is a list of options (e.g. --lengths=131072).
+  PYTHONUNBUFFERED=1 timeout "${DHSA_PEERS_TIMEOUT:-150}" python3 "$root/bench/gpu/sdpa_peer.py" \
+    --ours="$out/bench.log" ${DHSA_PEERS_ARGS:-} \
     >"$out/peers.log" 2>&1
   bench_rc[peers]=$?
 fi
