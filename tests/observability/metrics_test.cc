@@ -171,10 +171,11 @@ TEST(MetricsService, CountsMatchTheCallsMadeAndEveryFamilyIsExported) {
   EXPECT_GT(delta("dhsa_stage_duration_seconds_sum{method=\"Prefill\",stage=\"attention\"}"), 0);
   EXPECT_EQ(delta("dhsa_selection_density_ratio_count{method=\"Prefill\",policy=\"dhsa\"}"),
             layers);
-  // Every stored key went to a worker, plus queries; outputs came back.
-  EXPECT_GE(delta("dhsa_transfer_bytes_total{direction=\"to_workers\",transport=\"grpc\"}"),
+  // Every stored key went to a worker, plus queries; outputs came back. The embedded workers share
+  // the router's host: the data plane is shared memory (transport "shm").
+  EXPECT_GE(delta("dhsa_transfer_bytes_total{direction=\"to_workers\",transport=\"shm\"}"),
             static_cast<double>(kv_bytes));
-  EXPECT_GT(delta("dhsa_transfer_bytes_total{direction=\"from_workers\",transport=\"grpc\"}"), 0);
+  EXPECT_GT(delta("dhsa_transfer_bytes_total{direction=\"from_workers\",transport=\"shm\"}"), 0);
   EXPECT_GE(Sum(after, "dhsa_worker_attention_duration_seconds_count") -
                 Sum(before, "dhsa_worker_attention_duration_seconds_count"),
             layers);

@@ -4,6 +4,7 @@
 #include "services/transport/shm_arena.h"
 
 #include <dirent.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -188,6 +189,28 @@ TEST(ShmArenaTest, RegionFreedWhilePinnedIsQuarantinedAndAPinAfterTheFreeIsAbort
   other->Describe(&fresh);
   EXPECT_EQ(fresh.offset(), stale.offset());
   EXPECT_TRUE(peer.Pin(fresh, room, true).ok());
+}
+
+TEST(ShmArenaTest, ArenasOfARouterThatExitedAreForgottenAtTheNextAttach) {
+  // A "router" process that has exited: its pid no longer runs.
+  const pid_t dead = fork();
+  if (dead == 0) _exit(0);
+  ASSERT_GT(dead, 0);
+  ASSERT_EQ(waitpid(dead, nullptr, 0), dead);
+  absl::StatusOr<std::shared_ptr<ShmArena>> a = ShmArena::Create("gone/r2w", 2 * kMiB);
+  absl::StatusOr<std::shared_ptr<ShmArena>> b = ShmArena::Create("live/r2w", 2 * kMiB);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ShmPeerArenas peer;
+  v1::AttachArenaRequest from_dead = AttachRequest(**a);
+  from_dead.set_owner_pid(dead);
+  ASSERT_TRUE(peer.Attach(from_dead).ok());
+  EXPECT_EQ(peer.size(), 1u);
+  ASSERT_TRUE(peer.Attach(AttachRequest(**b)).ok());
+  EXPECT_EQ(peer.size(), 1u);  // The dead router's arena was unmapped.
+  v1::StatsResponse stats;
+  peer.FillStats(&stats);
+  ASSERT_EQ(stats.arenas_size(), 1);
+  EXPECT_EQ(stats.arenas(0).arena_id(), "live/r2w");
 }
 
 TEST(ShmArenaTest, PinChecksTheDescriptor) {
