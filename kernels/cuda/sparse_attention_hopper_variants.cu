@@ -24,8 +24,12 @@ constexpr Variant kVariants[] = {
     {"early", &Launch<__nv_bfloat16, 128, true, true>},
     {"ws", &sparse_attention_hopper::LaunchWs<__nv_bfloat16, 128, false>},
     {"ws_pp", &sparse_attention_hopper::LaunchWs<__nv_bfloat16, 128, true>},
+    // Not yet run on a device: the producer at 40 registers with its gathers unrolled.
+    {"ws_r40", &sparse_attention_hopper::LaunchWs<__nv_bfloat16, 128, false, 40>},
     // Diagnostic (wrong results): "early" without the K/V loads after tile 0.
     {"diag_noload", &Launch<__nv_bfloat16, 128, true, true, false>},
+    // Diagnostic (wrong results, not yet run on a device): "ws" without the loads after tile 0.
+    {"diag_ws_noload", &sparse_attention_hopper::LaunchWs<__nv_bfloat16, 128, false, 24, false>},
 };
 constexpr int kCount = sizeof(kVariants) / sizeof(kVariants[0]);
 #else

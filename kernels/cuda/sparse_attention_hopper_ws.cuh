@@ -28,10 +28,13 @@ namespace sparse_attention_hopper {
 
 inline constexpr int kWsThreads = 384;
 inline constexpr int kStages = 3;
-// The block's registers at launch are 168 per thread (65536 / 384, rounded down to 8): 24 for the
-// producer frees exactly the 72 more per consumer thread (128 x 144 = 256 x 72).
-inline constexpr int kProducerRegisters = 24;
-inline constexpr int kConsumerRegisters = 240;
+// The block's registers at launch are 168 per thread (65536 / 384, rounded down to 8): what the
+// producer gives up (kProducerRegisters, 24 by default) the consumers take, half each:
+// 24 -> 240, 40 -> 232 (128 x 144 = 256 x 72; 128 x 128 = 256 x 64).
+inline constexpr int kLaunchRegisters = 168;
+template <int kProducerRegisters>
+inline constexpr int kConsumerRegisters = kLaunchRegisters +
+                                          (kLaunchRegisters - kProducerRegisters) / 2 / 8 * 8;
 
 // Dynamic shared memory from a 1024-aligned base: Q, [stages] K, [stages] V, key positions
 // [stages][kKeyTile], then the mbarriers full_k, full_v, empty_k, empty_v [stages] each, then the
@@ -91,7 +94,11 @@ __device__ __forceinline__ void SetMaxRegistersUp() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
-template <typename T, int kDim, bool kPingPong>
+// kProducerRegisters: 24, the gathers unrolled once; above, unrolled 4 times (more copies in flight
+// per producer thread, fewer registers for the consumers). kLoads = false (a diagnostic for tuning,
+// wrong results): the producer gathers Q and tile 0 only and then just signals each tile, which
+// times the consumers alone.
+template <typename T, int kDim, bool kPingPong, int kProducerRegisters = 24, bool kLoads = true>
 __global__ void __launch_bounds__(kWsThreads, 1)
     HopperWsSparseAttentionKernel(const __grid_constant__ SparseAttentionCudaParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -177,6 +184,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   if (wg == 0) {
     // ---------------- Producer ----------------
     SetMaxRegistersDown<kProducerRegisters>();
+    constexpr int kGatherUnroll = kProducerRegisters > 24 ? 4 : 1;
     const T* q = static_cast<const T*>(p.q);
     const T* k = static_cast<const T*>(p.k) + kv_head * p.lk * kDim;
     const T* v = static_cast<const T*>(p.v) + kv_head * p.lk * kDim;
@@ -197,7 +205,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       const uint32_t parity = ((tile / kStages) + 1) & 1;  // Phase of tile - kStages's release.
       // K: the stage's K and positions released (softmax of tile - kStages done).
       if (tile >= kStages) BarrierWait(empty_k + 8 * stage, parity);
-      {
+      if (kLoads || tile == 0) {
         const int64_t packed = packed_begin + static_cast<int64_t>(tile) * kKeyTile + tid;
         int32_t pos = kNoKey;
         if (packed < packed_end) {
@@ -210,7 +218,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       const uint32_t buffer = stage * Layout::kTile;
       const int32_t* pos = key_pos + stage * kKeyTile;
       auto gather = [&](uint32_t dst_base, const T* src_base) {
-#pragma unroll 1
+#pragma unroll kGatherUnroll
         for (int it = 0; it < kKeyTile * kChunks / 128; ++it) {
           const int i = tid + it * 128;
           const int slot = i / kChunks, chunk = i % kChunks;
@@ -221,16 +229,16 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                       valid);
         }
       };
-      gather(k_smem, k);
+      if (kLoads || tile == 0) gather(k_smem, k);
       BarrierArriveOnCopies(full_k + 8 * stage);  // With tile 0: Q's copies too.
       // V: the stage's V released (O += P V of tile - kStages done).
       if (tile >= kStages) BarrierWait(empty_v + 8 * stage, parity);
-      gather(v_smem, v);
+      if (kLoads || tile == 0) gather(v_smem, v);
       BarrierArriveOnCopies(full_v + 8 * stage);
     }
   } else {
     // ---------------- Consumers ----------------
-    SetMaxRegistersUp<kConsumerRegisters>();
+    SetMaxRegistersUp<kConsumerRegisters<kProducerRegisters>>();
     const int cw = wg - 1;              // Consumer warpgroup: local rows [64 cw, 64 cw + 64).
     const int warp = (tid - 128) / 32;  // Consumer warp 0..7: local rows [16 warp, 16 warp + 16).
     int64_t row_pos[2];
@@ -399,18 +407,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 }
 
 // Launches the warp-specialized kernel for (T, kDim) on `stream`; the params passed CanImplement.
-template <typename T, int kDim, bool kPingPong = false>
+template <typename T, int kDim, bool kPingPong = false, int kProducerRegisters = 24,
+          bool kLoads = true>
 cudaError_t LaunchWs(const SparseAttentionCudaParams& p, cudaStream_t stream) {
   const int64_t rows_per_head = kRows / (p.hq / p.hkv);
   const int64_t tiles_per_block = (p.block_size + rows_per_head - 1) / rows_per_head;
   const dim3 grid(static_cast<unsigned>(p.num_blocks * tiles_per_block),
                   static_cast<unsigned>(p.hkv));
   constexpr size_t kSmem = WsSmemLayout<kDim>::kBytes;
-  const cudaError_t error =
-      cudaFuncSetAttribute(HopperWsSparseAttentionKernel<T, kDim, kPingPong>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  const cudaError_t error = cudaFuncSetAttribute(
+      HopperWsSparseAttentionKernel<T, kDim, kPingPong, kProducerRegisters, kLoads>,
+      cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
-  HopperWsSparseAttentionKernel<T, kDim, kPingPong><<<grid, kWsThreads, kSmem, stream>>>(p);
+  HopperWsSparseAttentionKernel<T, kDim, kPingPong, kProducerRegisters, kLoads>
+      <<<grid, kWsThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
