@@ -90,6 +90,8 @@ struct Row {
   double density = 0;
   DeviceTiming select, attention, total;
   double boundaries_ms = 0, summaries_ms = 0, choose_ms = 0;  // Steps 1, 2, 3-4 (means).
+  double gaps_ms = 0, sort_ms = 0, nms_ms = 0;                // Step 1's parts (means).
+  double legacy_gaps_ms = 0;  // The first gap kernel's time on the same keys (mean).
   double tflops = 0;
   std::string check = "ok";
   bool failed = false;
@@ -359,25 +361,41 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
   DHSA_ASSIGN_OR_RETURN(row->total, TimeOnDevice(both, stream, 2, reps));
   row->tflops = 4.0 * kDim * double(row->pairs) / (row->attention.median_ms * 1e-3) / 1e12;
 
-  // The selection's steps apart: events after boundaries and after summaries, mean of 10 runs.
-  cudaEvent_t marks[4];
+  // The selection's steps apart: events after the gap dissimilarities, the sort, the boundaries
+  // and the summaries, mean of 10 runs; then the gaps again with the first (legacy) gap kernel.
+  cudaEvent_t marks[6];
   for (cudaEvent_t& e : marks) DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&e), "event"));
-  SelectionStageEvents stages{marks[1], marks[2]};
+  SelectionStageEvents stages;
+  stages.gaps_done = marks[1];
+  stages.sort_done = marks[2];
+  stages.boundaries_done = marks[3];
+  stages.summaries_done = marks[4];
   constexpr int kStageRuns = 10;
-  for (int i = 0; i < kStageRuns; ++i) {
-    DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[0], stream), "event"));
-    DHSA_RETURN_IF_ERROR(selection.Run(d.q.data(), d.k.data(), stream, nullptr, &stages));
-    DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[3], stream), "event"));
-    DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(marks[3]), "stage timing"));
-    float ms[3] = {0, 0, 0};
-    for (int s = 0; s < 3; ++s) {
-      DHSA_RETURN_IF_ERROR(
-          CudaStatus(cudaEventElapsedTime(&ms[s], marks[s], marks[s + 1]), "elapsed"));
+  for (int legacy = 0; legacy < 2; ++legacy) {
+    selection.set_legacy_gap_kernel(legacy == 1);
+    for (int i = 0; i < kStageRuns; ++i) {
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[0], stream), "event"));
+      DHSA_RETURN_IF_ERROR(selection.Run(d.q.data(), d.k.data(), stream, nullptr, &stages));
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[5], stream), "event"));
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(marks[5]), "stage timing"));
+      float ms[5] = {0, 0, 0, 0, 0};
+      for (int s = 0; s < 5; ++s) {
+        DHSA_RETURN_IF_ERROR(
+            CudaStatus(cudaEventElapsedTime(&ms[s], marks[s], marks[s + 1]), "elapsed"));
+      }
+      if (legacy == 1) {
+        row->legacy_gaps_ms += ms[0] / kStageRuns;
+        continue;
+      }
+      row->gaps_ms += ms[0] / kStageRuns;
+      row->sort_ms += ms[1] / kStageRuns;
+      row->nms_ms += ms[2] / kStageRuns;
+      row->boundaries_ms += (ms[0] + ms[1] + ms[2]) / kStageRuns;
+      row->summaries_ms += ms[3] / kStageRuns;
+      row->choose_ms += ms[4] / kStageRuns;
     }
-    row->boundaries_ms += ms[0] / kStageRuns;
-    row->summaries_ms += ms[1] / kStageRuns;
-    row->choose_ms += ms[2] / kStageRuns;
   }
+  selection.set_legacy_gap_kernel(false);
   for (cudaEvent_t e : marks) cudaEventDestroy(e);
   return absl::OkStatus();
 }
@@ -473,6 +491,14 @@ int Main(int argc, char** argv) {
         r.total.median_ms,
         r.total.median_ms > 0 ? 100.0 * r.select.median_ms / r.total.median_ms : 0.0, r.tflops,
         share, r.check.c_str());
+  }
+  std::printf(
+      "\nStep 1 apart (ms): gap dissimilarities (windowed kernel; first kernel) + sort + "
+      "NMS and split\n");
+  for (const Row& r : rows) {
+    std::printf("%-7lld %-6lld gaps %6.3f (first kernel %6.3f) + sort %6.3f + nms %6.3f = %6.3f\n",
+                static_cast<long long>(r.len), static_cast<long long>(r.budget), r.gaps_ms,
+                r.legacy_gaps_ms, r.sort_ms, r.nms_ms, r.boundaries_ms);
   }
   if (!options.compare.empty()) {
     std::printf(

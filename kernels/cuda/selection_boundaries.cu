@@ -93,6 +93,185 @@ __global__ void __launch_bounds__(kGapThreads)
   }
 }
 
+// The windowed gap kernel (windows of W <= kMaxFastWindow keys, the spec's default 4): one block
+// per kFastTile consecutive gaps, one warp per kFastRun of them, lane l holding features l, l + 32,
+// ... of each head. A head's raw rows [g0 - W, g0 + kFastTile + W - 1) are staged into shared
+// memory with cp.async (zero-filled outside [begin, end), the next head's staging in flight during
+// this head's sums), their inverse norms computed warp per row; each lane then keeps its feature of
+// the kFastRun + 2W - 1 rows its gaps read in registers and forms every window sum once,
+// 0 + x_s + ... + x_{s+W-1} in position order: a window clipped by the segment's ends adds +0.0
+// for the missing rows, which leaves the reference's sum over the rows held unchanged (a sum that
+// starts at +0.0 is never -0.0). Gap t's left sum is the window starting at t - W, its right sum
+// the one starting at t. Features are summed per lane (heads, then features in order), then by a
+// fixed shuffle tree: each delta is a function of its window's keys alone, as in GapKernel.
+constexpr int kFastTile = 64;
+constexpr int kFastRun = 8;
+constexpr int kFastThreads = kFastTile / kFastRun * 32;
+constexpr int kMaxFastWindow = kMaxGapRegisterWindow;
+
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CopyAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kFastThreads)
+    WindowedGapKernel(const T* __restrict__ k, int64_t hkv, int64_t lk, int dim, int32_t begin,
+                      int32_t end, double* __restrict__ delta, int32_t* __restrict__ pos) {
+  constexpr int kRows = kFastTile + 2 * W - 1;  // Rows of positions g0 - W + r.
+  constexpr int kHeld = kFastRun + 2 * W - 1;   // Rows one warp's gaps read.
+  constexpr int kWindows = kFastRun + W;        // Windows starting at its first gap - W, ...
+  extern __shared__ __align__(16) unsigned char smem[];
+  double* inv = reinterpret_cast<double*>(smem);              // [kRows]
+  T* raw = reinterpret_cast<T*>(smem + sizeof(double) * 80);  // [2][kRows][dim]
+  static_assert(kRows <= 80, "inverse norms' room");
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t g0 = int64_t{begin} + 1 + int64_t{blockIdx.x} * kFastTile;
+  const int64_t p0 = g0 - W;  // Position of row 0.
+  const int first = warp * kFastRun;
+  const int vecs = dim / 8;  // 16-byte pieces of a row.
+
+  auto stage = [&](int64_t h, T* dst) {
+    const T* kh = k + h * lk * dim;
+    for (int i = tid; i < kRows * vecs; i += kFastThreads) {
+      const int r = i / vecs, v = i % vecs;
+      const int64_t p = p0 + r;
+      const bool valid = p >= begin && p < end;
+      CopyAsync16(dst + r * dim + v * 8, kh + (valid ? p : int64_t{begin}) * dim + v * 8, valid);
+    }
+    CopyAsyncCommit();
+  };
+
+  double dot[kFastRun], nl[kFastRun], nr[kFastRun];
+#pragma unroll
+  for (int g = 0; g < kFastRun; ++g) dot[g] = nl[g] = nr[g] = 0.0;
+  stage(0, raw);
+  for (int64_t h = 0; h < hkv; ++h) {
+    const T* rows = raw + (h & 1) * kRows * dim;
+    if (h + 1 < hkv) {
+      stage(h + 1, raw + ((h + 1) & 1) * kRows * dim);
+      CopyAsyncWait<1>();
+    } else {
+      CopyAsyncWait<0>();
+    }
+    __syncthreads();
+    // Inverse L2 norms in fp64, warp per row (a zero row, or one outside the segment: 0).
+    for (int r = warp; r < kRows; r += kFastThreads / 32) {
+      double norm2 = 0.0;
+      for (int c = lane; c < dim; c += 32) {
+        const double x = ToFloat(rows[r * dim + c]);
+        norm2 = __dadd_rn(norm2, __dmul_rn(x, x));
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) norm2 += __shfl_xor_sync(0xffffffffu, norm2, o);
+      if (lane == 0) inv[r] = norm2 == 0.0 ? 0.0 : 1.0 / sqrt(norm2);
+    }
+    __syncthreads();
+    double inv_held[kHeld];
+#pragma unroll
+    for (int i = 0; i < kHeld; ++i) inv_held[i] = inv[first + i];
+    for (int c = lane; c < dim; c += 32) {
+      double x[kHeld];
+#pragma unroll
+      for (int i = 0; i < kHeld; ++i) {
+        x[i] = __dmul_rn(static_cast<double>(ToFloat(rows[(first + i) * dim + c])), inv_held[i]);
+      }
+      double win[kWindows];
+#pragma unroll
+      for (int i = 0; i < kWindows; ++i) {
+        double s = 0.0;
+#pragma unroll
+        for (int u = 0; u < W; ++u) s = __dadd_rn(s, x[i + u]);
+        win[i] = s;
+      }
+#pragma unroll
+      for (int g = 0; g < kFastRun; ++g) {
+        const double l = win[g], r = win[g + W];
+        dot[g] = __dadd_rn(dot[g], __dmul_rn(l, r));
+        nl[g] = __dadd_rn(nl[g], __dmul_rn(l, l));
+        nr[g] = __dadd_rn(nr[g], __dmul_rn(r, r));
+      }
+    }
+    __syncthreads();  // The buffer read here is staged into two heads on.
+  }
+#pragma unroll
+  for (int g = 0; g < kFastRun; ++g) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
+      nl[g] += __shfl_xor_sync(0xffffffffu, nl[g], o);
+      nr[g] += __shfl_xor_sync(0xffffffffu, nr[g], o);
+    }
+  }
+  if (lane < kFastRun) {
+    double d = 0.0, a = 0.0, b = 0.0;  // Lane g writes gap g (registers indexed statically).
+#pragma unroll
+    for (int g = 0; g < kFastRun; ++g) {
+      if (g == lane) {
+        d = dot[g];
+        a = nl[g];
+        b = nr[g];
+      }
+    }
+    const int64_t t = g0 + first + lane;
+    if (t < end) {
+      const int64_t i = t - begin - 1;
+      delta[i] = a == 0.0 || b == 0.0 ? 0.0 : 1.0 - d / sqrt(a * b);
+      pos[i] = static_cast<int32_t>(t);
+    }
+  }
+}
+
+size_t WindowedGapSharedBytes(int window, int64_t dim, size_t elem) {
+  return sizeof(double) * 80 + 2 * elem * static_cast<size_t>((kFastTile + 2 * window - 1) * dim);
+}
+
+template <typename T, int W>
+cudaError_t LaunchWindowed(const T* k, int64_t hkv, int64_t lk, int64_t dim, int32_t begin,
+                           int32_t end, double* delta, int32_t* pos, cudaStream_t stream) {
+  const int64_t gaps = int64_t{end} - begin - 1;
+  const unsigned blocks = static_cast<unsigned>((gaps + kFastTile - 1) / kFastTile);
+  const size_t smem = WindowedGapSharedBytes(W, dim, sizeof(T));
+  const cudaError_t error = cudaFuncSetAttribute(WindowedGapKernel<T, W>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (error != cudaSuccess) return error;
+  WindowedGapKernel<T, W><<<blocks, kFastThreads, smem, stream>>>(k, hkv, lk, static_cast<int>(dim),
+                                                                  begin, end, delta, pos);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t LaunchWindowedFor(int window, const T* k, int64_t hkv, int64_t lk, int64_t dim,
+                              int32_t begin, int32_t end, double* delta, int32_t* pos,
+                              cudaStream_t stream) {
+  switch (window) {
+    case 1:
+      return LaunchWindowed<T, 1>(k, hkv, lk, dim, begin, end, delta, pos, stream);
+    case 2:
+      return LaunchWindowed<T, 2>(k, hkv, lk, dim, begin, end, delta, pos, stream);
+    case 3:
+      return LaunchWindowed<T, 3>(k, hkv, lk, dim, begin, end, delta, pos, stream);
+    case 4:
+      return LaunchWindowed<T, 4>(k, hkv, lk, dim, begin, end, delta, pos, stream);
+    case 5:
+      return LaunchWindowed<T, 5>(k, hkv, lk, dim, begin, end, delta, pos, stream);
+    case 6:
+      return LaunchWindowed<T, 6>(k, hkv, lk, dim, begin, end, delta, pos, stream);
+    case 7:
+      return LaunchWindowed<T, 7>(k, hkv, lk, dim, begin, end, delta, pos, stream);
+    case 8:
+      return LaunchWindowed<T, 8>(k, hkv, lk, dim, begin, end, delta, pos, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 constexpr int kNmsThreads = 1024;
 
 // True when a bit of [lo, hi] (positions relative to the segment, clipped to [0, n]) is set.
@@ -132,12 +311,20 @@ __global__ void __launch_bounds__(kNmsThreads)
   if (tid < 32) {
     int32_t accepted = 0;
     constexpr int kDepth = 8;  // Loads in flight per lane.
+    // The next 32 * kDepth sorted gaps are loaded while these are decided.
+    int32_t next[kDepth];
+#pragma unroll
+    for (int m = 0; m < kDepth; ++m) {
+      const int64_t idx = m * 32 + lane;
+      next[m] = idx < n_gaps ? sorted_pos[idx] : -1;
+    }
     for (int64_t base = 0; base < n_gaps && accepted < wanted; base += 32 * kDepth) {
       int32_t t[kDepth];
 #pragma unroll
       for (int m = 0; m < kDepth; ++m) {
-        const int64_t idx = base + m * 32 + lane;
-        t[m] = idx < n_gaps ? sorted_pos[idx] : -1;
+        t[m] = next[m];
+        const int64_t idx = base + 32 * kDepth + m * 32 + lane;
+        next[m] = idx < n_gaps ? sorted_pos[idx] : -1;
       }
 #pragma unroll
       for (int m = 0; m < kDepth; ++m) {
@@ -234,9 +421,17 @@ cudaError_t LaunchInitBoundaries(int32_t* boundaries, int32_t* count, int32_t n,
 
 cudaError_t LaunchGapDissimilarity(DType dtype, const void* k, int64_t hkv, int64_t lk, int64_t dim,
                                    int32_t begin, int32_t end, int32_t window, double* delta,
-                                   int32_t* pos, cudaStream_t stream) {
+                                   int32_t* pos, bool legacy, cudaStream_t stream) {
   const int64_t gaps = int64_t{end} - begin - 1;
   if (gaps <= 0) return cudaSuccess;
+  if (!legacy && window >= 1 && window <= kMaxFastWindow) {
+    if (dtype == DType::kBF16) {
+      return LaunchWindowedFor(window, static_cast<const __nv_bfloat16*>(k), hkv, lk, dim, begin,
+                               end, delta, pos, stream);
+    }
+    return LaunchWindowedFor(window, static_cast<const __half*>(k), hkv, lk, dim, begin, end, delta,
+                             pos, stream);
+  }
   const unsigned blocks = static_cast<unsigned>((gaps + kGapTile - 1) / kGapTile);
   const size_t smem = sizeof(double) * static_cast<size_t>((kGapTile + 2 * window) * dim);
   cudaError_t error;

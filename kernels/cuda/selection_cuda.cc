@@ -219,13 +219,21 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
     DHSA_RETURN_IF_ERROR(CudaStatus(
         kernel::LaunchGapDissimilarity(dtype_, k, shape_.hkv, shape_.lk, shape_.dim, begin, end,
                                        static_cast<int32_t>(c.boundary_window), delta_.as<double>(),
-                                       gap_pos_.as<int32_t>(), stream),
+                                       gap_pos_.as<int32_t>(), legacy_gaps_, stream),
         "gap dissimilarity"));
+    if (events != nullptr && events->gaps_done != nullptr) {
+      DHSA_RETURN_IF_ERROR(
+          CudaStatus(cudaEventRecord(events->gaps_done, stream), "cudaEventRecord"));
+    }
     DHSA_RETURN_IF_ERROR(
         CudaStatus(kernel::SortGaps(sort_temp_.data(), sort_bytes_, delta_.as<double>(),
                                     delta_sorted_.as<double>(), gap_pos_.as<int32_t>(),
                                     gap_pos_sorted_.as<int32_t>(), gaps, stream),
                    "gap sort"));
+    if (events != nullptr && events->sort_done != nullptr) {
+      DHSA_RETURN_IF_ERROR(
+          CudaStatus(cudaEventRecord(events->sort_done, stream), "cudaEventRecord"));
+    }
     const int64_t wanted = CeilDiv(n, c.chunk_mean) - 1;
     DHSA_RETURN_IF_ERROR(CudaStatus(
         kernel::LaunchNmsAndSplit(

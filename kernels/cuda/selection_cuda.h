@@ -45,10 +45,13 @@ absl::Status DeviceSelectionSupported(const DhsaConfig& config, const AttentionS
                                       DType dtype, bool decode = false);
 
 // Events Run records on its stream after Step 1 (boundaries) and after Step 2 (summaries), for
-// benchmarks that time the steps apart.
+// benchmarks that time the steps apart; within Step 1, after the last segment's gap
+// dissimilarities and after its sort (dynamic boundaries only; the NMS and split follow).
 struct SelectionStageEvents {
   cudaEvent_t boundaries_done = nullptr;
   cudaEvent_t summaries_done = nullptr;
+  cudaEvent_t gaps_done = nullptr;
+  cudaEvent_t sort_done = nullptr;
 };
 
 class DeviceDhsaSelection {
@@ -70,6 +73,11 @@ class DeviceDhsaSelection {
   absl::Status Run(const void* q, const void* k, cudaStream_t stream,
                    const std::vector<int64_t>* prior_boundaries = nullptr,
                    const SelectionStageEvents* events = nullptr);
+
+  // With `legacy`, Run computes the gap dissimilarities with the first gap kernel (each gap's
+  // window sums read from shared memory) instead of the windowed one (deltas equal to rounding),
+  // for benchmarks and tests that compare the two.
+  void set_legacy_gap_kernel(bool legacy) { legacy_gaps_ = legacy; }
 
   // Points the attention's selection fields at the result (valid until the next Run).
   absl::Status Attach(SparseAttentionCudaParams* params) const;
@@ -99,6 +107,7 @@ class DeviceDhsaSelection {
   int64_t num_blocks_ = 0;     // Query blocks.
   int entries_per_block_ = 1;  // Selection entries one thread block handles.
   size_t sort_bytes_ = 0;
+  bool legacy_gaps_ = false;
   size_t workspace_bytes_ = 0;
   DeviceBuffer boundaries_;  // int32 [chunk_cap + 1], then int32 count (number of boundaries).
   DeviceBuffer delta_, delta_sorted_, gap_pos_, gap_pos_sorted_, nms_, sort_temp_;

@@ -21,10 +21,15 @@ cudaError_t LaunchInitBoundaries(int32_t* boundaries, int32_t* count, int32_t n,
                                  cudaStream_t stream);
 
 // Gap dissimilarity of keys [begin, end) (spec Step 1): delta[t - begin - 1] for gaps
-// t = begin + 1 .. end - 1, in fp64, and pos[i] = begin + 1 + i. k is [hkv, lk, dim].
+// t = begin + 1 .. end - 1, in fp64, and pos[i] = begin + 1 + i. k is [hkv, lk, dim], 16-byte
+// aligned. Windows up to kMaxGapRegisterWindow keys take the windowed kernel (window sums in
+// registers, formed once per position) unless `legacy`; wider ones (or `legacy`) the first
+// kernel (each gap's sums from shared memory). Each kernel's delta is a function of the
+// gap's window alone; the two add the features in different orders (equal to rounding).
+inline constexpr int kMaxGapRegisterWindow = 8;
 cudaError_t LaunchGapDissimilarity(DType dtype, const void* k, int64_t hkv, int64_t lk, int64_t dim,
                                    int32_t begin, int32_t end, int32_t window, double* delta,
-                                   int32_t* pos, cudaStream_t stream);
+                                   int32_t* pos, bool legacy, cudaStream_t stream);
 
 // Temporary bytes of SortGaps for up to `n` gaps.
 size_t SortGapsTempBytes(int64_t n);

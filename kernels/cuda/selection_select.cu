@@ -4,12 +4,13 @@
 //
 // One thread block per KV head and `entries_per_block` consecutive query blocks (they share the
 // reads of kappa). Scores: each thread scores a chunk for every entry, fp64 in the reference's
-// order, rounded to fp32, kept in shared memory. Budget cut: ranking chunks by descending score,
-// ties to the later chunk, is ranking the 64-bit keys (ordered score bits, chunk index) in
-// descending order; the chunk where the running sum of the chunks' new tokens reaches the budget
-// left is found by a weighted radix select over those keys (8 bits a pass, histograms of tokens
-// in shared memory). Emission: warp e lists entry e's spans in position order (sink, the taken
-// part of each chunk, local), merging adjacent intervals, with each span's packed offset.
+// order (fused multiply-adds: exact products of floats), rounded to fp32, kept in shared memory.
+// Budget cut: ranking chunks by descending score, ties to the later chunk, is ranking the 64-bit
+// keys (ordered score bits, chunk index) in descending order; the chunk where the running sum of
+// the chunks' new tokens reaches the budget left is found by a weighted radix select over those
+// keys (8 bits a pass, histograms of tokens in shared memory). Emission: warp e lists entry e's
+// spans in position order (sink, the taken part of each chunk, local), merging adjacent intervals,
+// with each span's packed offset.
 #include <cstdint>
 
 #include "kernels/cuda/selection_cuda_launch.h"
@@ -111,7 +112,9 @@ __global__ void __launch_bounds__(kSelectThreads)
       for (int u = 0; u < 4; ++u) {
 #pragma unroll
         for (int e = 0; e < kMaxEntriesPerBlock; ++e) {
-          if (e < entries) acc[e] = __dadd_rn(acc[e], __dmul_rn(rho_s[e * dim + c + u], kc[u]));
+          // One fused multiply-add is the reference's product then sum: the product of two
+          // floats is exact in fp64 (24 + 24 significant bits), so only the sum rounds.
+          if (e < entries) acc[e] = __fma_rn(rho_s[e * dim + c + u], kc[u], acc[e]);
         }
       }
     }

@@ -54,6 +54,8 @@ struct SelectionCase {
   bool prior = false;    // Chunked prefill with the stored keys' boundaries passed in.
   BoundaryMode mode = BoundaryMode::kDynamic;
   int64_t q_block = 128;
+  int64_t window = 4;        // Boundary window w (1-8: the windowed gap kernel; wider: the first).
+  bool legacy_gaps = false;  // The first gap kernel whatever the window.
 };
 
 void PrintTo(const SelectionCase& c, std::ostream* os) { *os << c.name; }
@@ -145,6 +147,7 @@ TEST_P(SelectionCudaTest, EqualsTheReferenceSteps) {
   DhsaConfig config;
   config.q_block = c.q_block;
   config.boundary_mode = c.mode;
+  config.boundary_window = c.window;
   if (c.budget > 0) {
     config.budget = c.budget;
     config.sink = c.budget < 160 ? 8 : 32;
@@ -160,6 +163,7 @@ TEST_P(SelectionCudaTest, EqualsTheReferenceSteps) {
   absl::StatusOr<DeviceDhsaSelection> sel =
       DeviceDhsaSelection::Create(config, shape, c.dtype, prior_chunks);
   ASSERT_TRUE(sel.ok()) << sel.status();
+  sel->set_legacy_gap_kernel(c.legacy_gaps);
   absl::StatusOr<DeviceBuffer> dq = DeviceBuffer::FromHost(q.data(), q.bytes.size());
   absl::StatusOr<DeviceBuffer> dk = DeviceBuffer::FromHost(k.data(), k.bytes.size());
   absl::StatusOr<DeviceBuffer> dv = DeviceBuffer::FromHost(v.data(), v.bytes.size());
@@ -274,7 +278,19 @@ INSTANTIATE_TEST_SUITE_P(
         SelectionCase{"chunked_prior_4099_t0_1111_g2_d64_f16", 4, 2, 2988, 4099, 64, kF16, kSeg,
                       512, true},
         SelectionCase{"seg_131071_g4_d128_bf16_spec", 8, 2, 131071, 131071, 128, kBF16, kSeg, 0},
-        SelectionCase{"rep_131071_g2_d64_f16", 4, 2, 131071, 131071, 64, kF16, kRep, 4096}),
+        SelectionCase{"rep_131071_g2_d64_f16", 4, 2, 131071, 131071, 64, kF16, kRep, 4096},
+        SelectionCase{"seg_4099_w1_g2_d64_bf16", 4, 2, 4099, 4099, 64, kBF16, kSeg, 512, false,
+                      BoundaryMode::kDynamic, 128, 1},
+        SelectionCase{"rand_1025_w7_g4_d128_f16", 8, 2, 1025, 1025, 128, kF16, kRand, 256, false,
+                      BoundaryMode::kDynamic, 64, 7},
+        SelectionCase{"rep_4099_w8_g1_d256_bf16", 3, 3, 4099, 4099, 256, kBF16, kRep, 512, false,
+                      BoundaryMode::kDynamic, 128, 8},
+        SelectionCase{"seg_4099_w12_g2_d128_bf16", 4, 2, 4099, 4099, 128, kBF16, kSeg, 512, false,
+                      BoundaryMode::kDynamic, 128, 12},
+        SelectionCase{"rep_4099_g4_d128_bf16_first_gap_kernel", 8, 2, 4099, 4099, 128, kBF16, kRep,
+                      512, false, BoundaryMode::kDynamic, 128, 4, true},
+        SelectionCase{"chunked_prior_4099_t0_1111_w3_g2_d128_bf16", 4, 2, 2988, 4099, 128, kBF16,
+                      kSeg, 512, true, BoundaryMode::kDynamic, 128, 3}),
     [](const ::testing::TestParamInfo<SelectionCase>& info) {
       return std::string(info.param.name);
     });
