@@ -166,6 +166,9 @@ absl::StatusOr<DeviceDhsaSelection> DeviceDhsaSelection::Create(const DhsaConfig
   return s;
 }
 
+void DeviceDhsaSelection::StreamDeleter::operator()(cudaStream_t s) const { cudaStreamDestroy(s); }
+void DeviceDhsaSelection::EventDeleter::operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
+
 absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t stream,
                                       const std::vector<int64_t>* prior_boundaries,
                                       const SelectionStageEvents* events) {
@@ -206,6 +209,33 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
   }
 
   const DhsaConfig& c = config_;
+  const bool sqrt_norm = c.summary_norm == SummaryNorm::kSqrt;
+  auto query_summaries = [&](cudaStream_t on) {
+    return CudaStatus(kernel::LaunchQueryBlockSummaries(
+                          dtype_, q, shape_.hq, shape_.hkv, shape_.lq, shape_.lk, shape_.dim,
+                          c.q_block, first_block_, num_blocks_, sqrt_norm, rho_.as<float>(), on),
+                      "query block summaries");
+  };
+  if (overlap_rho_) {
+    if (aux_stream_ == nullptr) {
+      cudaStream_t aux = nullptr;
+      cudaEvent_t fork = nullptr, join = nullptr;
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&aux, cudaStreamNonBlocking),
+                                      "selection's second stream"));
+      aux_stream_.reset(aux);
+      DHSA_RETURN_IF_ERROR(
+          CudaStatus(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming), "event"));
+      fork_.reset(fork);
+      DHSA_RETURN_IF_ERROR(
+          CudaStatus(cudaEventCreateWithFlags(&join, cudaEventDisableTiming), "event"));
+      join_.reset(join);
+    }
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_.get(), stream), "fork"));
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(cudaStreamWaitEvent(aux_stream_.get(), fork_.get(), 0), "fork wait"));
+    DHSA_RETURN_IF_ERROR(query_summaries(aux_stream_.get()));
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(join_.get(), aux_stream_.get()), "join"));
+  }
   for (const Segment& seg : Segments(shape_, have_prior)) {
     const int32_t begin = static_cast<int32_t>(seg.begin), end = static_cast<int32_t>(seg.end);
     if (c.boundary_mode == BoundaryMode::kFixed) {
@@ -247,16 +277,15 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
     DHSA_RETURN_IF_ERROR(
         CudaStatus(cudaEventRecord(events->boundaries_done, stream), "cudaEventRecord"));
   }
-  const bool sqrt_norm = c.summary_norm == SummaryNorm::kSqrt;
   DHSA_RETURN_IF_ERROR(CudaStatus(
       kernel::LaunchChunkSummaries(dtype_, k, shape_.hkv, shape_.lk, shape_.dim, list, count,
                                    chunk_cap_, sqrt_norm, kappa_.as<float>(), stream),
       "chunk summaries"));
-  DHSA_RETURN_IF_ERROR(CudaStatus(
-      kernel::LaunchQueryBlockSummaries(dtype_, q, shape_.hq, shape_.hkv, shape_.lq, shape_.lk,
-                                        shape_.dim, c.q_block, first_block_, num_blocks_, sqrt_norm,
-                                        rho_.as<float>(), stream),
-      "query block summaries"));
+  if (overlap_rho_) {
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream, join_.get(), 0), "join wait"));
+  } else {
+    DHSA_RETURN_IF_ERROR(query_summaries(stream));
+  }
 
   if (events != nullptr && events->summaries_done != nullptr) {
     DHSA_RETURN_IF_ERROR(

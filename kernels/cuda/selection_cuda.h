@@ -24,6 +24,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -79,6 +80,12 @@ class DeviceDhsaSelection {
   // for benchmarks and tests that compare the two.
   void set_legacy_gap_kernel(bool legacy) { legacy_gaps_ = legacy; }
 
+  // With `overlap`, Run computes the query-block summaries (rho: a read of all of q, which does
+  // not depend on the boundaries) on a second stream of its own, forked from and joined back into
+  // the caller's stream by events, so that they run beside Step 1 (whose NMS keeps one SM busy);
+  // the results are the same.
+  void set_overlap_query_summaries(bool overlap) { overlap_rho_ = overlap; }
+
   // Points the attention's selection fields at the result (valid until the next Run).
   absl::Status Attach(SparseAttentionCudaParams* params) const;
 
@@ -108,6 +115,15 @@ class DeviceDhsaSelection {
   int entries_per_block_ = 1;  // Selection entries one thread block handles.
   size_t sort_bytes_ = 0;
   bool legacy_gaps_ = false;
+  bool overlap_rho_ = false;
+  struct StreamDeleter {
+    void operator()(cudaStream_t s) const;
+  };
+  struct EventDeleter {
+    void operator()(cudaEvent_t e) const;
+  };
+  std::unique_ptr<CUstream_st, StreamDeleter> aux_stream_;  // Created on first overlapped Run.
+  std::unique_ptr<CUevent_st, EventDeleter> fork_, join_;
   size_t workspace_bytes_ = 0;
   DeviceBuffer boundaries_;  // int32 [chunk_cap + 1], then int32 count (number of boundaries).
   DeviceBuffer delta_, delta_sorted_, gap_pos_, gap_pos_sorted_, nms_, sort_temp_;

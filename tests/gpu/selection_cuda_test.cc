@@ -56,6 +56,7 @@ struct SelectionCase {
   int64_t q_block = 128;
   int64_t window = 4;        // Boundary window w (1-8: the windowed gap kernel; wider: the first).
   bool legacy_gaps = false;  // The first gap kernel whatever the window.
+  bool overlap = false;      // Query-block summaries on the selection's second stream.
 };
 
 void PrintTo(const SelectionCase& c, std::ostream* os) { *os << c.name; }
@@ -164,6 +165,7 @@ TEST_P(SelectionCudaTest, EqualsTheReferenceSteps) {
       DeviceDhsaSelection::Create(config, shape, c.dtype, prior_chunks);
   ASSERT_TRUE(sel.ok()) << sel.status();
   sel->set_legacy_gap_kernel(c.legacy_gaps);
+  sel->set_overlap_query_summaries(c.overlap);
   absl::StatusOr<DeviceBuffer> dq = DeviceBuffer::FromHost(q.data(), q.bytes.size());
   absl::StatusOr<DeviceBuffer> dk = DeviceBuffer::FromHost(k.data(), k.bytes.size());
   absl::StatusOr<DeviceBuffer> dv = DeviceBuffer::FromHost(v.data(), v.bytes.size());
@@ -290,7 +292,13 @@ INSTANTIATE_TEST_SUITE_P(
         SelectionCase{"rep_4099_g4_d128_bf16_first_gap_kernel", 8, 2, 4099, 4099, 128, kBF16, kRep,
                       512, false, BoundaryMode::kDynamic, 128, 4, true},
         SelectionCase{"chunked_prior_4099_t0_1111_w3_g2_d128_bf16", 4, 2, 2988, 4099, 128, kBF16,
-                      kSeg, 512, true, BoundaryMode::kDynamic, 128, 3}),
+                      kSeg, 512, true, BoundaryMode::kDynamic, 128, 3},
+        SelectionCase{"rand_4099_g4_d128_bf16_overlap", 8, 2, 4099, 4099, 128, kBF16, kRand, 512,
+                      false, BoundaryMode::kDynamic, 128, 4, false, true},
+        SelectionCase{"chunked_prior_4099_t0_1111_g2_d64_f16_overlap", 4, 2, 2988, 4099, 64, kF16,
+                      kSeg, 512, true, BoundaryMode::kDynamic, 128, 4, false, true},
+        SelectionCase{"seg_32771_g4_d128_bf16_spec_overlap", 8, 2, 32771, 32771, 128, kBF16, kSeg,
+                      0, false, BoundaryMode::kDynamic, 128, 4, false, true}),
     [](const ::testing::TestParamInfo<SelectionCase>& info) {
       return std::string(info.param.name);
     });
