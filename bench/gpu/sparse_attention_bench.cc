@@ -94,6 +94,7 @@ struct Row {
   double legacy_gaps_ms = 0;  // The first gap kernel's time on the same keys (mean).
   double serial_select_ms = 0, overlap_select_ms = 0;  // Whole selection, rho on the stream or
                                                        // beside Step 1 (means of the same loop).
+  double batched_choose_ms = 0, both_select_ms = 0;    // Batched scores: Steps 3-4; with overlap.
   double tflops = 0;
   std::string check = "ok";
   bool failed = false;
@@ -365,7 +366,8 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
 
   // The selection's steps apart: events after the gap dissimilarities, the sort, the boundaries
   // and the summaries, mean of 10 runs; then the gaps again with the first (legacy) gap kernel;
-  // then the whole selection with the query-block summaries on a second stream.
+  // then the whole selection with the query-block summaries on a second stream; then Steps 3-4
+  // with the batched scores; then both.
   cudaEvent_t marks[6];
   for (cudaEvent_t& e : marks) DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&e), "event"));
   SelectionStageEvents stages;
@@ -374,10 +376,11 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
   stages.boundaries_done = marks[3];
   stages.summaries_done = marks[4];
   constexpr int kStageRuns = 10;
-  for (int mode = 0; mode < 3; ++mode) {
+  for (int mode = 0; mode < 5; ++mode) {
     const bool legacy = mode == 1;
     selection.set_legacy_gap_kernel(legacy);
-    selection.set_overlap_query_summaries(mode == 2);
+    selection.set_overlap_query_summaries(mode == 2 || mode == 4);
+    selection.set_batched_scores(mode >= 3);
     for (int i = 0; i < kStageRuns; ++i) {
       DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[0], stream), "event"));
       DHSA_RETURN_IF_ERROR(selection.Run(d.q.data(), d.k.data(), stream, nullptr, &stages));
@@ -389,8 +392,12 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
             CudaStatus(cudaEventElapsedTime(&ms[s], marks[s], marks[s + 1]), "elapsed"));
       }
       const double whole = ms[0] + ms[1] + ms[2] + ms[3] + ms[4];
-      if (mode == 2) {
-        row->overlap_select_ms += whole / kStageRuns;
+      if (mode == 2 || mode == 4) {
+        (mode == 2 ? row->overlap_select_ms : row->both_select_ms) += whole / kStageRuns;
+        continue;
+      }
+      if (mode == 3) {
+        row->batched_choose_ms += ms[4] / kStageRuns;
         continue;
       }
       if (legacy) {
@@ -408,6 +415,7 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
   }
   selection.set_legacy_gap_kernel(false);
   selection.set_overlap_query_summaries(false);
+  selection.set_batched_scores(false);
   for (cudaEvent_t e : marks) cudaEventDestroy(e);
   return absl::OkStatus();
 }
@@ -513,11 +521,13 @@ int Main(int argc, char** argv) {
                 r.legacy_gaps_ms, r.sort_ms, r.nms_ms, r.boundaries_ms);
   }
   std::printf(
-      "\nWhole selection (ms, mean of 10): query-block summaries after Step 1 on the "
-      "stream; on a second stream beside Step 1\n");
+      "\nSelection variants (ms, means of 10): choose (Steps 3-4) with the batched scores; the "
+      "whole selection serial, with rho beside Step 1, with both\n");
   for (const Row& r : rows) {
-    std::printf("%-7lld %-6lld serial %6.3f  overlapped %6.3f\n", static_cast<long long>(r.len),
-                static_cast<long long>(r.budget), r.serial_select_ms, r.overlap_select_ms);
+    std::printf(
+        "%-7lld %-6lld choose %6.3f batched %6.3f | whole %6.3f overlapped %6.3f both %6.3f\n",
+        static_cast<long long>(r.len), static_cast<long long>(r.budget), r.choose_ms,
+        r.batched_choose_ms, r.serial_select_ms, r.overlap_select_ms, r.both_select_ms);
   }
   if (!options.compare.empty()) {
     std::printf(

@@ -307,6 +307,7 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
   p.sink = c.sink;
   p.local = c.local;
   p.entries_per_block = entries_per_block_;
+  p.batched_scores = batched_scores_;
   p.spans = spans_.as<CudaSpan>();
   p.span_starts = starts_.as<int32_t>();
   p.counts = counts_.as<int32_t>();

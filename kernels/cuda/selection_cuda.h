@@ -86,6 +86,10 @@ class DeviceDhsaSelection {
   // the results are the same.
   void set_overlap_query_summaries(bool overlap) { overlap_rho_ = overlap; }
 
+  // With `batched`, the scores (Step 3) are computed two chunks a thread with 32 features of kappa
+  // loaded before they are used (more loads in flight); the same sums in the same order.
+  void set_batched_scores(bool batched) { batched_scores_ = batched; }
+
   // Points the attention's selection fields at the result (valid until the next Run).
   absl::Status Attach(SparseAttentionCudaParams* params) const;
 
@@ -116,6 +120,7 @@ class DeviceDhsaSelection {
   size_t sort_bytes_ = 0;
   bool legacy_gaps_ = false;
   bool overlap_rho_ = false;
+  bool batched_scores_ = false;
   struct StreamDeleter {
     void operator()(cudaStream_t s) const;
   };

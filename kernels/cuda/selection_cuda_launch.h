@@ -80,6 +80,7 @@ struct SelectParams {
   int64_t sink = 0;
   int64_t local = 0;
   int32_t entries_per_block = 1;  // 1 .. kMaxEntriesPerBlock, query blocks per thread block.
+  bool batched_scores = false;    // Two chunks a thread, 32 features of loads in flight.
   CudaSpan* spans = nullptr;      // [hkv * num_blocks, span_cap]
   int32_t* span_starts = nullptr;
   int32_t* counts = nullptr;  // [hkv * num_blocks]

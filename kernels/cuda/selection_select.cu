@@ -47,6 +47,7 @@ __device__ __forceinline__ int32_t Weight(const int32_t* bnd, int32_t j, int32_t
   return z > a ? z - a : 0;
 }
 
+template <bool kBatched>
 __global__ void __launch_bounds__(kSelectThreads)
     SelectKernel(const __grid_constant__ SelectParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -102,7 +103,58 @@ __global__ void __launch_bounds__(kSelectThreads)
   // Step 3: scores, fp64 in the reference's order (c ascending, products and sums rounded apart).
   int32_t max_eligible = 0;
   for (int e = 0; e < entries; ++e) max_eligible = max(max_eligible, info[e].eligible);
-  for (int32_t j = tid; j < max_eligible; j += kSelectThreads) {
+  if (kBatched) {
+    // The same sums, with more loads in flight: a thread scores two chunks (j and j + threads) at
+    // once, loads 32 features of both rows before using them, and reads rho two features a load.
+    for (int32_t j0 = tid; j0 < max_eligible; j0 += 2 * kSelectThreads) {
+      const int32_t j1 = j0 + kSelectThreads;
+      const bool two = j1 < max_eligible;
+      const float* kr0 = p.kappa + (h * p.chunk_cap + j0) * dim;
+      const float* kr1 = p.kappa + (h * p.chunk_cap + (two ? j1 : j0)) * dim;
+      double acc0[kMaxEntriesPerBlock] = {0.0, 0.0, 0.0, 0.0};
+      double acc1[kMaxEntriesPerBlock] = {0.0, 0.0, 0.0, 0.0};
+      for (int c0 = 0; c0 < dim; c0 += 32) {
+        float4 k0[8], k1[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int c = c0 + 4 * i;
+          if (c < dim) {
+            k0[i] = *reinterpret_cast<const float4*>(kr0 + c);
+            k1[i] = *reinterpret_cast<const float4*>(kr1 + c);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int c = c0 + 4 * i;
+          if (c >= dim) break;
+          const double a[4] = {k0[i].x, k0[i].y, k0[i].z, k0[i].w};
+          const double b[4] = {k1[i].x, k1[i].y, k1[i].z, k1[i].w};
+#pragma unroll
+          for (int e = 0; e < kMaxEntriesPerBlock; ++e) {
+            if (e >= entries) break;
+            const double2 r01 = *reinterpret_cast<const double2*>(rho_s + e * dim + c);
+            const double2 r23 = *reinterpret_cast<const double2*>(rho_s + e * dim + c + 2);
+            const double r[4] = {r01.x, r01.y, r23.x, r23.y};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              acc0[e] = __fma_rn(r[u], a[u], acc0[e]);
+              acc1[e] = __fma_rn(r[u], b[u], acc1[e]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kMaxEntriesPerBlock; ++e) {
+        if (e < entries && j0 < info[e].eligible) {
+          scores[e * p.chunk_cap + j0] = __double2float_rn(acc0[e]);
+        }
+        if (e < entries && two && j1 < info[e].eligible) {
+          scores[e * p.chunk_cap + j1] = __double2float_rn(acc1[e]);
+        }
+      }
+    }
+  }
+  for (int32_t j = kBatched ? max_eligible : tid; j < max_eligible; j += kSelectThreads) {
     const float* kr = p.kappa + (h * p.chunk_cap + j) * dim;
     double acc[kMaxEntriesPerBlock] = {0.0, 0.0, 0.0, 0.0};
     for (int c = 0; c < dim; c += 4) {
@@ -287,13 +339,14 @@ size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries) {
 
 cudaError_t LaunchSelect(const SelectParams& p, cudaStream_t stream) {
   const size_t smem = SelectSharedBytes(p.chunk_cap, p.dim, p.entries_per_block);
+  auto kernel = p.batched_scores ? SelectKernel<true> : SelectKernel<false>;
   const cudaError_t error =
-      cudaFuncSetAttribute(SelectKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
   const dim3 grid(
       static_cast<unsigned>((p.num_blocks + p.entries_per_block - 1) / p.entries_per_block),
       static_cast<unsigned>(p.hkv));
-  SelectKernel<<<grid, kSelectThreads, smem, stream>>>(p);
+  kernel<<<grid, kSelectThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

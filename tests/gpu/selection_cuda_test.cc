@@ -57,6 +57,7 @@ struct SelectionCase {
   int64_t window = 4;        // Boundary window w (1-8: the windowed gap kernel; wider: the first).
   bool legacy_gaps = false;  // The first gap kernel whatever the window.
   bool overlap = false;      // Query-block summaries on the selection's second stream.
+  bool batched = false;      // Batched scores.
 };
 
 void PrintTo(const SelectionCase& c, std::ostream* os) { *os << c.name; }
@@ -166,6 +167,7 @@ TEST_P(SelectionCudaTest, EqualsTheReferenceSteps) {
   ASSERT_TRUE(sel.ok()) << sel.status();
   sel->set_legacy_gap_kernel(c.legacy_gaps);
   sel->set_overlap_query_summaries(c.overlap);
+  sel->set_batched_scores(c.batched);
   absl::StatusOr<DeviceBuffer> dq = DeviceBuffer::FromHost(q.data(), q.bytes.size());
   absl::StatusOr<DeviceBuffer> dk = DeviceBuffer::FromHost(k.data(), k.bytes.size());
   absl::StatusOr<DeviceBuffer> dv = DeviceBuffer::FromHost(v.data(), v.bytes.size());
@@ -297,8 +299,18 @@ INSTANTIATE_TEST_SUITE_P(
                       false, BoundaryMode::kDynamic, 128, 4, false, true},
         SelectionCase{"chunked_prior_4099_t0_1111_g2_d64_f16_overlap", 4, 2, 2988, 4099, 64, kF16,
                       kSeg, 512, true, BoundaryMode::kDynamic, 128, 4, false, true},
-        SelectionCase{"seg_32771_g4_d128_bf16_spec_overlap", 8, 2, 32771, 32771, 128, kBF16, kSeg,
-                      0, false, BoundaryMode::kDynamic, 128, 4, false, true}),
+        SelectionCase{"seg_32771_g4_d128_bf16_spec_overlap_batched", 8, 2, 32771, 32771, 128, kBF16,
+                      kSeg, 0, false, BoundaryMode::kDynamic, 128, 4, false, true, true},
+        SelectionCase{"rep_4099_g4_d128_bf16_batched", 8, 2, 4099, 4099, 128, kBF16, kRep, 512,
+                      false, BoundaryMode::kDynamic, 128, 4, false, false, true},
+        SelectionCase{"seg_4099_g3_d64_bf16_spec_batched", 6, 2, 4099, 4099, 64, kBF16, kSeg, 0,
+                      false, BoundaryMode::kDynamic, 128, 4, false, false, true},
+        SelectionCase{"rand_4099_g1_d256_f16_batched", 1, 1, 4099, 4099, 256, kF16, kRand, 512,
+                      false, BoundaryMode::kDynamic, 128, 4, false, false, true},
+        SelectionCase{"seg_1025_g2_d16_f16_batched", 4, 2, 1025, 1025, 16, kF16, kSeg, 256, false,
+                      BoundaryMode::kDynamic, 64, 4, false, false, true},
+        SelectionCase{"chunked_4099_t0_2000_g4_d128_bf16_batched", 8, 2, 2099, 4099, 128, kBF16,
+                      kSeg, 512, false, BoundaryMode::kDynamic, 128, 4, false, false, true}),
     [](const ::testing::TestParamInfo<SelectionCase>& info) {
       return std::string(info.param.name);
     });
