@@ -91,7 +91,8 @@ struct Row {
   DeviceTiming select, attention, total;
   double boundaries_ms = 0, summaries_ms = 0, choose_ms = 0;  // Steps 1, 2, 3-4 (means).
   double gaps_ms = 0, sort_ms = 0, nms_ms = 0;                // Step 1's parts (means).
-  double legacy_gaps_ms = 0;  // The first gap kernel's time on the same keys (mean).
+  double legacy_gaps_ms = 0;      // The first gap kernel's time on the same keys (mean).
+  double warp_norms_gaps_ms = 0;  // The windowed kernel with per-warp norms (mean).
   double serial_select_ms = 0, overlap_select_ms = 0;  // Whole selection, rho on the stream or
                                                        // beside Step 1 (means of the same loop).
   double batched_choose_ms = 0, both_select_ms = 0;    // Batched scores: Steps 3-4; with overlap.
@@ -367,7 +368,7 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
   // The selection's steps apart: events after the gap dissimilarities, the sort, the boundaries
   // and the summaries, mean of 10 runs; then the gaps again with the first (legacy) gap kernel;
   // then the whole selection with the query-block summaries on a second stream; then Steps 3-4
-  // with the batched scores; then both.
+  // with the batched scores; then both; then the gaps with per-warp norms.
   cudaEvent_t marks[6];
   for (cudaEvent_t& e : marks) DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&e), "event"));
   SelectionStageEvents stages;
@@ -376,11 +377,12 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
   stages.boundaries_done = marks[3];
   stages.summaries_done = marks[4];
   constexpr int kStageRuns = 10;
-  for (int mode = 0; mode < 5; ++mode) {
+  for (int mode = 0; mode < 6; ++mode) {
     const bool legacy = mode == 1;
     selection.set_legacy_gap_kernel(legacy);
     selection.set_overlap_query_summaries(mode == 2 || mode == 4);
-    selection.set_batched_scores(mode >= 3);
+    selection.set_batched_scores(mode == 3 || mode == 4);
+    selection.set_gap_warp_norms(mode == 5);
     for (int i = 0; i < kStageRuns; ++i) {
       DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[0], stream), "event"));
       DHSA_RETURN_IF_ERROR(selection.Run(d.q.data(), d.k.data(), stream, nullptr, &stages));
@@ -394,6 +396,10 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
       const double whole = ms[0] + ms[1] + ms[2] + ms[3] + ms[4];
       if (mode == 2 || mode == 4) {
         (mode == 2 ? row->overlap_select_ms : row->both_select_ms) += whole / kStageRuns;
+        continue;
+      }
+      if (mode == 5) {
+        row->warp_norms_gaps_ms += ms[0] / kStageRuns;
         continue;
       }
       if (mode == 3) {
@@ -416,6 +422,7 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
   selection.set_legacy_gap_kernel(false);
   selection.set_overlap_query_summaries(false);
   selection.set_batched_scores(false);
+  selection.set_gap_warp_norms(false);
   for (cudaEvent_t e : marks) cudaEventDestroy(e);
   return absl::OkStatus();
 }
@@ -513,12 +520,14 @@ int Main(int argc, char** argv) {
         share, r.check.c_str());
   }
   std::printf(
-      "\nStep 1 apart (ms): gap dissimilarities (windowed kernel; first kernel) + sort + "
-      "NMS and split\n");
+      "\nStep 1 apart (ms): gap dissimilarities (windowed kernel; with per-warp norms; first "
+      "kernel) + sort + NMS and split\n");
   for (const Row& r : rows) {
-    std::printf("%-7lld %-6lld gaps %6.3f (first kernel %6.3f) + sort %6.3f + nms %6.3f = %6.3f\n",
-                static_cast<long long>(r.len), static_cast<long long>(r.budget), r.gaps_ms,
-                r.legacy_gaps_ms, r.sort_ms, r.nms_ms, r.boundaries_ms);
+    std::printf(
+        "%-7lld %-6lld gaps %6.3f (warp norms %6.3f, first kernel %6.3f) + sort %6.3f + nms %6.3f "
+        "= %6.3f\n",
+        static_cast<long long>(r.len), static_cast<long long>(r.budget), r.gaps_ms,
+        r.warp_norms_gaps_ms, r.legacy_gaps_ms, r.sort_ms, r.nms_ms, r.boundaries_ms);
   }
   std::printf(
       "\nSelection variants (ms, means of 10): choose (Steps 3-4) with the batched scores; the "

@@ -120,7 +120,10 @@ __device__ __forceinline__ void CopyAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-template <typename T, int W>
+// kWarpNorms: each warp computes the inverse norms of the rows it reads itself (the same sums in
+// the same order: lane partials over features l, l + 32, ..., then the same shuffle tree), all of
+// its rows at once, instead of the block's warp-per-row phase and its second barrier a head.
+template <typename T, int W, bool kWarpNorms = false>
 __global__ void __launch_bounds__(kFastThreads)
     WindowedGapKernel(const T* __restrict__ k, int64_t hkv, int64_t lk, int dim, int32_t begin,
                       int32_t end, double* __restrict__ delta, int32_t* __restrict__ pos) {
@@ -161,21 +164,45 @@ __global__ void __launch_bounds__(kFastThreads)
       CopyAsyncWait<0>();
     }
     __syncthreads();
-    // Inverse L2 norms in fp64, warp per row (a zero row, or one outside the segment: 0).
-    for (int r = warp; r < kRows; r += kFastThreads / 32) {
-      double norm2 = 0.0;
-      for (int c = lane; c < dim; c += 32) {
-        const double x = ToFloat(rows[r * dim + c]);
-        norm2 = __dadd_rn(norm2, __dmul_rn(x, x));
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) norm2 += __shfl_xor_sync(0xffffffffu, norm2, o);
-      if (lane == 0) inv[r] = norm2 == 0.0 ? 0.0 : 1.0 / sqrt(norm2);
-    }
-    __syncthreads();
     double inv_held[kHeld];
+    if constexpr (kWarpNorms) {
+      static_assert(kHeld <= 32, "one lane per held row");
+      double norm2[kHeld];
 #pragma unroll
-    for (int i = 0; i < kHeld; ++i) inv_held[i] = inv[first + i];
+      for (int i = 0; i < kHeld; ++i) norm2[i] = 0.0;
+      for (int c = lane; c < dim; c += 32) {
+#pragma unroll
+        for (int i = 0; i < kHeld; ++i) {
+          const double x = ToFloat(rows[(first + i) * dim + c]);
+          norm2[i] = __dadd_rn(norm2[i], __dmul_rn(x, x));
+        }
+      }
+      double mine = 0.0;  // Lane i inverts row i's norm, then every lane gets every inverse.
+#pragma unroll
+      for (int i = 0; i < kHeld; ++i) {
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) norm2[i] += __shfl_xor_sync(0xffffffffu, norm2[i], o);
+        if (lane == i) mine = norm2[i];
+      }
+      const double inverse = mine == 0.0 ? 0.0 : 1.0 / sqrt(mine);
+#pragma unroll
+      for (int i = 0; i < kHeld; ++i) inv_held[i] = __shfl_sync(0xffffffffu, inverse, i);
+    } else {
+      // Inverse L2 norms in fp64, warp per row (a zero row, or one outside the segment: 0).
+      for (int r = warp; r < kRows; r += kFastThreads / 32) {
+        double norm2 = 0.0;
+        for (int c = lane; c < dim; c += 32) {
+          const double x = ToFloat(rows[r * dim + c]);
+          norm2 = __dadd_rn(norm2, __dmul_rn(x, x));
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) norm2 += __shfl_xor_sync(0xffffffffu, norm2, o);
+        if (lane == 0) inv[r] = norm2 == 0.0 ? 0.0 : 1.0 / sqrt(norm2);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kHeld; ++i) inv_held[i] = inv[first + i];
+    }
     for (int c = lane; c < dim; c += 32) {
       double x[kHeld];
 #pragma unroll
@@ -232,17 +259,18 @@ size_t WindowedGapSharedBytes(int window, int64_t dim, size_t elem) {
   return sizeof(double) * 80 + 2 * elem * static_cast<size_t>((kFastTile + 2 * window - 1) * dim);
 }
 
-template <typename T, int W>
+template <typename T, int W, bool kWarpNorms = false>
 cudaError_t LaunchWindowed(const T* k, int64_t hkv, int64_t lk, int64_t dim, int32_t begin,
                            int32_t end, double* delta, int32_t* pos, cudaStream_t stream) {
   const int64_t gaps = int64_t{end} - begin - 1;
   const unsigned blocks = static_cast<unsigned>((gaps + kFastTile - 1) / kFastTile);
   const size_t smem = WindowedGapSharedBytes(W, dim, sizeof(T));
-  const cudaError_t error = cudaFuncSetAttribute(WindowedGapKernel<T, W>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  auto kernel = WindowedGapKernel<T, W, kWarpNorms>;
+  const cudaError_t error =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
-  WindowedGapKernel<T, W><<<blocks, kFastThreads, smem, stream>>>(k, hkv, lk, static_cast<int>(dim),
-                                                                  begin, end, delta, pos);
+  kernel<<<blocks, kFastThreads, smem, stream>>>(k, hkv, lk, static_cast<int>(dim), begin, end,
+                                                 delta, pos);
   return cudaGetLastError();
 }
 
@@ -421,9 +449,18 @@ cudaError_t LaunchInitBoundaries(int32_t* boundaries, int32_t* count, int32_t n,
 
 cudaError_t LaunchGapDissimilarity(DType dtype, const void* k, int64_t hkv, int64_t lk, int64_t dim,
                                    int32_t begin, int32_t end, int32_t window, double* delta,
-                                   int32_t* pos, bool legacy, cudaStream_t stream) {
+                                   int32_t* pos, bool legacy, bool warp_norms,
+                                   cudaStream_t stream) {
   const int64_t gaps = int64_t{end} - begin - 1;
   if (gaps <= 0) return cudaSuccess;
+  if (!legacy && warp_norms && window == 4) {  // The variant is built for the spec's window.
+    if (dtype == DType::kBF16) {
+      return LaunchWindowed<__nv_bfloat16, 4, true>(static_cast<const __nv_bfloat16*>(k), hkv, lk,
+                                                    dim, begin, end, delta, pos, stream);
+    }
+    return LaunchWindowed<__half, 4, true>(static_cast<const __half*>(k), hkv, lk, dim, begin, end,
+                                           delta, pos, stream);
+  }
   if (!legacy && window >= 1 && window <= kMaxFastWindow) {
     if (dtype == DType::kBF16) {
       return LaunchWindowedFor(window, static_cast<const __nv_bfloat16*>(k), hkv, lk, dim, begin,

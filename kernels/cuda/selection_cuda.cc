@@ -249,7 +249,8 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
     DHSA_RETURN_IF_ERROR(CudaStatus(
         kernel::LaunchGapDissimilarity(dtype_, k, shape_.hkv, shape_.lk, shape_.dim, begin, end,
                                        static_cast<int32_t>(c.boundary_window), delta_.as<double>(),
-                                       gap_pos_.as<int32_t>(), legacy_gaps_, stream),
+                                       gap_pos_.as<int32_t>(), legacy_gaps_, gap_warp_norms_,
+                                       stream),
         "gap dissimilarity"));
     if (events != nullptr && events->gaps_done != nullptr) {
       DHSA_RETURN_IF_ERROR(

@@ -79,6 +79,9 @@ class DeviceDhsaSelection {
   // window sums read from shared memory) instead of the windowed one (deltas equal to rounding),
   // for benchmarks and tests that compare the two.
   void set_legacy_gap_kernel(bool legacy) { legacy_gaps_ = legacy; }
+  // With `warp_norms` (boundary window 4; other windows ignore it), the windowed gap kernel's
+  // warps compute the inverse norms of their own rows (no block-wide norm phase): the same deltas.
+  void set_gap_warp_norms(bool warp_norms) { gap_warp_norms_ = warp_norms; }
 
   // With `overlap`, Run computes the query-block summaries (rho: a read of all of q, which does
   // not depend on the boundaries) on a second stream of its own, forked from and joined back into
@@ -119,6 +122,7 @@ class DeviceDhsaSelection {
   int entries_per_block_ = 1;  // Selection entries one thread block handles.
   size_t sort_bytes_ = 0;
   bool legacy_gaps_ = false;
+  bool gap_warp_norms_ = false;
   bool overlap_rho_ = false;
   bool batched_scores_ = false;
   struct StreamDeleter {

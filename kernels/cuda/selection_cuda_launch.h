@@ -26,10 +26,12 @@ cudaError_t LaunchInitBoundaries(int32_t* boundaries, int32_t* count, int32_t n,
 // registers, formed once per position) unless `legacy`; wider ones (or `legacy`) the first
 // kernel (each gap's sums from shared memory). Each kernel's delta is a function of the
 // gap's window alone; the two add the features in different orders (equal to rounding).
+// `warp_norms` (window 4 only; else ignored): the windowed kernel with each warp computing the
+// inverse norms of its rows itself, the same deltas bit for bit.
 inline constexpr int kMaxGapRegisterWindow = 8;
 cudaError_t LaunchGapDissimilarity(DType dtype, const void* k, int64_t hkv, int64_t lk, int64_t dim,
                                    int32_t begin, int32_t end, int32_t window, double* delta,
-                                   int32_t* pos, bool legacy, cudaStream_t stream);
+                                   int32_t* pos, bool legacy, bool warp_norms, cudaStream_t stream);
 
 // Temporary bytes of SortGaps for up to `n` gaps.
 size_t SortGapsTempBytes(int64_t n);

@@ -58,6 +58,7 @@ struct SelectionCase {
   bool legacy_gaps = false;  // The first gap kernel whatever the window.
   bool overlap = false;      // Query-block summaries on the selection's second stream.
   bool batched = false;      // Batched scores.
+  bool warp_norms = false;   // The windowed gap kernel with per-warp norms.
 };
 
 void PrintTo(const SelectionCase& c, std::ostream* os) { *os << c.name; }
@@ -168,6 +169,7 @@ TEST_P(SelectionCudaTest, EqualsTheReferenceSteps) {
   sel->set_legacy_gap_kernel(c.legacy_gaps);
   sel->set_overlap_query_summaries(c.overlap);
   sel->set_batched_scores(c.batched);
+  sel->set_gap_warp_norms(c.warp_norms);
   absl::StatusOr<DeviceBuffer> dq = DeviceBuffer::FromHost(q.data(), q.bytes.size());
   absl::StatusOr<DeviceBuffer> dk = DeviceBuffer::FromHost(k.data(), k.bytes.size());
   absl::StatusOr<DeviceBuffer> dv = DeviceBuffer::FromHost(v.data(), v.bytes.size());
@@ -299,8 +301,18 @@ INSTANTIATE_TEST_SUITE_P(
                       false, BoundaryMode::kDynamic, 128, 4, false, true},
         SelectionCase{"chunked_prior_4099_t0_1111_g2_d64_f16_overlap", 4, 2, 2988, 4099, 64, kF16,
                       kSeg, 512, true, BoundaryMode::kDynamic, 128, 4, false, true},
-        SelectionCase{"seg_32771_g4_d128_bf16_spec_overlap_batched", 8, 2, 32771, 32771, 128, kBF16,
-                      kSeg, 0, false, BoundaryMode::kDynamic, 128, 4, false, true, true},
+        SelectionCase{"seg_32771_g4_d128_bf16_spec_overlap_batched_warp_norms", 8, 2, 32771, 32771,
+                      128, kBF16, kSeg, 0, false, BoundaryMode::kDynamic, 128, 4, false, true, true,
+                      true},
+        SelectionCase{"rep_4099_g4_d128_bf16_warp_norms", 8, 2, 4099, 4099, 128, kBF16, kRep, 512,
+                      false, BoundaryMode::kDynamic, 128, 4, false, false, false, true},
+        SelectionCase{"rand_97_g1_d64_bf16_warp_norms", 2, 2, 97, 97, 64, kBF16, kRand, 512, false,
+                      BoundaryMode::kDynamic, 128, 4, false, false, false, true},
+        SelectionCase{"rand_4099_g1_d256_f16_warp_norms", 1, 1, 4099, 4099, 256, kF16, kRand, 512,
+                      false, BoundaryMode::kDynamic, 128, 4, false, false, false, true},
+        SelectionCase{"chunked_prior_4099_t0_1111_g2_d64_f16_warp_norms", 4, 2, 2988, 4099, 64,
+                      kF16, kSeg, 512, true, BoundaryMode::kDynamic, 128, 4, false, false, false,
+                      true},
         SelectionCase{"rep_4099_g4_d128_bf16_batched", 8, 2, 4099, 4099, 128, kBF16, kRep, 512,
                       false, BoundaryMode::kDynamic, 128, 4, false, false, true},
         SelectionCase{"seg_4099_g3_d64_bf16_spec_batched", 6, 2, 4099, 4099, 64, kBF16, kSeg, 0,
