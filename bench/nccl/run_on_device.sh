@@ -6,6 +6,9 @@
 #                                         # Abseil/gRPC/protobuf libraries into .device-carry-nccl/
 #   bench/nccl/run_on_device.sh run       # there (carry .device-carry-nccl): GPU tests, then the
 #                                         # benchmark; logs and summary.txt under $OUT
+#   bench/nccl/run_on_device.sh e2e       # there: the service tests over NCCL, then end-to-end
+#                                         # prefill (nccl_e2e_bench) for 1 embedded GPU worker,
+#                                         # 2 GPU worker processes over NCCL and over gRPC bytes
 #
 # libnccl is not carried (218 MB): the machine's own is used (the nvidia-nccl-cu13 wheel of its
 # python3, else a system copy). NCCL_NVLS_ENABLE=0 always (no NVLink multicast on shared hosts).
@@ -19,7 +22,9 @@ if [[ "$mode" == prepare ]]; then
   build="${DHSA_NCCL_BUILD_DIR:-$root/build-h2}"
   rm -rf "$carry"
   mkdir -p "$carry/bin" "$carry/lib"
-  binaries=("$build/tests/nccl/nccl_gpu_test" "$build/bench/nccl/nccl_transport_bench")
+  binaries=("$build/tests/nccl/nccl_gpu_test" "$build/bench/nccl/nccl_transport_bench"
+    "$build/tests/nccl/nccl_service_gpu_test" "$build/bench/nccl/nccl_e2e_bench"
+    "$build/services/worker/dhsa-worker" "$build/services/router/dhsa-router")
   for b in "${binaries[@]}"; do strip --strip-debug -o "$carry/bin/$(basename "$b")" "$b"; done
   for b in "${binaries[@]}"; do
     ldd "$b" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}'
@@ -60,6 +65,61 @@ say "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.t
 say "$(cat "$carry/MANIFEST"); libnccl from ${nccl_dir:-?}; NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
 nvidia-smi topo -m >"$out/topo.txt" 2>&1
 say "topology: $(grep -E '^GPU0' "$out/topo.txt" | tr -s ' ')"
+
+if [[ "$mode" == e2e ]]; then
+  lengths="${DHSA_E2E_LENGTHS:-32768,131072}"
+  reps="${DHSA_E2E_REPS:-2}"
+  start=$SECONDS
+  NCCL_DEBUG=WARN timeout 180 "$bin/nccl_service_gpu_test" --gtest_color=no \
+    >"$out/nccl_service_gpu_test.log" 2>&1
+  rc=$?
+  say "nccl_service_gpu_test rc=$rc in $((SECONDS - start)) s"
+  grep -E '^\[ +(OK|FAILED|SKIPPED) +\]|PASSED|FAILED TEST|^worker [0-9]' \
+    "$out/nccl_service_gpu_test.log" | tee -a "$summary"
+  grep -B2 -A8 'Failure' "$out/nccl_service_gpu_test.log" | head -40 | tee -a "$summary"
+  pids=()
+  cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; pids=(); }
+  trap cleanup EXIT
+  port_of() {
+    for _ in $(seq 600); do
+      p=$(grep -oE 'port [0-9]+' "$1" | head -1 | cut -d' ' -f2)
+      [[ -n "$p" ]] && { echo "$p"; return 0; }
+      sleep 0.1
+    done
+    return 1
+  }
+  mm=67108864
+  start=$SECONDS
+  timeout 120 "$bin/nccl_e2e_bench" --embedded 1 --label "1 GPU worker, embedded, shm" \
+    --lengths "$lengths" --reps "$reps" >"$out/e2e_1gpu.log" 2>&1
+  say "1 GPU embedded rc=$? in $((SECONDS - start)) s"
+  workers=""
+  for g in 0 1; do
+    CUDA_VISIBLE_DEVICES=$g "$bin/dhsa-worker" --listen 127.0.0.1:0 --backend cuda \
+      --max-message-bytes $mm >"$out/worker$g.log" 2>&1 &
+    pids+=($!)
+    wp=$(port_of "$out/worker$g.log") || { say "worker $g did not start"; cat "$out/worker$g.log"; }
+    workers+="${workers:+,}127.0.0.1:$wp"
+  done
+  for t in nccl grpc; do
+    NCCL_DEBUG=WARN "$bin/dhsa-router" --listen 127.0.0.1:0 --workers "$workers" --transport $t \
+      --max-message-bytes $mm --worker-call-timeout 120 --drain-seconds 1 >"$out/router_$t.log" 2>&1 &
+    rpid=$!
+    rp=$(port_of "$out/router_$t.log") || { say "router $t did not start"; cat "$out/router_$t.log"; }
+    sleep 1
+    start=$SECONDS
+    timeout 200 "$bin/nccl_e2e_bench" --target "127.0.0.1:$rp" --label "2 GPU workers, $t" \
+      --lengths "$lengths" --reps "$reps" >"$out/e2e_2gpu_$t.log" 2>&1
+    say "2 GPU workers $t rc=$? in $((SECONDS - start)) s"
+    kill $rpid 2>/dev/null; wait $rpid 2>/dev/null
+    grep -E 'NCCL data plane|shared-memory' "$out/router_$t.log" | head -4 | tee -a "$summary"
+  done
+  cleanup
+  cat "$out"/e2e_*.log | grep -E '^config' | head -1 | tee -a "$summary"
+  cat "$out"/e2e_1gpu.log "$out"/e2e_2gpu_nccl.log "$out"/e2e_2gpu_grpc.log | grep -vE '^config' \
+    | tee -a "$summary"
+  exit $rc
+fi
 
 start=$SECONDS
 NCCL_DEBUG=WARN timeout 150 "$bin/nccl_gpu_test" --gtest_color=no >"$out/nccl_gpu_test.log" 2>&1

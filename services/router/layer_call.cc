@@ -15,6 +15,7 @@
 #include "kernels/selection/selection.h"
 #include "kernels/summaries/summaries.h"
 #include "services/common/config.h"
+#include "services/transport/descriptor.h"
 
 namespace dhsa::router {
 namespace {
@@ -64,6 +65,42 @@ std::unique_ptr<transport::ShmRegion> OutputRegion(transport::ShmArena& arena,
   region->Describe(desc->mutable_shm());
   return region;
 }
+
+// Rows [row_begin, row_end) of `t` ([heads, len, dim], or [heads, len]) copied into a pinned
+// buffer of `link` (null when it cannot be had), as a [heads, rows(, dim)] tensor.
+std::shared_ptr<transport::PinnedBuffer> CopyToPinned(transport::NcclLink& link, const Tensor& t,
+                                                      int64_t row_begin, int64_t row_end) {
+  const int64_t heads = t.shape[0];
+  const int64_t len = t.shape[1];
+  const int64_t dim = t.shape.size() > 2 ? t.shape[2] : 1;
+  const int64_t row_bytes = dim * static_cast<int64_t>(DTypeSize(t.dtype));
+  const int64_t rows = row_end - row_begin;
+  std::shared_ptr<transport::PinnedBuffer> buffer = link.Pinned(heads * rows * row_bytes);
+  if (buffer == nullptr) return nullptr;
+  const uint8_t* src = static_cast<const uint8_t*>(t.data());
+  for (int64_t h = 0; h < heads; ++h) {
+    std::memcpy(buffer->data() + h * rows * row_bytes, src + (h * len + row_begin) * row_bytes,
+                static_cast<size_t>(rows * row_bytes));
+  }
+  return buffer;
+}
+
+std::vector<int64_t> RowsShape(const Tensor& t, int64_t rows) {
+  std::vector<int64_t> shape = t.shape;
+  shape[1] = rows;
+  return shape;
+}
+
+// Joins a worker call over NCCL with its transfers: `done` runs once all `count` parts reported,
+// with the first NCCL failure (the call is then UNAVAILABLE and the link dropped, so the next
+// calls use another transport) or else the call's own status.
+struct NcclJoin {
+  std::mutex mu;
+  int left = 0;
+  absl::Status call_status;
+  absl::Status nccl_status;
+  bool may_have_stored = false;  // StoreKv: as the call reported it.
+};
 
 }  // namespace
 
@@ -228,6 +265,57 @@ absl::Status LayerCall::PlanAndStore() {
       store_sent_[i] = true;
     }
     Regions regions;
+    std::shared_ptr<transport::NcclLink> link;
+    std::shared_ptr<transport::PinnedBuffer> k_buf, v_buf;
+    if (transport_ == transport::Kind::kNccl &&
+        (link = core_.pool->NcclLinkOf(p.worker)) != nullptr) {
+      // "k" and "v" from pinned buffers over NCCL; the header carries their descriptors.
+      k_buf = CopyToPinned(*link, *k_, p.begin - t0_, p.end - t0_);
+      if (k_buf != nullptr) v_buf = CopyToPinned(*link, *v_, p.begin - t0_, p.end - t0_);
+      if (v_buf == nullptr) link.reset();  // No pinned memory: gRPC bytes.
+    }
+    if (link != nullptr) {
+      const int64_t rows = p.end - p.begin;
+      const transport::TensorDescriptor kd =
+          link->Describe("k", k_->dtype, RowsShape(*k_, rows), 0, 1);
+      const transport::TensorDescriptor vd =
+          link->Describe("v", v_->dtype, RowsShape(*v_, rows), 0, 1);
+      transport::DescriptorToProto(kd, header.add_tensors());
+      transport::DescriptorToProto(vd, header.add_tensors());
+      auto join = std::make_shared<NcclJoin>();
+      join->left = 3;
+      auto finish = [self = shared_from_this(), join, worker = p.worker, used = link.get(),
+                     on_done](bool nccl_part, absl::Status s, bool may_have_stored) {
+        bool last;
+        {
+          std::lock_guard<std::mutex> lock(join->mu);
+          if (nccl_part) {
+            if (join->nccl_status.ok() && !s.ok()) join->nccl_status = s;
+          } else {
+            join->call_status = s;
+            join->may_have_stored = may_have_stored;
+          }
+          last = --join->left == 0;
+        }
+        if (!last) return;
+        absl::Status status = join->call_status;
+        if (!join->nccl_status.ok()) {
+          status = absl::UnavailableError(
+              absl::StrCat("NCCL transfer of keys: ", join->nccl_status.message()));
+        }
+        if (!status.ok()) self->core_.pool->ReportNcclFailure(worker, used, status);
+        on_done(status, join->may_have_stored);
+      };
+      const auto transfer_done = [finish](absl::Status s) { finish(true, std::move(s), false); };
+      link->Send(kd, k_buf, transfer_done);
+      link->Send(vd, v_buf, transfer_done);
+      StoreKvCall::Start(core_.pool->stub(p.worker), context, header, k_, v_, p.begin - t0_,
+                         p.end - t0_, core_.piece_bytes, Regions{},
+                         [finish](absl::Status s, bool may_have_stored) {
+                           finish(false, std::move(s), may_have_stored);
+                         });
+      continue;
+    }
     if (transport_ == transport::Kind::kShm) {
       // "k" and "v" through the worker's arena when both fit (else both as pieces).
       if (std::shared_ptr<transport::ShmLink> link = core_.pool->ShmLinkOf(p.worker)) {
@@ -310,13 +398,79 @@ void LayerCall::AfterStores() {
     }
     std::unique_ptr<transport::ShmRegion> q_region;
     std::shared_ptr<transport::ShmRegion> o_region, lse_region;
+    std::shared_ptr<transport::NcclLink> link;
+    std::shared_ptr<transport::PinnedBuffer> q_buf, o_buf, lse_buf;
+    const int64_t rows = w.row_end - w.row_begin;
+    if (transport_ == transport::Kind::kNccl &&
+        (link = core_.pool->NcclLinkOf(w.worker)) != nullptr) {
+      q_buf = CopyToPinned(*link, *q_, w.row_begin - t0_, w.row_end - t0_);
+      if (q_buf != nullptr) {
+        o_buf = link->Pinned(hq_ * rows * dim_ * static_cast<int64_t>(sizeof(float)));
+      }
+      if (o_buf != nullptr)
+        lse_buf = link->Pinned(hq_ * rows * static_cast<int64_t>(sizeof(float)));
+      if (lse_buf == nullptr) link.reset();  // No pinned memory: gRPC bytes.
+    }
+    if (link != nullptr) {
+      // "q" out, "o" and "lse" back over NCCL; the header carries their descriptors.
+      const transport::TensorDescriptor qd =
+          link->Describe("q", q_->dtype, RowsShape(*q_, rows), 0, 1);
+      const transport::TensorDescriptor od =
+          link->Describe("o", DType::kF32, {hq_, rows, dim_}, 1, 0);
+      const transport::TensorDescriptor ld = link->Describe("lse", DType::kF32, {hq_, rows}, 1, 0);
+      transport::DescriptorToProto(qd, header.mutable_q_tensor());
+      transport::DescriptorToProto(od, header.mutable_o_tensor());
+      transport::DescriptorToProto(ld, header.mutable_lse_tensor());
+      auto join = std::make_shared<NcclJoin>();
+      join->left = 4;
+      auto partial_out = std::make_shared<PartialResult>();
+      auto finish = [self = shared_from_this(), join, partial_out, o_buf, lse_buf,
+                     worker = w.worker, used = link.get(),
+                     on_done](bool nccl_part, absl::Status s, PartialResult* partial) {
+        bool last;
+        {
+          std::lock_guard<std::mutex> lock(join->mu);
+          if (nccl_part) {
+            if (join->nccl_status.ok() && !s.ok()) join->nccl_status = s;
+          } else {
+            join->call_status = s;
+            *partial_out = std::move(*partial);
+          }
+          last = --join->left == 0;
+        }
+        if (!last) return;
+        absl::Status status = join->call_status;
+        if (!join->nccl_status.ok()) {
+          status = absl::UnavailableError(
+              absl::StrCat("NCCL transfer of attention tensors: ", join->nccl_status.message()));
+        }
+        PartialResult result;
+        if (status.ok()) {
+          result = std::move(*partial_out);
+          result.o_pinned = o_buf;
+          result.lse_pinned = lse_buf;
+        } else {
+          self->core_.pool->ReportNcclFailure(worker, used, status);
+        }
+        on_done(status, std::move(result));
+      };
+      const auto transfer_done = [finish](absl::Status s) { finish(true, std::move(s), nullptr); };
+      link->Send(qd, q_buf, transfer_done);
+      link->Recv(od, o_buf, transfer_done);
+      link->Recv(ld, lse_buf, transfer_done);
+      AttendCall::Start(core_.pool->stub(w.worker), context, header, q_, w.row_begin - t0_,
+                        w.row_end - t0_, core_.piece_bytes, nullptr, nullptr, nullptr,
+                        [finish](absl::Status s, PartialResult partial) {
+                          finish(false, std::move(s), &partial);
+                        });
+      continue;
+    }
     if (transport_ == transport::Kind::kShm) {
       // Each of "q" and the pair ("o", "lse") through the arenas when it fits, else as pieces.
       if (std::shared_ptr<transport::ShmLink> link = core_.pool->ShmLinkOf(w.worker)) {
         q_region = CopyToArena(link->r2w(), *q_, w.row_begin - t0_, w.row_end - t0_, "q",
                                header.mutable_q_tensor());
         if (q_region == nullptr) header.clear_q_tensor();
-        const int64_t rows = w.row_end - w.row_begin;
         o_region = OutputRegion(link->w2r(), {hq_, rows, dim_}, "o", header.mutable_o_tensor());
         if (o_region != nullptr) {
           lse_region = OutputRegion(link->w2r(), {hq_, rows}, "lse", header.mutable_lse_tensor());

@@ -23,6 +23,10 @@ void StoreKvCall::Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
                         int64_t piece_bytes, Regions regions, Done done) {
   auto* call = new StoreKvCall(std::move(k), std::move(v), row_begin, row_end, piece_bytes,
                                std::move(regions), std::move(done));
+  if (header.tensors_size() != 0) {  // Out of band (shared memory or NCCL): the header alone.
+    call->k_.reset();
+    call->v_.reset();
+  }
   stub->async()->StoreKv(context, &call->response_, call);
   *call->request_.mutable_header() = header;
   call->StartWrite(&call->request_);
@@ -96,6 +100,7 @@ void AttendCall::Start(v1::Worker::Stub* stub, grpc::ClientContext* context,
     call->q_region_ = std::move(q_region);
   }
   if (header.has_o_tensor()) {
+    call->outputs_out_of_band_ = true;
     call->partial_.o_region = std::move(o_region);
     call->partial_.lse_region = std::move(lse_region);
   }
@@ -130,8 +135,8 @@ void AttendCall::OnReadDone(bool ok) {
   if (!ok) return;  // The worker finished; OnDone follows.
   absl::Status status;
   if (response_.has_piece()) {
-    status = partial_.o_region != nullptr
-                 ? absl::InternalError("pieces for tensors the header placed in shared memory")
+    status = outputs_out_of_band_
+                 ? absl::InternalError("pieces for tensors the header placed out of band")
              : o_.complete() ? lse_.Add(response_.piece())
                              : o_.Add(response_.piece());
   } else if (response_.has_result()) {
@@ -154,11 +159,11 @@ void AttendCall::OnDone(const grpc::Status& grpc_status) {
     status = error_;
   }
   if (status.ok()) status = FromGrpcStatus(grpc_status);
-  if (status.ok() && partial_.o_region != nullptr) {
+  if (status.ok() && outputs_out_of_band_) {
     if (!have_result_) {
       status = absl::InternalError("Attend answer incomplete: no result");
     } else {
-      // The data stays in the regions; the tensors say what it is.
+      // The data stays in the regions (or comes over NCCL); the tensors say what it is.
       partial_.o.dtype = DType::kF32;
       partial_.o.shape = o_shape_;
       partial_.lse.dtype = DType::kF32;

@@ -20,6 +20,7 @@
 #include "kernels/common/tensor.h"
 #include "services/common/wire.h"
 #include "services/router/pieces.h"
+#include "services/transport/nccl_link.h"
 #include "services/transport/shm_arena.h"
 
 namespace dhsa::router {
@@ -29,8 +30,8 @@ namespace dhsa::router {
 using Regions = std::vector<std::unique_ptr<transport::ShmRegion>>;
 
 // StoreKv: the header, then "k" and "v" rows [row_begin, row_end) of the call's new keys and
-// values; or, when the header describes them (StoreKvHeader.tensors, in `regions`), the header
-// alone.
+// values; or, when the header describes them (StoreKvHeader.tensors: in `regions`, or sent over
+// NCCL by the caller), the header alone.
 class StoreKvCall : public grpc::ClientWriteReactor<v1::StoreKvRequest> {
  public:
   // `may_have_stored`: true when the call succeeded, or failed in a way that leaves its outcome
@@ -63,30 +64,40 @@ class StoreKvCall : public grpc::ClientWriteReactor<v1::StoreKvRequest> {
 };
 
 // What a worker's Attend returned: o [Hq, rows, d] and lse [Hq, rows] float32. Over gRPC bytes
-// `o` and `lse` hold the data; over shared memory they carry dtype and shape only and the data is
-// in the regions (read in place, held until this result is destroyed).
+// `o` and `lse` hold the data; over shared memory (NCCL) they carry dtype and shape only and the
+// data is in the regions (the pinned buffers the NCCL receives filled), read in place and held
+// until this result is destroyed.
 struct PartialResult {
   Tensor o;
   Tensor lse;
   v1::AttendResult result;
   std::shared_ptr<transport::ShmRegion> o_region;
   std::shared_ptr<transport::ShmRegion> lse_region;
+  std::shared_ptr<transport::PinnedBuffer> o_pinned;
+  std::shared_ptr<transport::PinnedBuffer> lse_pinned;
 
   const float* o_data() const {
-    return static_cast<const float*>(o_region ? o_region->data() : o.data());
+    return static_cast<const float*>(o_region   ? o_region->data()
+                                     : o_pinned ? o_pinned->data()
+                                                : o.data());
   }
   const float* lse_data() const {
-    return static_cast<const float*>(lse_region ? lse_region->data() : lse.data());
+    return static_cast<const float*>(lse_region   ? lse_region->data()
+                                     : lse_pinned ? lse_pinned->data()
+                                                  : lse.data());
   }
   int64_t byte_size() const {
-    return o_region ? o_region->bytes() + lse_region->bytes()
-                    : static_cast<int64_t>(o.bytes.size() + lse.bytes.size());
+    return o_region   ? o_region->bytes() + lse_region->bytes()
+           : o_pinned ? o_pinned->bytes() + lse_pinned->bytes()
+                      : static_cast<int64_t>(o.bytes.size() + lse.bytes.size());
   }
 };
 
 // Attend: the header, then "q" rows [row_begin, row_end) of the call's queries (none when the
-// header's q_tensor describes them, in `q_region`); reads "o", "lse" and the result (the result
-// alone when the header's o_tensor and lse_tensor name `o_region` and `lse_region`).
+// header's q_tensor describes them: in `q_region`, or sent over NCCL by the caller); reads "o",
+// "lse" and the result (the result alone when the header's o_tensor and lse_tensor describe them:
+// `o_region` and `lse_region`, or received over NCCL by the caller, which then fills the
+// PartialResult's data).
 class AttendCall : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendResponse> {
  public:
   using Done = std::function<void(absl::Status, PartialResult)>;
@@ -110,7 +121,8 @@ class AttendCall : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendR
   grpc::ClientContext* context_;
   std::optional<PieceStream> q_;  // Unset when "q" goes out of band.
   std::unique_ptr<transport::ShmRegion> q_region_;
-  std::vector<int64_t> o_shape_;  // [Hq, rows, d].
+  bool outputs_out_of_band_ = false;  // The header describes "o" and "lse".
+  std::vector<int64_t> o_shape_;      // [Hq, rows, d].
   Done done_;
   v1::AttendRequest request_;
   v1::AttendResponse response_;

@@ -74,7 +74,17 @@ absl::StatusOr<std::vector<std::string>> ResolveDnsTarget(const std::string& tar
 }
 
 WorkerPool::WorkerPool(const WorkerPoolOptions& options)
-    : options_(options), name_(absl::StrCat("router-", getpid())) {}
+    : options_(options), name_(absl::StrCat("router-", getpid())) {
+  const transport::Mode mode = options_.data_plane.mode;
+  if (transport::NcclBuilt() &&
+      (mode == transport::Mode::kAuto || mode == transport::Mode::kNccl) &&
+      transport::VisibleCudaDevices() > 0) {
+    char host[256] = {0};
+    (void)gethostname(host, sizeof(host) - 1);
+    nccl_ = std::make_unique<transport::RouterDataPlane>(
+        options_.data_plane, absl::StrCat("router-", host, "-", getpid()));
+  }
+}
 
 absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Create(const WorkerPoolOptions& options) {
   if (options.addresses.empty() && options.dns_target.empty()) {
@@ -106,6 +116,15 @@ WorkerPool::~WorkerPool() {
   }
   cv_.notify_all();
   if (prober_.joinable()) prober_.join();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      if (workers_[i]->nccl != nullptr) {
+        DropNcclLocked(static_cast<int>(i), "the router is closing");
+      }
+    }
+  }
+  AbortDroppedLinks();
   std::lock_guard<std::mutex> lock(mu_);
   for (size_t i = 0; i < workers_.size(); ++i) {
     if (workers_[i]->shm != nullptr) {
@@ -185,7 +204,9 @@ void WorkerPool::ReportCallStatus(int worker, const absl::Status& status) {
     std::lock_guard<std::mutex> lock(mu_);
     loads_[static_cast<size_t>(worker)].available = false;
     DropShmLocked(worker, std::string(status.message()));
+    DropNcclLocked(worker, std::string(status.message()));
   }
+  AbortDroppedLinks();
   NotifyIfChanged();
 }
 
@@ -202,6 +223,58 @@ void WorkerPool::DropShmLocked(int worker, const std::string& why) {
             << std::endl;
 }
 
+void WorkerPool::DropNcclLocked(int worker, const std::string& why) {
+  Worker& w = *workers_[static_cast<size_t>(worker)];
+  w.nccl_unsupported = false;
+  if (w.nccl == nullptr) return;
+  std::shared_ptr<transport::NcclLink> link = std::move(w.nccl);
+  w.nccl.reset();
+  if (nccl_ != nullptr) nccl_->WorkerLost(worker, why);
+  // The link's queued transfers fail outside mu_ (their reports may call back into the pool).
+  dropped_.emplace_back(link, why);
+  // Best effort: the worker aborts its rank too (its transfers waiting for us fail now).
+  struct Leave {
+    grpc::ClientContext context;
+    v1::LeaveCommunicatorRequest request;
+    v1::LeaveCommunicatorResponse response;
+  };
+  auto* leave = new Leave;
+  leave->request.set_communicator_id(link->id());
+  leave->request.set_abort(true);
+  leave->context.set_deadline(std::chrono::system_clock::now() + options_.probe_timeout);
+  w.stub->async()->LeaveCommunicator(&leave->context, &leave->request, &leave->response,
+                                     [leave](grpc::Status) { delete leave; });
+  std::cerr << "dhsa-router: worker " << w.address
+            << ": NCCL data plane dropped (shared memory or gRPC bytes until a probe reconnects): "
+            << why << std::endl;
+}
+
+std::shared_ptr<transport::NcclLink> WorkerPool::NcclLinkOf(int worker) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return workers_[static_cast<size_t>(worker)]->nccl;
+}
+
+void WorkerPool::ReportNcclFailure(int worker, const transport::NcclLink* link,
+                                   const absl::Status& status) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // Only the link the call used: a failure reported late must not drop a newer one.
+    if (workers_[static_cast<size_t>(worker)]->nccl.get() == link) {
+      DropNcclLocked(worker, absl::StrCat("a call over NCCL failed: ", status.message()));
+    }
+  }
+  AbortDroppedLinks();
+}
+
+void WorkerPool::AbortDroppedLinks() {
+  std::vector<std::pair<std::shared_ptr<transport::NcclLink>, std::string>> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    dropped.swap(dropped_);
+  }
+  for (auto& [link, why] : dropped) link->Abort(why);
+}
+
 std::shared_ptr<transport::ShmLink> WorkerPool::ShmLinkOf(int worker) const {
   std::lock_guard<std::mutex> lock(mu_);
   return workers_[static_cast<size_t>(worker)]->shm;
@@ -216,11 +289,12 @@ absl::StatusOr<transport::TransportChoice> WorkerPool::ChooseTransport(
       transport::PeerState p;
       p.address = workers_[static_cast<size_t>(w)]->address;
       p.shm_ready = workers_[static_cast<size_t>(w)]->shm != nullptr;
+      const auto& nccl = workers_[static_cast<size_t>(w)]->nccl;
+      p.communicator_ready = nccl != nullptr && nccl->ok();
       peers.push_back(std::move(p));
     }
   }
-  // NCCL communicators are not wired into the router's calls yet: never chosen here.
-  return transport::ChooseTransport(options_.data_plane.mode, /*nccl_built=*/false, peers);
+  return transport::ChooseTransport(options_.data_plane.mode, transport::NcclBuilt(), peers);
 }
 
 bool WorkerPool::AnyAvailable() const {
@@ -288,7 +362,8 @@ void WorkerPool::ProbeNow() {
     std::unique_lock<std::mutex> lock(done_mu);
     done_cv.wait(lock, [&] { return remaining == 0; });
   }
-  std::vector<size_t> connect;  // Workers that answered and need a shared-memory link.
+  std::vector<size_t> connect;       // Workers that answered and need a shared-memory link.
+  std::vector<size_t> connect_nccl;  // Workers that answered and need a communicator.
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (size_t i = 0; i < probes.size(); ++i) {
@@ -297,6 +372,29 @@ void WorkerPool::ProbeNow() {
       if (probes[i]->status.ok()) load.capacity_bytes = probes[i]->response.capacity_bytes();
       if (options_.data_plane.mode == transport::Mode::kGrpc) continue;
       Worker& w = *workers_[i];
+      if (nccl_ != nullptr) {
+        if (!probes[i]->status.ok()) {
+          DropNcclLocked(static_cast<int>(i), probes[i]->status.error_message());
+        } else {
+          if (w.nccl != nullptr) {
+            // A worker that restarted (or failed the communicator) no longer holds it ready.
+            const auto& comms = probes[i]->response.communicators();
+            const bool held =
+                std::any_of(comms.begin(), comms.end(), [&](const v1::CommunicatorInfo& c) {
+                  return c.communicator_id() == w.nccl->id() && c.state() == "ready";
+                });
+            if (!held) {
+              DropNcclLocked(static_cast<int>(i), "the worker no longer holds the communicator");
+            } else if (!w.nccl->ok()) {
+              DropNcclLocked(static_cast<int>(i), "a transfer failed");
+            }
+          }
+          if (!probes[i]->response.data_plane_device_pci_bus_id().empty() && w.nccl == nullptr &&
+              !w.nccl_unsupported && listed[i]) {
+            connect_nccl.push_back(i);
+          }
+        }
+      }
       if (!probes[i]->status.ok()) {
         DropShmLocked(static_cast<int>(i), probes[i]->status.error_message());
         continue;
@@ -312,9 +410,11 @@ void WorkerPool::ProbeNow() {
       if (w.shm == nullptr && !w.shm_unsupported && listed[i]) connect.push_back(i);
     }
   }
+  AbortDroppedLinks();
   NotifyIfChanged();
-  if (connect.empty()) return;
+  if (connect.empty() && connect_nccl.empty()) return;
   std::lock_guard<std::mutex> connecting(connect_mu_);
+  ConnectNccl(connect_nccl);
   for (size_t i : connect) {
     v1::Worker::Stub* stub;
     int generation;
@@ -342,6 +442,37 @@ void WorkerPool::ProbeNow() {
                           link.status().code() == absl::StatusCode::kUnimplemented;
       std::cerr << "dhsa-router: worker " << address
                 << ": no shared-memory data plane, gRPC bytes: " << link.status().message()
+                << std::endl;
+    }
+  }
+}
+
+void WorkerPool::ConnectNccl(const std::vector<size_t>& connect) {
+  for (size_t i : connect) {
+    v1::Worker::Stub* stub;
+    std::string address;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (workers_[i]->nccl != nullptr) continue;
+      stub = workers_[i]->stub.get();
+      address = workers_[i]->address;
+    }
+    const absl::Status s = nccl_->Connect(static_cast<int>(i), address, stub);
+    std::shared_ptr<transport::NcclCommunicator> comm =
+        s.ok() ? nccl_->Communicator(static_cast<int>(i)) : nullptr;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (comm != nullptr) {
+      workers_[i]->nccl =
+          std::make_shared<transport::NcclLink>(comm, options_.data_plane.transfer_timeout);
+      std::cerr << "dhsa-router: worker " << address << ": NCCL data plane up (communicator '"
+                << comm->id() << "', router device " << comm->device() << ")" << std::endl;
+    } else {
+      // No device for a router rank: not retried until the worker is lost and back.
+      workers_[i]->nccl_unsupported = s.code() == absl::StatusCode::kFailedPrecondition ||
+                                      s.code() == absl::StatusCode::kNotFound ||
+                                      s.code() == absl::StatusCode::kUnimplemented;
+      std::cerr << "dhsa-router: worker " << address
+                << ": no NCCL data plane: " << (s.ok() ? "no communicator" : s.message())
                 << std::endl;
     }
   }

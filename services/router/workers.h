@@ -24,6 +24,8 @@
 #include "absl/status/statusor.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "services/router/placement.h"
+#include "services/transport/data_plane.h"
+#include "services/transport/nccl_link.h"
 #include "services/transport/options.h"
 #include "services/transport/shm_link.h"
 
@@ -82,6 +84,14 @@ class WorkerPool {
 
   // The shared-memory link with `worker`, or null (other host, mode grpc, worker down).
   std::shared_ptr<transport::ShmLink> ShmLinkOf(int worker) const;
+  // The NCCL link with `worker` (a communicator the router shares with it), or null (no GPU here or
+  // there, build without NCCL, mode grpc or shm, worker down, link dropped after a failure).
+  std::shared_ptr<transport::NcclLink> NcclLinkOf(int worker) const;
+  // A transfer or a call that moved tensors over NCCL failed: the link is aborted and dropped (the
+  // worker is told to abort its rank), so the next calls use shared memory or gRPC bytes until a
+  // probe connects a new communicator.
+  // `link` is the one the call used (a newer link is kept).
+  void ReportNcclFailure(int worker, const transport::NcclLink* link, const absl::Status& status);
   // The transport of a call on `workers` (transport::ChooseTransport; logs nothing).
   absl::StatusOr<transport::TransportChoice> ChooseTransport(const std::vector<int>& workers) const;
   const transport::DataPlaneOptions& data_plane() const { return options_.data_plane; }
@@ -96,6 +106,8 @@ class WorkerPool {
     // The worker could not map our arenas (another host): not retried until it is lost and back.
     bool shm_unsupported = false;
     int shm_generation = 0;
+    std::shared_ptr<transport::NcclLink> nccl;  // NCCL data plane, when connected.
+    bool nccl_unsupported = false;  // The worker has no NCCL device: not retried until lost.
   };
 
   explicit WorkerPool(const WorkerPoolOptions& options);
@@ -105,17 +117,27 @@ class WorkerPool {
   void NotifyIfChanged();
   // Drops the shared-memory link of `worker` (logs why); mu_ held.
   void DropShmLocked(int worker, const std::string& why);
+  // Drops the NCCL link of `worker` (logs why; the worker is told to abort its rank); mu_ held.
+  // AbortDroppedLinks, called without mu_, then aborts it.
+  void DropNcclLocked(int worker, const std::string& why);
+  void AbortDroppedLinks();
+  // Sets up communicators with the workers in `connect` (ProbeNow; connect_mu_ held).
+  void ConnectNccl(const std::vector<size_t>& connect);
 
   const WorkerPoolOptions options_;
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<Worker>> workers_;  // Guarded by mu_; never shrinks.
   std::vector<WorkerLoad> loads_;                 // Guarded by mu_.
   std::function<void(bool)> listener_;            // Guarded by mu_.
-  bool last_any_available_ = false;               // Guarded by mu_.
-  bool stopping_ = false;                         // Guarded by mu_.
+  // Links dropped under mu_, aborted by AbortDroppedLinks. Guarded by mu_.
+  std::vector<std::pair<std::shared_ptr<transport::NcclLink>, std::string>> dropped_;
+  bool last_any_available_ = false;  // Guarded by mu_.
+  bool stopping_ = false;            // Guarded by mu_.
   std::condition_variable cv_;
   std::mutex connect_mu_;   // One ProbeNow connects at a time.
   const std::string name_;  // "router-<pid>": prefix of arena ids.
+  // Communicators with GPU workers (NCCL builds, mode auto or nccl); null otherwise.
+  std::unique_ptr<transport::RouterDataPlane> nccl_;
   std::thread prober_;
 };
 

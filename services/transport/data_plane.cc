@@ -22,6 +22,7 @@ WorkerDataPlane::~WorkerDataPlane() {
   }
   for (std::thread& t : threads) t.join();
   std::lock_guard<std::mutex> lock(mu_);
+  links_.clear();  // Their queues end first (each holds its communicator).
   comms_.clear();  // Each ends itself (bounded finalize, else abort).
 }
 
@@ -74,6 +75,14 @@ void WorkerDataPlane::LeaveAsync(const v1::LeaveCommunicatorRequest& request,
     done(false);
     return;
   }
+  std::shared_ptr<NcclLink> link;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto l = links_.find(request.communicator_id());
+    if (l != links_.end()) link = l->second;
+  }
+  // Transfers queued on it fail now (UNAVAILABLE) instead of waiting for their peer.
+  if (link != nullptr && request.abort()) link->Abort("the router aborted the communicator");
   Spawn([comm, abort = request.abort(), done = std::move(done)] {
     if (abort) {
       comm->Abort("the router aborted the communicator (LeaveCommunicator)");
@@ -105,6 +114,17 @@ std::shared_ptr<NcclCommunicator> WorkerDataPlane::Find(const std::string& id) c
   std::lock_guard<std::mutex> lock(mu_);
   auto it = comms_.find(id);
   return it == comms_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<NcclLink> WorkerDataPlane::Link(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto l = links_.find(id);
+  if (l != links_.end()) return l->second;
+  auto c = comms_.find(id);
+  if (c == comms_.end()) return nullptr;
+  auto link = std::make_shared<NcclLink>(c->second, options_.transfer_timeout);
+  links_[id] = link;
+  return link;
 }
 
 absl::StatusOr<int> PickRouterDevice(const std::vector<std::pair<int, std::string>>& candidates,

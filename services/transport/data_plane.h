@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "services/transport/nccl_communicator.h"
+#include "services/transport/nccl_link.h"
 #include "services/transport/options.h"
 
 namespace dhsa::transport {
@@ -38,6 +39,9 @@ class WorkerDataPlane {
   void FillStats(v1::StatsResponse* response) const;
   // A ready or failed communicator by id (null if unknown).
   std::shared_ptr<NcclCommunicator> Find(const std::string& id) const;
+  // The transfer link of communicator `id` (made at its first use; null if unknown). A link whose
+  // communicator failed is returned too: its transfers fail at once with UNAVAILABLE.
+  std::shared_ptr<NcclLink> Link(const std::string& id);
 
  private:
   absl::StatusOr<v1::CommunicatorInfo> Join(const v1::JoinCommunicatorRequest& request);
@@ -46,6 +50,7 @@ class WorkerDataPlane {
   const DataPlaneOptions options_;
   mutable std::mutex mu_;
   std::map<std::string, std::shared_ptr<NcclCommunicator>> comms_;  // Guarded by mu_.
+  std::map<std::string, std::shared_ptr<NcclLink>> links_;          // Guarded by mu_.
   std::vector<std::string> joining_;                                // Guarded by mu_.
   std::vector<std::thread> threads_;                                // Guarded by mu_.
 };

@@ -15,24 +15,23 @@
 #include "services/common/metrics.h"
 #include "services/common/status.h"
 #include "services/common/wire.h"
+#include "services/transport/nccl_link.h"
 #include "services/worker/partial_attention.h"
 
 namespace dhsa {
 namespace {
 
 // Checks an out-of-band tensor descriptor of a header: named `name`, `dtype` `shape`, in shared
-// memory. NCCL descriptors are not served by the worker's calls yet (Unimplemented).
+// memory or on an NCCL communicator (checked further by NcclOf).
 absl::Status CheckOutOfBand(const v1::TensorDescriptor& d, const char* name, DType dtype,
                             const std::vector<int64_t>& shape) {
   if (d.name() != name) {
     return absl::InvalidArgumentError(
         absl::StrCat("out-of-band tensor '", d.name(), "' where '", name, "' was expected"));
   }
-  if (!d.has_shm()) {
-    return absl::UnimplementedError(
-        absl::StrCat("tensor '", name,
-                     "' is described for NCCL; this worker's calls take tensors over gRPC "
-                     "bytes or shared memory only"));
+  if (!d.has_shm() && !transport::IsNcclDescriptor(d)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "out-of-band tensor '", name, "' names neither a shared-memory region nor a communicator"));
   }
   DHSA_ASSIGN_OR_RETURN(const DType got, FromProtoDType(d.dtype()));
   const std::vector<int64_t> got_shape(d.shape().begin(), d.shape().end());
@@ -42,12 +41,33 @@ absl::Status CheckOutOfBand(const v1::TensorDescriptor& d, const char* name, DTy
         "; the header announces ", DTypeName(dtype), " ", ShapeString(shape)));
   }
   DHSA_ASSIGN_OR_RETURN(const int64_t bytes, TensorByteSize(shape, dtype, name));
-  if (d.shm().bytes() != bytes) {
+  if (d.has_shm() && d.shm().bytes() != bytes) {
     return absl::InvalidArgumentError(absl::StrCat("shared-memory region of tensor '", name,
                                                    "' holds ", d.shm().bytes(),
                                                    " bytes; its shape needs ", bytes));
   }
   return absl::OkStatus();
+}
+
+// The link and descriptor of an NCCL tensor this worker sends (`send`) or receives: the
+// communicator must be one this worker joined (else UNAVAILABLE: the router's view is stale), the
+// ranks this worker's and the router's.
+struct NcclTensor {
+  std::shared_ptr<transport::NcclLink> link;
+  transport::TensorDescriptor desc;
+};
+absl::StatusOr<NcclTensor> NcclOf(transport::WorkerDataPlane* data_plane,
+                                  const v1::TensorDescriptor& d, bool send, int64_t max_bytes) {
+  NcclTensor t;
+  DHSA_ASSIGN_OR_RETURN(t.desc, transport::DescriptorFromProto(d, max_bytes));
+  t.link = data_plane->Link(t.desc.communicator_id);
+  if (t.link == nullptr) {
+    return absl::UnavailableError(
+        absl::StrCat("tensor '", t.desc.name, "' is described on NCCL communicator '",
+                     t.desc.communicator_id, "', which this worker does not hold (restarted?)"));
+  }
+  DHSA_RETURN_IF_ERROR(t.link->Check(t.desc, send, t.desc.ByteSize()));
+  return t;
 }
 
 }  // namespace
@@ -100,26 +120,45 @@ class WorkerService::BufferPool {
 class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::StoreKvRequest> {
  public:
   StoreKvReactor(grpc::CallbackServerContext* context, v1::StoreKvResponse* response,
-                 KvStore* store, const WorkerBackend* backend, transport::ShmPeerArenas* arenas)
-      : context_(context), response_(response), store_(store), backend_(backend), arenas_(arenas) {
+                 KvStore* store, const WorkerBackend* backend, transport::ShmPeerArenas* arenas,
+                 transport::WorkerDataPlane* data_plane)
+      : context_(context),
+        response_(response),
+        store_(store),
+        backend_(backend),
+        arenas_(arenas),
+        data_plane_(data_plane) {
     StartRead(&request_);
   }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      Finish(ToGrpcStatus(Commit()));
+      {
+        // Over NCCL the commit waits for both receives (the last one commits).
+        std::lock_guard<std::mutex> lock(nccl_mu_);
+        half_closed_ = true;
+        if (nccl_pending_ > 0) return;
+      }
+      FinishOnce(Commit());
       return;
     }
     const absl::Status status = Handle();
     if (!status.ok()) {
-      Finish(ToGrpcStatus(status));
+      FinishOnce(status);
       return;
     }
     request_.Clear();
     StartRead(&request_);
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(nccl_mu_);
+      done_ = true;
+      if (nccl_pending_ > 0) return;  // The last receive's report deletes the reactor.
+    }
+    delete this;
+  }
 
  private:
   enum class Stage { kHeader, kK, kV, kDone };
@@ -149,10 +188,32 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
         const std::vector<int64_t> shape = {w.kv_heads, w.num_tokens, w.head_dim};
         DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.tensors(0), "k", w.dtype, shape));
         DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.tensors(1), "v", w.dtype, shape));
-        k_region_ = h.tensors(0).shm();
-        v_region_ = h.tensors(1).shm();
+        if (transport::IsNcclDescriptor(h.tensors(0)) ||
+            transport::IsNcclDescriptor(h.tensors(1))) {
+          DHSA_ASSIGN_OR_RETURN(k_nccl_, NcclOf(data_plane_, h.tensors(0), false, INT64_MAX));
+          DHSA_ASSIGN_OR_RETURN(v_nccl_, NcclOf(data_plane_, h.tensors(1), false, INT64_MAX));
+        } else {
+          k_region_ = h.tensors(0).shm();
+          v_region_ = h.tensors(1).shm();
+        }
       }
       DHSA_ASSIGN_OR_RETURN(reservation_, store_->Reserve(w));
+      if (k_nccl_.link != nullptr) {
+        // Received into pinned buffers now; committed at the half-close once both arrived.
+        k_buf_ = k_nccl_.link->Pinned(reservation_.bytes() / 2);
+        v_buf_ = v_nccl_.link->Pinned(reservation_.bytes() / 2);
+        if (k_buf_ == nullptr || v_buf_ == nullptr) {
+          return absl::ResourceExhaustedError("no host memory to receive 'k' and 'v' over NCCL");
+        }
+        {
+          std::lock_guard<std::mutex> lock(nccl_mu_);
+          nccl_pending_ = 2;
+        }
+        k_nccl_.link->Recv(k_nccl_.desc, k_buf_, [this](absl::Status st) { Received(st); });
+        v_nccl_.link->Recv(v_nccl_.desc, v_buf_, [this](absl::Status st) { Received(st); });
+        stage_ = Stage::kDone;
+        return absl::OkStatus();
+      }
       if (k_region_.has_value()) {
         stage_ = Stage::kDone;
         return absl::OkStatus();
@@ -173,6 +234,29 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
     return absl::OkStatus();
   }
 
+  // A receive of "k" or "v" over NCCL reported (on the link's thread).
+  void Received(const absl::Status& status) {
+    bool commit, remove;
+    {
+      std::lock_guard<std::mutex> lock(nccl_mu_);
+      if (nccl_status_.ok() && !status.ok()) nccl_status_ = status;
+      --nccl_pending_;
+      commit = nccl_pending_ == 0 && half_closed_ && !done_ && !finished_;
+      remove = nccl_pending_ == 0 && done_;
+    }
+    if (commit) FinishOnce(Commit());
+    if (remove) delete this;
+  }
+
+  void FinishOnce(const absl::Status& status) {
+    {
+      std::lock_guard<std::mutex> lock(nccl_mu_);
+      if (finished_) return;
+      finished_ = true;
+    }
+    Finish(ToGrpcStatus(status));
+  }
+
   // End of the request stream: store everything, or nothing.
   absl::Status Commit() {
     if (context_->IsCancelled()) return absl::CancelledError("StoreKv cancelled by the client");
@@ -181,7 +265,19 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
     }
     const int64_t bytes = reservation_.bytes();
     KvCommit commit;
-    if (k_region_.has_value()) {
+    if (k_nccl_.link != nullptr) {
+      absl::Status received;
+      {
+        std::lock_guard<std::mutex> lock(nccl_mu_);
+        received = nccl_status_;
+      }
+      if (!received.ok()) {
+        return absl::UnavailableError(
+            absl::StrCat("receiving 'k' and 'v' over NCCL: ", received.message()));
+      }
+      DHSA_ASSIGN_OR_RETURN(
+          commit, store_->CommitRaw(std::move(reservation_), k_buf_->data(), v_buf_->data()));
+    } else if (k_region_.has_value()) {
       // Straight from the router's arena into the stripe (one copy); the pins keep the router
       // from reusing the regions meanwhile.
       DHSA_ASSIGN_OR_RETURN(transport::ShmPin k, arenas_->Pin(*k_region_, bytes / 2, false));
@@ -204,11 +300,20 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
   KvStore* const store_;
   const WorkerBackend* const backend_;
   transport::ShmPeerArenas* const arenas_;
+  transport::WorkerDataPlane* const data_plane_;
   v1::StoreKvRequest request_;
   Stage stage_ = Stage::kHeader;
   KvReservation reservation_;
   std::optional<TensorAssembler> k_, v_;
   std::optional<v1::ShmRegion> k_region_, v_region_;  // Out-of-band "k" and "v".
+  NcclTensor k_nccl_, v_nccl_;                        // "k" and "v" over NCCL.
+  std::shared_ptr<transport::PinnedBuffer> k_buf_, v_buf_;
+  std::mutex nccl_mu_;
+  int nccl_pending_ = 0;      // Guarded by nccl_mu_: NCCL receives not yet reported.
+  absl::Status nccl_status_;  // Guarded by nccl_mu_: their first failure.
+  bool half_closed_ = false;  // Guarded by nccl_mu_.
+  bool finished_ = false;     // Guarded by nccl_mu_: Finish was called.
+  bool done_ = false;         // Guarded by nccl_mu_: OnDone ran.
 };
 
 // Attend: header (checked against a snapshot of the stored stripes at once), then "q" pieces; once
@@ -219,14 +324,16 @@ class WorkerService::AttendReactor final
  public:
   AttendReactor(grpc::CallbackServerContext* context, const WorkerService::Options& options,
                 KvStore* store, WorkerBackend* backend, Executor* executor,
-                transport::ShmPeerArenas* arenas, BufferPool* buffers)
+                transport::ShmPeerArenas* arenas, BufferPool* buffers,
+                transport::WorkerDataPlane* data_plane)
       : context_(context),
         options_(options),
         store_(store),
         backend_(backend),
         executor_(executor),
         arenas_(arenas),
-        buffers_(buffers) {
+        buffers_(buffers),
+        data_plane_(data_plane) {
     StartRead(&request_);
   }
 
@@ -238,6 +345,11 @@ class WorkerService::AttendReactor final
     const absl::Status status = Handle();
     if (!status.ok()) {
       Finish(ToGrpcStatus(status));
+      return;
+    }
+    if (q_nccl_.link != nullptr) {
+      // "q" arrives over NCCL: the receive's report starts the attention (no further reads).
+      q_nccl_.link->Recv(q_nccl_.desc, q_buf_, [this](absl::Status st) { ReceivedQ(st); });
       return;
     }
     if (q_direct_.has_value() || (q_ && q_->complete())) {
@@ -323,8 +435,27 @@ class WorkerService::AttendReactor final
       DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.o_tensor(), "o", DType::kF32, q_shape_));
       DHSA_RETURN_IF_ERROR(
           CheckOutOfBand(h.lse_tensor(), "lse", DType::kF32, {h.q_heads(), h.num_rows()}));
-      o_region_ = h.o_tensor().shm();
-      lse_region_ = h.lse_tensor().shm();
+      if (transport::IsNcclDescriptor(h.o_tensor()) ||
+          transport::IsNcclDescriptor(h.lse_tensor())) {
+        DHSA_ASSIGN_OR_RETURN(o_nccl_, NcclOf(data_plane_, h.o_tensor(), true, INT64_MAX));
+        DHSA_ASSIGN_OR_RETURN(lse_nccl_, NcclOf(data_plane_, h.lse_tensor(), true, INT64_MAX));
+      } else {
+        o_region_ = h.o_tensor().shm();
+        lse_region_ = h.lse_tensor().shm();
+      }
+    }
+    if (h.has_q_tensor() && transport::IsNcclDescriptor(h.q_tensor())) {
+      // Over NCCL into a pinned buffer; the receive is posted once the header is accepted.
+      DHSA_ASSIGN_OR_RETURN(const DType q_dtype, FromProtoDType(h.q_tensor().dtype()));
+      DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.q_tensor(), "q", q_dtype, q_shape_));
+      DHSA_ASSIGN_OR_RETURN(q_nccl_,
+                            NcclOf(data_plane_, h.q_tensor(), false, options_.capacity_bytes));
+      q_buf_ = q_nccl_.link->Pinned(q_nccl_.desc.ByteSize());
+      if (q_buf_ == nullptr) {
+        return absl::ResourceExhaustedError("no host memory to receive 'q' over NCCL");
+      }
+      snapshot_ = std::move(snapshot);
+      return absl::OkStatus();
     }
     snapshot_ = std::move(snapshot);
     if (h.has_q_tensor()) {
@@ -346,12 +477,49 @@ class WorkerService::AttendReactor final
     return absl::OkStatus();
   }
 
+  // "q" arrived over NCCL (on the link's thread): into a host tensor, then the attention.
+  void ReceivedQ(const absl::Status& status) {
+    if (!status.ok()) {
+      Finish(ToGrpcStatus(
+          absl::UnavailableError(absl::StrCat("receiving 'q' over NCCL: ", status.message()))));
+      return;
+    }
+    Tensor q;
+    q.dtype = q_nccl_.desc.dtype;
+    q.shape = q_nccl_.desc.shape;
+    q.bytes = buffers_->Take(q_buf_->bytes());
+    std::memcpy(q.bytes.data(), q_buf_->data(), static_cast<size_t>(q_buf_->bytes()));
+    q_buf_.reset();
+    q_direct_ = std::move(q);
+    executor_->Submit([this] { Run(); });
+  }
+
   // On the executor: attention, then the reply (writes continue on gRPC threads).
   void Run() {
     Stall();
     const absl::Status status = Compute();
     if (!status.ok()) {
       Finish(ToGrpcStatus(status));
+      return;
+    }
+    if (o_nccl_.link != nullptr) return;  // The sends' report writes the result.
+    StartWrite(&responses_.front());
+  }
+
+  // "o" or "lse" went out over NCCL (on the link's thread); the second report answers.
+  void Sent(const absl::Status& status) {
+    bool last;
+    absl::Status failed;
+    {
+      std::lock_guard<std::mutex> lock(sent_mu_);
+      if (sent_status_.ok() && !status.ok()) sent_status_ = status;
+      last = --sends_pending_ == 0;
+      failed = sent_status_;
+    }
+    if (!last) return;
+    if (!failed.ok()) {
+      Finish(ToGrpcStatus(absl::UnavailableError(
+          absl::StrCat("sending 'o' and 'lse' over NCCL: ", failed.message()))));
       return;
     }
     StartWrite(&responses_.front());
@@ -397,6 +565,26 @@ class WorkerService::AttendReactor final
     metrics::ObserveWorkerAttention(options_.backend, result.seconds);
     snapshot_.reset();  // Let a concurrent Drop free the stripes while the reply is sent.
 
+    if (o_nccl_.link != nullptr) {
+      // From pinned buffers over NCCL; the answer is the result alone, once both went out.
+      const int64_t o_bytes = static_cast<int64_t>(result.o.bytes.size());
+      const int64_t lse_bytes = static_cast<int64_t>(result.lse.bytes.size());
+      std::shared_ptr<transport::PinnedBuffer> o = o_nccl_.link->Pinned(o_bytes);
+      std::shared_ptr<transport::PinnedBuffer> lse = lse_nccl_.link->Pinned(lse_bytes);
+      if (o == nullptr || lse == nullptr) {
+        return absl::ResourceExhaustedError("no host memory to send 'o' and 'lse' over NCCL");
+      }
+      std::memcpy(o->data(), result.o.bytes.data(), static_cast<size_t>(o_bytes));
+      std::memcpy(lse->data(), result.lse.bytes.data(), static_cast<size_t>(lse_bytes));
+      v1::AttendResult* done = responses_.emplace_back().mutable_result();
+      done->set_attention_seconds(result.seconds);
+      done->set_computed_pairs(result.computed_pairs);
+      sends_pending_ = 2;
+      o_nccl_.link->Send(o_nccl_.desc, std::move(o), [this](absl::Status st) { Sent(st); });
+      lse_nccl_.link->Send(lse_nccl_.desc, std::move(lse), [this](absl::Status st) { Sent(st); });
+      return absl::OkStatus();
+    }
+
     if (o_region_.has_value()) {
       // Into the regions the router set aside; the answer is the result alone.
       const int64_t o_bytes = static_cast<int64_t>(result.o.bytes.size());
@@ -431,6 +619,7 @@ class WorkerService::AttendReactor final
   Executor* const executor_;
   transport::ShmPeerArenas* const arenas_;
   BufferPool* const buffers_;
+  transport::WorkerDataPlane* const data_plane_;
   v1::AttendRequest request_;
   // Set by the header.
   std::optional<LayerSnapshot> snapshot_;
@@ -441,6 +630,11 @@ class WorkerService::AttendReactor final
   std::optional<TensorAssembler> q_;
   std::optional<Tensor> q_direct_;                      // "q" read from shared memory.
   std::optional<v1::ShmRegion> o_region_, lse_region_;  // Where "o" and "lse" go.
+  NcclTensor q_nccl_, o_nccl_, lse_nccl_;               // Tensors over NCCL.
+  std::shared_ptr<transport::PinnedBuffer> q_buf_;
+  std::mutex sent_mu_;
+  int sends_pending_ = 0;     // Guarded by sent_mu_ (once the sends are posted).
+  absl::Status sent_status_;  // Guarded by sent_mu_.
   // The reply; the front message is being written.
   std::deque<v1::AttendResponse> responses_;
 };
@@ -473,13 +667,13 @@ WorkerService::~WorkerService() { metrics::RemoveSource(this); }
 
 grpc::ServerReadReactor<v1::StoreKvRequest>* WorkerService::StoreKv(
     grpc::CallbackServerContext* context, v1::StoreKvResponse* response) {
-  return new StoreKvReactor(context, response, &store_, backend_.get(), &arenas_);
+  return new StoreKvReactor(context, response, &store_, backend_.get(), &arenas_, &data_plane_);
 }
 
 grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* WorkerService::Attend(
     grpc::CallbackServerContext* context) {
   return new AttendReactor(context, options_, &store_, backend_.get(), &executor_, &arenas_,
-                           buffers_.get());
+                           buffers_.get(), &data_plane_);
 }
 
 grpc::ServerUnaryReactor* WorkerService::Drop(grpc::CallbackServerContext* context,

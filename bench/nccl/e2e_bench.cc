@@ -1,0 +1,173 @@
+// End-to-end prefill through the service: one layer of Hq=32, Hkv=8, d=128 bf16 (defaults) at each
+// length, sent by a client to a router (--target host:port: the router and its workers run
+// elsewhere, e.g. two dhsa-worker --backend=cuda processes on two GPUs), or to an embedded service
+// (--embedded N: N CUDA workers in this process, all on device 0, tensors through shared memory).
+// Prints per length the median wall time of the Prefill call and the router's stage times, the
+// transport and the bytes moved to and from the workers with the GB/s they imply over the
+// dispatch and attention stages.
+//
+//   nccl_e2e_bench --target 127.0.0.1:50051 --label "2 GPU workers, NCCL" --lengths 32768,131072
+//   nccl_e2e_bench --embedded 1 --label "1 GPU worker, embedded"
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "clients/cpp/client.h"
+#include "kernels/common/tensor.h"
+#include "services/router/embedded.h"
+
+namespace {
+
+using dhsa::DType;
+using dhsa::Tensor;
+
+Tensor Random(std::mt19937_64& rng, int64_t heads, int64_t len, int64_t dim) {
+  Tensor f = Tensor::Uninitialized(DType::kF32, {heads, len, dim});
+  float* p = static_cast<float*>(f.data());
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  // A few distinct segments (as keys of a real text have), cheap to draw for 128K rows.
+  std::vector<float> base(static_cast<size_t>(dim));
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t t = 0; t < len; ++t) {
+      if (t % 2048 == 0) {
+        for (float& b : base) b = n(rng);
+      }
+      float* row = p + (h * len + t) * dim;
+      for (int64_t i = 0; i < dim; ++i) row[i] = base[static_cast<size_t>(i)] + 0.5f * n(rng);
+    }
+  }
+  return f.ConvertTo(DType::kBF16);
+}
+
+int Usage() {
+  std::fprintf(stderr,
+               "usage: nccl_e2e_bench (--target HOST:PORT | --embedded N) [--label TEXT]\n"
+               "         [--lengths 32768,131072] [--reps 3] [--hq 32] [--hkv 8] [--dim 128]\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string target, label = "service";
+  int embedded = 0, reps = 3;
+  int64_t hq = 32, hkv = 8, dim = 128;
+  std::vector<int64_t> lengths = {32768, 131072};
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (i + 1 >= argc) return Usage();
+    const std::string v = argv[++i];
+    int64_t n = 0;
+    if (a == "--target") {
+      target = v;
+    } else if (a == "--label") {
+      label = v;
+    } else if (a == "--lengths") {
+      lengths.clear();
+      for (absl::string_view s : absl::StrSplit(v, ',')) {
+        if (!absl::SimpleAtoi(s, &n) || n <= 0) return Usage();
+        lengths.push_back(n);
+      }
+    } else if (absl::SimpleAtoi(v, &n) && n > 0) {
+      if (a == "--embedded") {
+        embedded = static_cast<int>(n);
+      } else if (a == "--reps") {
+        reps = static_cast<int>(n);
+      } else if (a == "--hq") {
+        hq = n;
+      } else if (a == "--hkv") {
+        hkv = n;
+      } else if (a == "--dim") {
+        dim = n;
+      } else {
+        return Usage();
+      }
+    } else {
+      return Usage();
+    }
+  }
+  if (target.empty() == (embedded == 0)) return Usage();
+
+  std::unique_ptr<dhsa::EmbeddedService> service;
+  if (embedded > 0) {
+    dhsa::EmbeddedOptions o;
+    o.num_workers = embedded;
+    o.backend = "cuda";
+    o.max_message_bytes = 64 << 20;
+    o.data_plane.set_transport("shm");
+    o.data_plane.set_shm_arena_bytes(int64_t{4} << 30);
+    absl::StatusOr<std::unique_ptr<dhsa::EmbeddedService>> s = dhsa::EmbeddedService::Start(o);
+    if (!s.ok()) {
+      std::fprintf(stderr, "embedded service: %s\n", std::string(s.status().message()).c_str());
+      return 1;
+    }
+    service = *std::move(s);
+    target = service->router_address();
+  }
+  dhsa::ClientOptions co;
+  co.max_message_bytes = 64 << 20;
+  absl::StatusOr<dhsa::Client> client = dhsa::Client::Connect(target, co);
+  if (!client.ok()) {
+    std::fprintf(stderr, "connect %s: %s\n", target.c_str(),
+                 std::string(client.status().message()).c_str());
+    return 1;
+  }
+  std::mt19937_64 rng(42);
+  std::printf("%-34s %7s %9s %9s %9s %9s %9s %9s %7s %9s %9s %8s\n", "config", "len", "wall_ms",
+              "router_ms", "select_ms", "store_ms", "attend_ms", "merge_ms", "kern_ms", "to_MB",
+              "from_MB", "xfer_GBs");
+  int rc = 0;
+  for (int64_t len : lengths) {
+    const Tensor q = Random(rng, hq, len, dim), k = Random(rng, hkv, len, dim),
+                 v = Random(rng, hkv, len, dim);
+    std::vector<double> walls;
+    dhsa::v1::CallStats last;
+    for (int r = 0; r < reps + 1; ++r) {  // The first is a warm-up.
+      dhsa::SequenceOptions so;
+      so.q_heads = static_cast<int>(hq);
+      so.kv_heads = static_cast<int>(hkv);
+      so.head_dim = static_cast<int>(dim);
+      so.dtype = DType::kBF16;
+      absl::StatusOr<dhsa::Sequence> seq = client->CreateSequence(so);
+      if (!seq.ok()) {
+        std::fprintf(stderr, "CreateSequence: %s\n", std::string(seq.status().message()).c_str());
+        return 1;
+      }
+      const auto start = std::chrono::steady_clock::now();
+      absl::StatusOr<dhsa::AttentionOutput> out = seq->Prefill(0, q, k, v, false);
+      const double wall =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      (void)seq->Release();
+      if (!out.ok()) {
+        std::fprintf(stderr, "%s len %lld: Prefill: %s\n", label.c_str(),
+                     static_cast<long long>(len), std::string(out.status().message()).c_str());
+        rc = 1;
+        break;
+      }
+      if (r > 0) walls.push_back(wall);
+      last = out->stats;
+    }
+    if (walls.empty()) continue;
+    std::sort(walls.begin(), walls.end());
+    const double wall = walls[walls.size() / 2];
+    const double xfer_s = last.dispatch_seconds() + last.attention_seconds();
+    const double moved = static_cast<double>(last.bytes_to_workers() + last.bytes_from_workers());
+    std::printf("%-34s %7lld %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %7.1f %9.1f %9.1f %8.2f  [%s]\n",
+                label.c_str(), static_cast<long long>(len), wall * 1e3, last.total_seconds() * 1e3,
+                last.selection_seconds() * 1e3, last.dispatch_seconds() * 1e3,
+                last.attention_seconds() * 1e3, last.merge_seconds() * 1e3,
+                last.worker_kernel_seconds() * 1e3,
+                static_cast<double>(last.bytes_to_workers()) / 1e6,
+                static_cast<double>(last.bytes_from_workers()) / 1e6,
+                xfer_s > 0 ? moved / xfer_s / 1e9 : 0.0, last.transport().c_str());
+    std::fflush(stdout);
+  }
+  if (service != nullptr) service->Shutdown();
+  return rc;
+}
