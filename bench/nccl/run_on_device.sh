@@ -70,7 +70,10 @@ if [[ "$mode" == e2e ]]; then
   lengths="${DHSA_E2E_LENGTHS:-32768,131072}"
   reps="${DHSA_E2E_REPS:-2}"
   start=$SECONDS
-  NCCL_DEBUG=WARN timeout 180 "$bin/nccl_service_gpu_test" --gtest_color=no \
+  NCCL_DEBUG=WARN timeout 60 "$bin/nccl_gpu_test" --gtest_color=no >"$out/nccl_gpu_test.log" 2>&1
+  say "nccl_gpu_test rc=$? in $((SECONDS - start)) s: $(grep -E '^\[  (PASSED|FAILED) ' "$out/nccl_gpu_test.log" | tr '\n' ' ')"
+  start=$SECONDS
+  NCCL_DEBUG=WARN timeout 120 "$bin/nccl_service_gpu_test" --gtest_color=no \
     >"$out/nccl_service_gpu_test.log" 2>&1
   rc=$?
   say "nccl_service_gpu_test rc=$rc in $((SECONDS - start)) s"
@@ -90,7 +93,7 @@ if [[ "$mode" == e2e ]]; then
   }
   mm=67108864
   start=$SECONDS
-  timeout 120 "$bin/nccl_e2e_bench" --embedded 1 --label "1 GPU worker, embedded, shm" \
+  timeout 90 "$bin/nccl_e2e_bench" --embedded 1 --label "1 GPU worker, embedded, shm" \
     --lengths "$lengths" --reps "$reps" >"$out/e2e_1gpu.log" 2>&1
   say "1 GPU embedded rc=$? in $((SECONDS - start)) s"
   workers=""
@@ -108,7 +111,7 @@ if [[ "$mode" == e2e ]]; then
     rp=$(port_of "$out/router_$t.log") || { say "router $t did not start"; cat "$out/router_$t.log"; }
     sleep 1
     start=$SECONDS
-    timeout 200 "$bin/nccl_e2e_bench" --target "127.0.0.1:$rp" --label "2 GPU workers, $t" \
+    timeout 100 "$bin/nccl_e2e_bench" --target "127.0.0.1:$rp" --label "2 GPU workers, $t" \
       --lengths "$lengths" --reps "$reps" >"$out/e2e_2gpu_$t.log" 2>&1
     say "2 GPU workers $t rc=$? in $((SECONDS - start)) s"
     kill $rpid 2>/dev/null; wait $rpid 2>/dev/null
