@@ -1,10 +1,11 @@
 // The NCCL data plane through the real service with CUDA workers (embedded: two dhsa workers with
 // --backend=cuda on device 0, the router's NCCL ranks on device 1): q, k, v go out and o, lse come
 // back over NCCL by descriptor, and the results equal the same service over shared memory and over
-// gRPC bytes (same kernels, same placement: equal to the bit) and the in-process library within
-// the CUDA kernels' storage-precision error. A communicator aborted on either side costs at most
-// the calls in flight (UNAVAILABLE, bounded), later calls go over shared memory, and the next
-// probe brings NCCL back. Skipped without NCCL or with fewer than two CUDA devices.
+// gRPC bytes (same kernels; within 1e-6 of max |o|: a different placement only reorders the
+// merge) and the in-process library within the CUDA kernels' storage-precision error. A
+// communicator aborted on either side costs at most the calls in flight (UNAVAILABLE, bounded),
+// later calls go over shared memory, and the next probe brings NCCL back. Skipped without NCCL or
+// with fewer than two CUDA devices.
 #include <cmath>
 #include <random>
 #include <string>
@@ -84,6 +85,23 @@ std::pair<double, double> MaxDiff(const AttentionOutput& a, const AttentionOutpu
   return {o, l};
 }
 
+// The same result up to the order of the merge: o within 1e-6 of max |a.o|, lse within 1e-6 of
+// max(1, |lse|).
+void ExpectSame(const AttentionOutput& a, const AttentionOutput& b, const std::string& what) {
+  double max_o = 0, max_l = 1;
+  for (int64_t i = 0; i < a.o.NumElements(); ++i) {
+    max_o = std::max(max_o, std::abs(static_cast<double>(a.o.Get(i))));
+  }
+  for (int64_t i = 0; i < a.lse.NumElements(); ++i) {
+    if (std::isfinite(a.lse.Get(i))) {
+      max_l = std::max(max_l, std::abs(static_cast<double>(a.lse.Get(i))));
+    }
+  }
+  const auto [o, l] = MaxDiff(a, b);
+  EXPECT_LE(o, 1e-6 * max_o) << what << ": max |o| " << max_o;
+  EXPECT_LE(l, 1e-6 * max_l) << what << ": max |lse| " << max_l;
+}
+
 // Within the storage-precision error of the CUDA kernels (P rounded to bf16/fp16 before P V):
 // o within 1e-2 of max |o|, lse within 1e-3 of max(1, |lse|).
 void ExpectNearReference(const AttentionOutput& got, const AttendResult& want,
@@ -161,14 +179,11 @@ TEST(NcclService, EqualsSharedMemoryGrpcAndTheInProcessLibrary) {
         EXPECT_EQ(out->stats.transport(), names[i]);
         got.push_back(*std::move(out));
       }
-      const auto [o_shm, l_shm] = MaxDiff(got[0], got[1]);
-      const auto [o_grpc, l_grpc] = MaxDiff(got[0], got[2]);
-      EXPECT_EQ(o_shm, 0.0);
-      EXPECT_EQ(l_shm, 0.0);
-      EXPECT_EQ(o_grpc, 0.0);
-      EXPECT_EQ(l_grpc, 0.0);
+      ExpectSame(got[0], got[1], "nccl vs shm");
+      ExpectSame(got[0], got[2], "nccl vs grpc");
       AttendOptions options;
-      options.prior_boundaries = &boundaries;
+      // The first prefill has no keys before it.
+      options.prior_boundaries = st.begin == 0 ? nullptr : &boundaries;
       options.decode = st.decode;
       auto want = AttendReference(Rows(in.q, st.begin, st.end), Rows(in.k, 0, st.end),
                                   Rows(in.v, 0, st.end), config, options);
@@ -217,7 +232,7 @@ TEST(NcclService, AnAbortedCommunicatorFallsBackThenComesBack) {
   absl::StatusOr<AttentionOutput> fallback = run("router aborted");
   ASSERT_TRUE(fallback.ok()) << fallback.status();
   EXPECT_EQ(fallback->stats.transport(), "shm");
-  EXPECT_EQ(MaxDiff(*first, *fallback), std::make_pair(0.0, 0.0));
+  ExpectSame(*first, *fallback, "nccl vs shm fallback");
 
   // The next probe drops the failed link and connects a new communicator.
   const absl::Time until = absl::Now() + absl::Seconds(60);
@@ -232,7 +247,7 @@ TEST(NcclService, AnAbortedCommunicatorFallsBackThenComesBack) {
   absl::StatusOr<AttentionOutput> again = run("reconnected");
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->stats.transport(), "nccl");
-  EXPECT_EQ(MaxDiff(*first, *again), std::make_pair(0.0, 0.0));
+  ExpectSame(*first, *again, "nccl before vs after the reconnect");
 
   // The worker aborts its side (LeaveCommunicator abort): the call fails with UNAVAILABLE at once
   // (no wait for a transfer timeout), and the router drops the link.
