@@ -4,7 +4,7 @@
 # one layer, 16 decode steps. Extra arguments go to `dhsa demo` (e.g. --len 8192).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-build="$root/build"
+build="${DHSA_BUILD:-$root/build}"
 logs=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$logs"; }

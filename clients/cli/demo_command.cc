@@ -51,7 +51,10 @@ struct Totals {
   double worker_kernel = 0, router_total = 0;
   double bytes_to = 0, bytes_from = 0;
   double computed = 0, causal = 0;
+  std::string worker_transport;  // As the router reported it (the last prefill's).
+  bool client_shared_memory = false;
   void Add(const v1::CallStats& s) {
+    if (!s.transport().empty()) worker_transport = s.transport();
     boundaries += s.boundaries_seconds();
     selection += s.selection_seconds();
     dispatch += s.dispatch_seconds();
@@ -140,14 +143,15 @@ absl::Status Demo(const DemoFlags& f, bool* from_server) {
     bar.Update(0.5 * static_cast<double>(l) / layers_d,
                absl::StrCat("service: prefill of layer ", l, " (", f.len, " tokens)"));
     const Workload& w = layers[l];
+    // Sliced before the clock starts, as in process below.
+    const Tensor q = SliceTokens(w.q, 0, f.len), k = SliceTokens(w.k, 0, f.len),
+                 v = SliceTokens(w.v, 0, f.len);
     const auto start = Clock::now();
-    DHSA_ASSIGN_OR_RETURN(
-        AttentionOutput out,
-        FromService(seq.Prefill(static_cast<int>(l), SliceTokens(w.q, 0, f.len),
-                                SliceTokens(w.k, 0, f.len), SliceTokens(w.v, 0, f.len)),
-                    from_server));
+    DHSA_ASSIGN_OR_RETURN(AttentionOutput out,
+                          FromService(seq.Prefill(static_cast<int>(l), q, k, v), from_server));
     service.prefill_seconds += Since(start);
     service.Add(out.stats);
+    service.client_shared_memory = out.shared_memory;
     service_o.push_back(std::move(out.o));
   }
   std::vector<std::vector<Tensor>> service_decode(static_cast<size_t>(f.layers));
@@ -243,6 +247,8 @@ absl::Status Demo(const DemoFlags& f, bool* from_server) {
                       {"merge", service.merge},
                       {"client_transfer", service.prefill_seconds - service.router_total}}},
                     {"bytes_to_workers", service.bytes_to},
+                    {"worker_transport", service.worker_transport},
+                    {"client_shared_memory", service.client_shared_memory},
                     {"bytes_from_workers", service.bytes_from},
                     {"density", service.computed / std::max(1.0, service.causal)}};
     j["in_process"] = {{"prefill_seconds", local_prefill},
@@ -296,13 +302,17 @@ absl::Status Demo(const DemoFlags& f, bool* from_server) {
   stages.AddRow({"worker attention", FormatSeconds(service.attention)});
   stages.AddRow({"  of which the slowest worker's kernel", FormatSeconds(service.worker_kernel)});
   stages.AddRow({"merge", FormatSeconds(service.merge)});
-  stages.AddRow({"client <-> router streaming (the rest)",
+  stages.AddRow({service.client_shared_memory ? "client <-> router, shared memory (the rest)"
+                                              : "client <-> router streaming (the rest)",
                  FormatSeconds(service.prefill_seconds - service.router_total)});
   std::printf("%s\n", stages.Render().c_str());
   std::printf(
-      "bytes moved over gRPC: %s to workers, %s from workers; density %.2f%% of causal pairs\n",
+      "router <-> workers (%s): %s to workers, %s from workers; density %.2f%% of causal pairs\n",
+      service.worker_transport.empty() ? "grpc" : service.worker_transport.c_str(),
       FormatBytes(service.bytes_to).c_str(), FormatBytes(service.bytes_from).c_str(),
       100.0 * service.computed / std::max(1.0, service.causal));
+  std::printf("client <-> router: %s\n",
+              service.client_shared_memory ? "shared memory (same host)" : "gRPC messages");
   std::printf(
       "service vs in process: max |O difference| = %.3g over all prefill rows and %lld "
       "compared decode steps\n",

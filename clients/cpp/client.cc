@@ -4,23 +4,130 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 
+#include <cstring>
+#include <mutex>
 #include <utility>
+#include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/common/status_macros.h"
 #include "services/common/config.h"
 #include "services/common/server.h"
+#include "services/common/shared_region.h"
 #include "services/common/status.h"
 #include "services/common/wire.h"
 
 namespace dhsa {
 namespace client_internal {
 
+// A shared-memory region of the router, mapped here (OpenSharedMemory).
+struct Region {
+  std::string id;
+  std::unique_ptr<SharedRegion> memory;
+  bool busy = false;  // A call is using it.
+};
+
 struct Connection {
   std::string target;
   ClientOptions options;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::Attention::Stub> stub;
+
+  // Shared memory: at most kMaxRegions regions, each used by one call at a time.
+  static constexpr int kMaxRegions = 2;
+  std::mutex mu;
+  std::vector<std::unique_ptr<Region>> regions;  // Guarded by mu.
+  bool shm_off = false;  // The router refused for good, or its regions cannot be mapped here.
+
+  ~Connection() {
+    for (const auto& region : regions) CloseAtRouter(region->id);
+  }
+
+  // Tells the router a region is no longer wanted (best effort: it also closes idle ones).
+  void CloseAtRouter(const std::string& id) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    v1::CloseSharedMemoryRequest request;
+    request.set_region_id(id);
+    v1::CloseSharedMemoryResponse response;
+    (void)stub->CloseSharedMemory(&context, request, &response);
+  }
+
+  // A free region of at least `bytes` data bytes, marked busy; nullptr: stream this call.
+  Region* AcquireRegion(int64_t bytes) {
+    std::string too_small;  // A free region to replace by a larger one.
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (shm_off) return nullptr;
+      for (const auto& region : regions) {
+        if (!region->busy && region->memory->size() >= bytes) {
+          region->busy = true;
+          return region.get();
+        }
+      }
+      if (static_cast<int>(regions.size()) >= kMaxRegions) {
+        for (auto it = regions.begin(); it != regions.end(); ++it) {
+          if (!(*it)->busy) {
+            too_small = (*it)->id;
+            regions.erase(it);
+            break;
+          }
+        }
+        if (too_small.empty()) return nullptr;  // All in use: stream.
+      }
+    }
+    if (!too_small.empty()) CloseAtRouter(too_small);
+    // Sizes in steps of 64 MiB, so that the layers of a model share one region.
+    constexpr int64_t kStep = int64_t{64} << 20;
+    v1::OpenSharedMemoryRequest request;
+    request.set_bytes((bytes + kStep - 1) / kStep * kStep);
+    v1::OpenSharedMemoryResponse response;
+    auto context = Context();
+    const grpc::Status opened = stub->OpenSharedMemory(context.get(), request, &response);
+    if (!opened.ok()) {
+      // UNIMPLEMENTED (an older router), FAILED_PRECONDITION (turned off): never again on this
+      // connection; RESOURCE_EXHAUSTED and transient failures: stream this call only.
+      if (opened.error_code() == grpc::StatusCode::UNIMPLEMENTED ||
+          opened.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {
+        std::lock_guard<std::mutex> lock(mu);
+        shm_off = true;
+      }
+      return nullptr;
+    }
+    absl::StatusOr<std::unique_ptr<SharedRegion>> memory =
+        SharedRegion::Open(response.path(), response.nonce(), response.bytes());
+    if (!memory.ok()) {
+      // Another host or PID namespace: the router's regions are out of reach from here.
+      CloseAtRouter(response.region_id());
+      std::lock_guard<std::mutex> lock(mu);
+      shm_off = true;
+      return nullptr;
+    }
+    auto region = std::make_unique<Region>();
+    region->id = response.region_id();
+    region->memory = *std::move(memory);
+    region->busy = true;
+    std::lock_guard<std::mutex> lock(mu);
+    regions.push_back(std::move(region));
+    return regions.back().get();
+  }
+
+  void ReleaseRegion(Region* region) {
+    std::lock_guard<std::mutex> lock(mu);
+    region->busy = false;
+  }
+
+  // The router no longer knows the region (idle timeout, a new connection): forget it.
+  void DropRegion(Region* region) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = regions.begin(); it != regions.end(); ++it) {
+      if (it->get() == region) {
+        regions.erase(it);
+        return;
+      }
+    }
+  }
 
   // A context with the call deadline.
   std::unique_ptr<grpc::ClientContext> Context() const {
@@ -93,6 +200,84 @@ absl::StatusOr<PrefillOutput> Sequence::Prefill(int layer, const Tensor& q, cons
     return absl::InvalidArgumentError(
         absl::StrCat("q must be [Hq, n, d]; got ", ShapeString(q.shape)));
   }
+  const int64_t in_bytes = static_cast<int64_t>(q.bytes.size() + k.bytes.size() + v.bytes.size());
+  if (!connection_->options.shared_memory || in_bytes < (int64_t{1} << 20)) {
+    return PrefillStreamed(layer, q, k, v, want_lse);
+  }
+  // Layout in the region: q, k, v, o, lse, each at a 64-byte boundary.
+  const auto aligned = [](int64_t n) { return (n + 63) / 64 * 64; };
+  const int64_t rows = q.shape[0] * q.shape[1];
+  const int64_t o_bytes = rows * q.shape[2] * static_cast<int64_t>(sizeof(float));
+  const int64_t lse_bytes = want_lse ? rows * static_cast<int64_t>(sizeof(float)) : 0;
+  int64_t offsets[5];
+  int64_t end = 0;
+  const int64_t sizes[5] = {static_cast<int64_t>(q.bytes.size()),
+                            static_cast<int64_t>(k.bytes.size()),
+                            static_cast<int64_t>(v.bytes.size()), o_bytes, lse_bytes};
+  for (int i = 0; i < 5; ++i) {
+    offsets[i] = end;
+    end += aligned(sizes[i]);
+  }
+  client_internal::Region* region = connection_->AcquireRegion(end);
+  if (region == nullptr) return PrefillStreamed(layer, q, k, v, want_lse);
+
+  uint8_t* base = region->memory->data();
+  std::memcpy(base + offsets[0], q.bytes.data(), q.bytes.size());
+  std::memcpy(base + offsets[1], k.bytes.data(), k.bytes.size());
+  std::memcpy(base + offsets[2], v.bytes.data(), v.bytes.size());
+  auto context = connection_->Context();
+  auto stream = connection_->stub->Prefill(context.get());
+  v1::PrefillRequest request;
+  v1::PrefillHeader* header = request.mutable_header();
+  header->set_sequence_id(id_);
+  header->set_layer(layer);
+  header->set_num_tokens(q.shape[1]);
+  header->set_want_lse(want_lse);
+  v1::SharedTensors* shared = header->mutable_shared();
+  shared->set_region_id(region->id);
+  shared->set_q_offset(offsets[0]);
+  shared->set_k_offset(offsets[1]);
+  shared->set_v_offset(offsets[2]);
+  shared->set_o_offset(offsets[3]);
+  shared->set_lse_offset(offsets[4]);
+  if (stream->Write(request)) stream->WritesDone();
+  PrefillOutput out;
+  bool have_result = false;
+  v1::PrefillResponse response;
+  while (stream->Read(&response)) {
+    if (response.has_result()) {
+      out.length = response.result().length();
+      out.stats = response.result().stats();
+      have_result = true;
+    }
+  }
+  const absl::Status status = FromGrpcStatus(stream->Finish());
+  if (status.code() == absl::StatusCode::kNotFound &&
+      absl::StrContains(status.message(), "shared-memory region")) {
+    // The router closed the region (idle, or this is a new connection); nothing was stored.
+    connection_->DropRegion(region);
+    return PrefillStreamed(layer, q, k, v, want_lse);
+  }
+  if (status.ok() && !have_result) {
+    connection_->ReleaseRegion(region);
+    return absl::InternalError("the Prefill answer has no result");
+  }
+  if (status.ok()) {
+    out.o = Tensor::Uninitialized(DType::kF32, {q.shape[0], q.shape[1], q.shape[2]});
+    std::memcpy(out.o.bytes.data(), base + offsets[3], static_cast<size_t>(o_bytes));
+    if (want_lse) {
+      out.lse = Tensor::Uninitialized(DType::kF32, {q.shape[0], q.shape[1]});
+      std::memcpy(out.lse.bytes.data(), base + offsets[4], static_cast<size_t>(lse_bytes));
+    }
+    out.shared_memory = true;
+  }
+  connection_->ReleaseRegion(region);
+  if (!status.ok()) return status;
+  return out;
+}
+
+absl::StatusOr<PrefillOutput> Sequence::PrefillStreamed(int layer, const Tensor& q, const Tensor& k,
+                                                        const Tensor& v, bool want_lse) const {
   auto context = connection_->Context();
   auto stream = connection_->stub->Prefill(context.get());
   v1::PrefillRequest request;

@@ -43,6 +43,11 @@ struct ClientOptions {
   // Bearer token sent with every call (needs TLS), or a file whose first line is it.
   std::string token;
   std::string token_file;
+  // Prefill tensors through shared memory when the router runs on the same host and offers it
+  // (OpenSharedMemory): one memcpy each way instead of a stream of messages. Anything else (a
+  // remote or older router, shared memory turned off there, a region that cannot be opened) uses
+  // the stream, with the same results. Prefills under 1 MiB always stream.
+  bool shared_memory = true;
 };
 
 struct SequenceOptions {
@@ -62,6 +67,7 @@ struct AttentionOutput {
   Tensor lse;          // [Hq, n] float32, when asked for (else empty).
   int64_t length = 0;  // Tokens stored in the layer after the call.
   v1::CallStats stats;
+  bool shared_memory = false;  // The tensors went through shared memory (else gRPC messages).
 };
 using PrefillOutput = AttentionOutput;
 using DecodeOutput = AttentionOutput;
@@ -91,6 +97,9 @@ class Sequence {
   Sequence(std::shared_ptr<client_internal::Connection> connection, std::string id,
            int64_t capacity_tokens)
       : connection_(std::move(connection)), id_(std::move(id)), capacity_tokens_(capacity_tokens) {}
+
+  absl::StatusOr<PrefillOutput> PrefillStreamed(int layer, const Tensor& q, const Tensor& k,
+                                                const Tensor& v, bool want_lse) const;
 
   std::shared_ptr<client_internal::Connection> connection_;
   std::string id_;

@@ -33,6 +33,8 @@ struct EmbeddedOptions {
   std::chrono::milliseconds probe_interval{1000};  // How fast the router notices a worker down.
   // Router <-> worker tensors (default "auto": shared memory, since all run in this process).
   v1::DataPlaneConfig data_plane;
+  // Shared memory for clients on this host, bytes per client (0: off; RouterOptions).
+  int64_t client_shm_bytes = int64_t{4} << 30;
 };
 
 class EmbeddedService {

@@ -4,6 +4,7 @@
 //               dns:///NAME:PORT) [--max-message-bytes N] [--stripe-tokens N] [--threads N]
 //               [--max-inflight N] [--drain-seconds S] [--worker-call-timeout S]
 //               [--metrics-port N] [--transport auto|grpc|shm|nccl] [--shm-arena-bytes N]
+//               [--client-shm-bytes N]
 //
 // Flags override the JSON ServiceConfig. SIGTERM or SIGINT: readiness goes NOT_SERVING, calls in
 // flight get drain_seconds to finish, then the process exits 0.
@@ -28,11 +29,13 @@ constexpr char kUsage[] =
     "usage: dhsa-router [--config FILE.json] [--listen HOST:PORT] (--workers HOST:PORT,... | "
     "--worker-dns dns:///NAME:PORT) [--max-message-bytes N] [--stripe-tokens N] [--threads N] "
     "[--max-inflight N] [--drain-seconds S] [--worker-call-timeout S] [--metrics-port N] "
-    "[--transport auto|grpc|shm|nccl] [--shm-arena-bytes N]\n"
+    "[--transport auto|grpc|shm|nccl] [--shm-arena-bytes N] [--client-shm-bytes N]\n"
     "--metrics-port N serves Prometheus /metrics on 0.0.0.0:N (0: off; deployments use 9464).\n"
     "--transport (data_plane.transport): how tensors move to the workers; auto (default) uses\n"
     "shared memory with workers on this host, gRPC bytes with the others.\n"
-    "--shm-arena-bytes (data_plane.shm_arena_bytes): each shared-memory arena (default 1 GiB).\n";
+    "--shm-arena-bytes (data_plane.shm_arena_bytes): each shared-memory arena (default 1 GiB).\n"
+    "--client-shm-bytes (client_shm_bytes): shared memory offered to each client on this host\n"
+    "for its prefill tensors (default 4 GiB; -1 turns it off).\n";
 
 // One line naming the problem; exit status 2.
 int Usage(const std::string& problem) {
@@ -57,6 +60,7 @@ int main(int argc, char** argv) {
                                              {"--metrics-port", true},
                                              {"--transport", true},
                                              {"--shm-arena-bytes", true},
+                                             {"--client-shm-bytes", true},
                                              {"--help", false}};
   std::map<std::string, std::string> flags;
   for (int i = 1; i < argc; ++i) {
@@ -112,9 +116,12 @@ int main(int argc, char** argv) {
              [&](double v) { config.set_worker_call_timeout_seconds(v); }) &&
       number("--metrics-port",
              [&](double v) { config.set_metrics_port(static_cast<int32_t>(v)); }) &&
-      number("--shm-arena-bytes", [&](double v) {
-        config.mutable_data_plane()->set_shm_arena_bytes(static_cast<int64_t>(v));
-      });
+      number("--shm-arena-bytes",
+             [&](double v) {
+               config.mutable_data_plane()->set_shm_arena_bytes(static_cast<int64_t>(v));
+             }) &&
+      number("--client-shm-bytes",
+             [&](double v) { config.set_client_shm_bytes(v == 0 ? -1 : static_cast<int64_t>(v)); });
   if (flags.count("--transport")) config.mutable_data_plane()->set_transport(flags["--transport"]);
   if (!numbers_ok) return Usage("a numeric flag has a value that is not a number");
   if (config.worker_addresses_size() > 0 && !config.worker_dns().empty() &&

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <utility>
@@ -144,8 +145,34 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
                             TensorByteSize(shapes_[i], seq_->dtype, kNames[i]));
       assemblers_[i] = std::make_unique<TensorAssembler>(kNames[i], bytes);
     }
+    if (h.has_shared()) DHSA_RETURN_IF_ERROR(ReadShared(h.shared()));
     DHSA_RETURN_IF_ERROR(BeginLayerCall(*seq_, layer_, /*decode=*/false));
     claimed_ = true;
+    if (shared_ != nullptr) received_ = 3;  // No pieces follow.
+    return absl::OkStatus();
+  }
+
+  // The tensors from the client's shared-memory region, copied (the client could change the
+  // region while the call runs; the copy is what gets checked and used), and the output ranges
+  // checked.
+  absl::Status ReadShared(const v1::SharedTensors& where) {
+    DHSA_ASSIGN_OR_RETURN(shared_, service_->shared_regions().Use(client_, where.region_id()));
+    const int64_t offsets[3] = {where.q_offset(), where.k_offset(), where.v_offset()};
+    for (int i = 0; i < 3; ++i) {
+      DHSA_ASSIGN_OR_RETURN(const int64_t bytes,
+                            TensorByteSize(shapes_[i], seq_->dtype, kNames[i]));
+      DHSA_RETURN_IF_ERROR(shared_->CheckRange(offsets[i], bytes, kNames[i]));
+      Tensor t = Tensor::Uninitialized(seq_->dtype, shapes_[i]);
+      std::memcpy(t.bytes.data(), shared_->data() + offsets[i], static_cast<size_t>(bytes));
+      tensors_[i] = std::make_shared<const Tensor>(std::move(t));
+    }
+    const int64_t rows = shapes_[0][0] * shapes_[0][1];
+    o_bytes_ = rows * shapes_[0][2] * static_cast<int64_t>(sizeof(float));
+    DHSA_RETURN_IF_ERROR(shared_->CheckRange(where.o_offset(), o_bytes_, "o"));
+    lse_bytes_ = rows * static_cast<int64_t>(sizeof(float));
+    if (want_lse_) DHSA_RETURN_IF_ERROR(shared_->CheckRange(where.lse_offset(), lse_bytes_, "lse"));
+    o_offset_ = where.o_offset();
+    lse_offset_ = where.lse_offset();
     return absl::OkStatus();
   }
 
@@ -198,6 +225,25 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
     output_ = *std::move(out);
     metrics::ObserveLayerCall(/*decode=*/false, seq_->dhsa.policy, output_.o.shape[1],
                               output_.stats);
+    if (shared_ != nullptr) {
+      // The answer goes into the client's region; the result message follows alone.
+      if (static_cast<int64_t>(output_.o.bytes.size()) != o_bytes_ ||
+          (want_lse_ && static_cast<int64_t>(output_.lse.bytes.size()) != lse_bytes_)) {
+        Fail(absl::InternalError("the layer call's output does not have the announced shape"));
+        return;
+      }
+      std::memcpy(shared_->data() + o_offset_, output_.o.bytes.data(), output_.o.bytes.size());
+      if (want_lse_) {
+        std::memcpy(shared_->data() + lse_offset_, output_.lse.bytes.data(),
+                    output_.lse.bytes.size());
+      }
+      output_.o = Tensor();
+      output_.lse = Tensor();
+      shared_.reset();
+      result_sent_ = true;
+      WriteResult();
+      return;
+    }
     const int64_t piece_bytes = service_->response_piece_bytes();
     const int64_t lq = output_.o.shape[1];
     o_stream_ = std::make_unique<PieceStream>(std::make_shared<const Tensor>(std::move(output_.o)),
@@ -210,6 +256,10 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   }
 
   void WriteNext() {
+    if (o_stream_ == nullptr) {  // Shared memory: the result was the only message.
+      FinishOnce(grpc::Status::OK);
+      return;
+    }
     if (o_stream_->Next(response_.mutable_piece()) ||
         (lse_stream_ != nullptr && lse_stream_->Next(response_.mutable_piece()))) {
       StartWrite(&response_);
@@ -217,13 +267,17 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
     }
     if (!result_sent_) {
       result_sent_ = true;
-      v1::PrefillResult* result = response_.mutable_result();
-      result->set_length(output_.length);
-      *result->mutable_stats() = output_.stats;
-      StartWrite(&response_);
+      WriteResult();
       return;
     }
     FinishOnce(grpc::Status::OK);
+  }
+
+  void WriteResult() {
+    v1::PrefillResult* result = response_.mutable_result();
+    result->set_length(output_.length);
+    *result->mutable_stats() = output_.stats;
+    StartWrite(&response_);
   }
 
   void Fail(absl::Status status) {
@@ -274,6 +328,9 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   std::shared_ptr<const Tensor> tensors_[3];
   LayerCallOutput output_;
   std::unique_ptr<PieceStream> o_stream_, lse_stream_;
+  // Shared memory (PrefillHeader.shared): the client's region and where the answer goes.
+  std::shared_ptr<SharedRegion> shared_;
+  int64_t o_bytes_ = 0, lse_bytes_ = 0, o_offset_ = 0, lse_offset_ = 0;
   bool result_sent_ = false;
 
   std::mutex mu_;
@@ -323,6 +380,8 @@ absl::StatusOr<RouterOptions> RouterOptionsFromServiceConfig(const v1::ServiceCo
   o.max_sequences_per_client = config.max_sequences_per_client();
   o.max_kv_bytes_per_client = config.max_kv_bytes_per_client();
   o.data_plane = config.data_plane();
+  if (config.client_shm_bytes() != 0)
+    o.client_shm_bytes = std::max<int64_t>(0, config.client_shm_bytes());
   if (o.max_message_bytes < 4096 || o.stripe_tokens < 1 || o.threads < 0 || o.max_inflight < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "router config: need max_message_bytes >= 4096, stripe_tokens >= 1, threads >= 0 and "
@@ -334,6 +393,7 @@ absl::StatusOr<RouterOptions> RouterOptionsFromServiceConfig(const v1::ServiceCo
 
 RouterService::RouterService(const RouterOptions& options)
     : options_(options),
+      shared_regions_(SharedRegions::Options{.max_bytes_per_client = options.client_shm_bytes}),
       response_piece_bytes_(PieceBytesForMessageLimit(options.max_message_bytes)) {}
 
 RouterService::~RouterService() {
@@ -632,6 +692,26 @@ grpc::ServerUnaryReactor* RouterService::GetSequenceInfo(grpc::CallbackServerCon
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::Status owner = CheckOwner(request->sequence_id(), ClientIdentity(*context));
   reactor->Finish(ToGrpcStatus(owner.ok() ? InfoImpl(request->sequence_id(), response) : owner));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterService::OpenSharedMemory(
+    grpc::CallbackServerContext* context, const v1::OpenSharedMemoryRequest* request,
+    v1::OpenSharedMemoryResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<v1::OpenSharedMemoryResponse> opened =
+      shared_regions_.Open(ClientIdentity(*context), request->bytes());
+  if (opened.ok()) *response = *std::move(opened);
+  reactor->Finish(ToGrpcStatus(opened.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterService::CloseSharedMemory(
+    grpc::CallbackServerContext* context, const v1::CloseSharedMemoryRequest* request,
+    v1::CloseSharedMemoryResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(
+      ToGrpcStatus(shared_regions_.Close(ClientIdentity(*context), request->region_id())));
   return reactor;
 }
 

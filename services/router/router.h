@@ -60,6 +60,7 @@
 #include "services/router/layer_call.h"
 #include "services/router/placement.h"
 #include "services/router/sequence.h"
+#include "services/router/shared_regions.h"
 #include "services/router/workers.h"
 
 namespace dhsa::router {
@@ -86,6 +87,9 @@ struct RouterOptions {
   int max_sequences_per_client = 0;     // 0: no limit.
   int64_t max_kv_bytes_per_client = 0;  // 0: no limit.
   v1::DataPlaneConfig data_plane;       // Router <-> worker tensors (services/transport).
+  // Shared memory offered to clients on the same host (OpenSharedMemory), bytes per client;
+  // 0 turns it off.
+  int64_t client_shm_bytes = int64_t{4} << 30;
 };
 
 // Router options from a ServiceConfig (zero fields keep the defaults above).
@@ -111,10 +115,17 @@ class RouterService final : public v1::Attention::CallbackService {
   grpc::ServerUnaryReactor* ReleaseSequence(grpc::CallbackServerContext* context,
                                             const v1::ReleaseSequenceRequest* request,
                                             v1::ReleaseSequenceResponse* response) override;
+  grpc::ServerUnaryReactor* OpenSharedMemory(grpc::CallbackServerContext* context,
+                                             const v1::OpenSharedMemoryRequest* request,
+                                             v1::OpenSharedMemoryResponse* response) override;
+  grpc::ServerUnaryReactor* CloseSharedMemory(grpc::CallbackServerContext* context,
+                                              const v1::CloseSharedMemoryRequest* request,
+                                              v1::CloseSharedMemoryResponse* response) override;
 
   WorkerPool& pool() { return *pool_; }
   const RouterCore& core() const { return core_; }
   int64_t response_piece_bytes() const { return response_piece_bytes_; }
+  SharedRegions& shared_regions() { return shared_regions_; }
 
   // Counts a request in; RESOURCE_EXHAUSTED past max_inflight. EndRequest counts it out.
   absl::Status BeginRequest();
@@ -150,6 +161,7 @@ class RouterService final : public v1::Attention::CallbackService {
 
   const RouterOptions options_;
   std::unique_ptr<WorkerPool> pool_;
+  SharedRegions shared_regions_;
   ZigzagPlacement placement_;
   RouterCore core_;
   int64_t response_piece_bytes_;
