@@ -128,8 +128,11 @@ int64_t PieceBytesForMessageLimit(int64_t max_message_bytes) {
   return std::max<int64_t>(1, max_message_bytes - kPieceOverheadBytes);
 }
 
-TensorAssembler::TensorAssembler(std::string expected_name, int64_t max_bytes)
-    : name_(std::move(expected_name)), max_bytes_(max_bytes) {}
+TensorAssembler::TensorAssembler(std::string expected_name, int64_t max_bytes,
+                                 int64_t max_reserve_bytes)
+    : name_(std::move(expected_name)),
+      max_bytes_(max_bytes),
+      max_reserve_bytes_(std::max<int64_t>(0, max_reserve_bytes)) {}
 
 absl::Status TensorAssembler::Add(const v1::TensorPiece& piece) {
   if (piece.name() != name_) {
@@ -161,10 +164,11 @@ absl::Status TensorAssembler::Add(const v1::TensorPiece& piece) {
     tensor_.dtype = *dtype;
     tensor_.shape = std::move(shape);
     tensor_.bytes.clear();
-    // The whole declared size at once (it is within max_bytes, the caller's bound): growing the
-    // buffer as pieces arrive would copy it again at every doubling. Large buffers are mapped, not
-    // touched, so memory is only committed as the bytes arrive.
-    tensor_.bytes.reserve(static_cast<size_t>(total));
+    // At most max_reserve_bytes_ up front (a 32K-token layer's q in float32 is 128 MiB): the
+    // declared size is the sender's word (a hostile one may
+    // declare terabytes within the shapes a sequence allows); beyond it the buffer grows with the
+    // bytes that arrive.
+    tensor_.bytes.reserve(static_cast<size_t>(std::min(total, max_reserve_bytes_)));
     total_bytes_ = total;
     started_ = true;
   }
@@ -179,6 +183,18 @@ absl::Status TensorAssembler::Add(const v1::TensorPiece& piece) {
     return absl::InvalidArgumentError(
         absl::StrCat("piece of tensor '", name_, "' at offset ", received, " with ", n,
                      " bytes runs past its declared size of ", total_bytes_, " bytes"));
+  }
+  if (received + n > static_cast<int64_t>(tensor_.bytes.capacity())) {
+    // Grow by doubling (capped at the declared size) into a fresh buffer with one memcpy: the
+    // vector's own reallocation moves the bytes one at a time through the allocator.
+    const int64_t want = std::min(
+        total_bytes_, std::max(received + n, 2 * static_cast<int64_t>(tensor_.bytes.capacity())));
+    ByteBuffer grown;
+    grown.reserve(static_cast<size_t>(want));
+    grown.resize(static_cast<size_t>(received));
+    if (received > 0)
+      std::memcpy(grown.data(), tensor_.bytes.data(), static_cast<size_t>(received));
+    tensor_.bytes.swap(grown);
   }
   // resize + memcpy: an insert from char iterators into uint8_t storage is a byte loop.
   tensor_.bytes.resize(static_cast<size_t>(received + n));

@@ -47,7 +47,12 @@ int64_t PieceBytesForMessageLimit(int64_t max_message_bytes);
 // violations are InvalidArgument; every message names the tensor.
 class TensorAssembler {
  public:
-  TensorAssembler(std::string expected_name, int64_t max_bytes);
+  // Bytes reserved before the data arrives, at most (larger tensors grow as their bytes come; the
+  // declared size is the sender's word).
+  static constexpr int64_t kDefaultMaxReserveBytes = int64_t{256} << 20;
+
+  TensorAssembler(std::string expected_name, int64_t max_bytes,
+                  int64_t max_reserve_bytes = kDefaultMaxReserveBytes);
 
   absl::Status Add(const v1::TensorPiece& piece);
   // True once every declared byte has arrived (after the first piece for a zero-byte tensor).
@@ -61,6 +66,7 @@ class TensorAssembler {
  private:
   std::string name_;
   int64_t max_bytes_;
+  int64_t max_reserve_bytes_;
   bool started_ = false;     // The first piece (dtype, shape) has arrived.
   int64_t total_bytes_ = 0;  // Declared size, valid once started_.
   Tensor tensor_;            // bytes.size() is the count received so far.

@@ -104,19 +104,24 @@ TEST_F(WireTest, PiecesRoundTripOddSizes) {
     const std::vector<v1::TensorPiece> pieces = Pieces(t, "q", c.piece_bytes);
     const int64_t total = static_cast<int64_t>(t.bytes.size());
     EXPECT_EQ(static_cast<int64_t>(pieces.size()), (total + c.piece_bytes - 1) / c.piece_bytes);
-    TensorAssembler assembler("q", total);
-    for (size_t i = 0; i < pieces.size(); ++i) {
-      EXPECT_LE(static_cast<int64_t>(pieces[i].data().size()), c.piece_bytes);
-      EXPECT_FALSE(assembler.complete());
-      const absl::Status s = assembler.Add(pieces[i]);
-      ASSERT_TRUE(s.ok()) << s;
+    // Reserving the whole tensor up front, and growing from little or nothing as pieces arrive
+    // (a tensor larger than the reservation cap).
+    for (int64_t reserve : {TensorAssembler::kDefaultMaxReserveBytes, int64_t{1000}, int64_t{0}}) {
+      SCOPED_TRACE("reserving at most " + std::to_string(reserve));
+      TensorAssembler assembler("q", total, reserve);
+      for (size_t i = 0; i < pieces.size(); ++i) {
+        EXPECT_LE(static_cast<int64_t>(pieces[i].data().size()), c.piece_bytes);
+        EXPECT_FALSE(assembler.complete());
+        const absl::Status s = assembler.Add(pieces[i]);
+        ASSERT_TRUE(s.ok()) << s;
+      }
+      EXPECT_TRUE(assembler.complete());
+      absl::StatusOr<Tensor> back = assembler.Take();
+      ASSERT_TRUE(back.ok()) << back.status();
+      EXPECT_EQ(back->dtype, t.dtype);
+      EXPECT_EQ(back->shape, t.shape);
+      EXPECT_TRUE(back->bytes == t.bytes);
     }
-    EXPECT_TRUE(assembler.complete());
-    absl::StatusOr<Tensor> back = assembler.Take();
-    ASSERT_TRUE(back.ok()) << back.status();
-    EXPECT_EQ(back->dtype, t.dtype);
-    EXPECT_EQ(back->shape, t.shape);
-    EXPECT_TRUE(back->bytes == t.bytes);
   }
 }
 
