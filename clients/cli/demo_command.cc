@@ -279,7 +279,7 @@ absl::Status Demo(const DemoFlags& f, bool* from_server) {
       static_cast<long long>(f.dim), std::string(PolicyName(config.policy)).c_str(),
       static_cast<long long>(config.budget));
   std::printf("service: router %s, %d workers%s; KV held %s on %d workers\n\n", target.c_str(),
-              info.workers_size(), embedded ? " in this process (gRPC over loopback)" : "",
+              info.workers_size(), embedded ? " in this process" : "",
               FormatBytes(static_cast<double>(info.kv_bytes())).c_str(), info.workers_size());
   Table t({"", "service", "in process"});
   t.AddRow({"prefill, all layers", FormatSeconds(service.prefill_seconds),
