@@ -419,10 +419,11 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const O
       row->choose_ms += ms[4] / kStageRuns;
     }
   }
+  // Back to the defaults (selection_cuda.h).
   selection.set_legacy_gap_kernel(false);
   selection.set_overlap_query_summaries(false);
-  selection.set_batched_scores(false);
-  selection.set_gap_warp_norms(false);
+  selection.set_batched_scores(true);
+  selection.set_gap_warp_norms(true);
   for (cudaEvent_t e : marks) cudaEventDestroy(e);
   return absl::OkStatus();
 }
