@@ -41,7 +41,10 @@ absl::StatusOr<v1::OpenSharedMemoryResponse> SharedRegions::Open(const std::stri
   response.set_nonce((*region)->nonce());
   response.set_bytes((*region)->size());
   std::lock_guard<std::mutex> lock(mu_);
-  const std::string id = absl::StrCat("shm-", next_id_++);
+  // A counter for uniqueness and a random part, so that an id cannot be guessed by another client
+  // on the host (without tokens, every client of one host has the same identity).
+  const std::string id =
+      absl::StrCat("shm-", next_id_++, "-", absl::Hex(random_(), absl::kZeroPad16));
   response.set_region_id(id);
   regions_[id] = Entry{client, std::move(*region), absl::Now()};
   return response;

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <string>
 #include <unordered_map>
 
@@ -46,6 +47,7 @@ class SharedRegions {
   mutable std::mutex mu_;
   std::unordered_map<std::string, Entry> regions_;  // By id; guarded by mu_.
   uint64_t next_id_ = 1;                            // Guarded by mu_.
+  std::mt19937_64 random_{std::random_device{}()};  // Guarded by mu_.
 };
 
 }  // namespace dhsa::router
