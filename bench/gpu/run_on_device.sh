@@ -29,17 +29,7 @@ if [[ ! -f "$carry/bin/gpu_test" || ! -f "$carry/bin/sparse_attention_bench" ]];
     "pass .device-carry in the device tool's carry" | tee -a "$summary"
   exit 1
 fi
-chmod +x "$carry"/bin/* 2>/dev/null  # In case the transfer dropped the mode bits.
-export LD_LIBRARY_PATH="$carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# cuBLAS (calibration only, loaded at run time): the CUDA toolkit's, else a pip wheel's.
-for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu \
-  /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
-  /opt/torch/.venv/lib/python3*/site-packages/nvidia/cublas/lib; do
-  if compgen -G "$dir/libcublas.so.13*" >/dev/null; then
-    export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"
-    break
-  fi
-done
+source "$root/bench/gpu/device_env.sh"
 
 {
   echo "== environment =="

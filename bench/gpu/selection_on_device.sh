@@ -11,16 +11,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 carry="$root/${DHSA_CARRY:-.device-carry}"
 out="${OUT:-/tmp/dhsa-device-out}"
 mkdir -p "$out"
-chmod +x "$carry"/bin/* 2>/dev/null
-export LD_LIBRARY_PATH="$carry/lib"
-for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-  /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
-  /opt/torch/.venv/lib/python3*/site-packages/nvidia/cublas/lib; do
-  if compgen -G "$dir/libcublas.so.13*" >/dev/null; then
-    export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"
-    break
-  fi
-done
+source "$root/bench/gpu/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 head -2 "$carry/MANIFEST"
 
