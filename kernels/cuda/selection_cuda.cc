@@ -50,6 +50,34 @@ int64_t ChunkCapacity(const DhsaConfig& c, const AttentionShape& shape, int64_t 
   return cap;
 }
 
+// Selection entries (spans) one entry may need. Output spans are the sink, the local window and
+// maximal runs of taken chunk parts. A run that holds a whole chunk of at least `shortest` keys,
+// neither the cut one nor one the sink or the local window cut short, spends that many of the
+// budget: at most budget / shortest such runs. Every other run holds one of the cut chunk, the two
+// cut short, or a chunk shorter than `shortest`. Within a segment of this call's keys, NMS keeps
+// boundaries chunk_min apart and from the segment's ends, and splits cut a chunk longer than
+// chunk_max into parts of at least chunk_max / 2 keys, so only a segment shorter than chunk_min is
+// shorter (fixed chunks: the first and last of a segment); prior chunks may be any length. Also
+// at most every other eligible chunk starts a run, and a run has at least one key.
+int64_t SpanCapacity(const DhsaConfig& c, const AttentionShape& shape, int64_t prior_chunks,
+                     int64_t chunk_cap) {
+  const int64_t segments = static_cast<int64_t>(Segments(shape, prior_chunks > 0).size());
+  const bool fixed = c.boundary_mode == BoundaryMode::kFixed;
+  const int64_t shortest =
+      fixed ? c.chunk_mean : std::max<int64_t>(1, std::min(c.chunk_min, c.chunk_max / 2));
+  const int64_t short_chunks = prior_chunks + (fixed ? 2 : 1) * segments;
+  const int64_t by_length = 2 + 3 + short_chunks + c.budget / shortest;
+  return std::max<int64_t>(1, std::min({c.budget, (chunk_cap + 4) / 2 + 2, by_length}));
+}
+
+// Bytes of mass scores one wave of query blocks may hold (the mass kernel writes a wave's scores,
+// the selection reads them; waves follow each other on the stream).
+constexpr size_t kMassScoreBytes = size_t{256} << 20;
+
+bool MassScore(const DhsaConfig& c) {
+  return c.policy == Policy::kDhsa && c.chunk_score == ChunkScore::kMass;
+}
+
 int EntriesPerBlock(int64_t chunk_cap, int64_t dim) {
   for (int e = kernel::kMaxEntriesPerBlock; e >= 1; --e) {
     if (kernel::SelectSharedBytes(chunk_cap, dim, e) <= kSharedLimit) return e;
@@ -64,11 +92,6 @@ absl::Status Supported(const DhsaConfig& config, const AttentionShape& shape, DT
     return absl::UnimplementedError(
         absl::StrCat("the device selection implements the policy dhsa; ", PolicyName(config.policy),
                      " selects on the CPU backends"));
-  }
-  if (config.chunk_score != ChunkScore::kPaper) {
-    return absl::UnimplementedError(
-        absl::StrCat("the device selection implements the spec's chunk score (paper); ",
-                     ChunkScoreName(config.chunk_score), " scores on the CPU backends"));
   }
   if (config.shared_heads) {
     return absl::UnimplementedError(
@@ -95,6 +118,10 @@ absl::Status Supported(const DhsaConfig& config, const AttentionShape& shape, DT
   if (shape.lk >= std::numeric_limits<int32_t>::max() / 2 || shape.hkv > 65535) {
     return absl::UnimplementedError(
         "the device selection takes fewer than 2^30 keys and at most 65535 KV heads");
+  }
+  if (MassScore(config) && kernel::MassSharedBytes(shape.dim, false) > kSharedLimit) {
+    return absl::UnimplementedError(
+        absl::StrCat("the device mass score takes head dims up to 256; got ", shape.dim));
   }
   if (GapSharedBytes(config, shape.dim) > kSharedLimit) {
     return absl::UnimplementedError(
@@ -140,7 +167,14 @@ absl::StatusOr<DeviceDhsaSelection> DeviceDhsaSelection::Create(const DhsaConfig
   }
   s.first_block_ = shape.t0() / config.q_block;
   s.num_blocks_ = (shape.lk - 1) / config.q_block - s.first_block_ + 1;
-  s.span_cap_ = std::max<int64_t>(1, std::min(config.budget, (s.chunk_cap_ + 4) / 2 + 2));
+  s.span_cap_ = SpanCapacity(config, shape, prior_chunks, s.chunk_cap_);
+  if (MassScore(config)) {
+    s.pieces_ = (shape.lk - 1) / config.score_rows - shape.t0() / config.score_rows + 1;
+    const size_t per_block = sizeof(float) * static_cast<size_t>(shape.hkv * s.chunk_cap_);
+    s.score_blocks_ = std::max<int64_t>(
+        1, std::min<int64_t>(s.num_blocks_, static_cast<int64_t>(kMassScoreBytes / per_block)));
+    s.score_capacity_ = s.score_blocks_;
+  }
   s.entries_per_block_ = EntriesPerBlock(s.chunk_cap_, shape.dim);
   s.sort_bytes_ = kernel::SortGapsTempBytes(std::max<int64_t>(1, s.gap_cap_));
 
@@ -159,7 +193,13 @@ absl::StatusOr<DeviceDhsaSelection> DeviceDhsaSelection::Create(const DhsaConfig
   DHSA_RETURN_IF_ERROR(allocate(&s.nms_, sizeof(int32_t) * (s.chunk_cap_ + 2)));
   DHSA_RETURN_IF_ERROR(allocate(&s.sort_temp_, std::max<size_t>(16, s.sort_bytes_)));
   DHSA_RETURN_IF_ERROR(allocate(&s.kappa_, sizeof(float) * shape.hkv * s.chunk_cap_ * shape.dim));
-  DHSA_RETURN_IF_ERROR(allocate(&s.rho_, sizeof(float) * entries * shape.dim));
+  DHSA_RETURN_IF_ERROR(allocate(
+      &s.rho_, sizeof(float) * (MassScore(config) ? shape.hq * s.pieces_ : entries) * shape.dim));
+  if (MassScore(config)) {
+    DHSA_RETURN_IF_ERROR(
+        allocate(&s.scores_,
+                 sizeof(float) * static_cast<size_t>(shape.hkv * s.score_blocks_ * s.chunk_cap_)));
+  }
   DHSA_RETURN_IF_ERROR(allocate(&s.spans_, sizeof(CudaSpan) * entries * s.span_cap_));
   DHSA_RETURN_IF_ERROR(allocate(&s.starts_, sizeof(int32_t) * entries * s.span_cap_));
   DHSA_RETURN_IF_ERROR(allocate(&s.counts_, sizeof(int32_t) * entries));
@@ -209,8 +249,17 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
   }
 
   const DhsaConfig& c = config_;
-  const bool sqrt_norm = c.summary_norm == SummaryNorm::kSqrt;
+  const bool mass = MassScore(c);
+  const bool sqrt_norm = ChunkSummaryNorm(c) == SummaryNorm::kSqrt;
   auto query_summaries = [&](cudaStream_t on) {
+    if (mass) {
+      // Piece means per query head (ScoreQuerySummariesReference): one "KV head" per query head.
+      return CudaStatus(
+          kernel::LaunchQueryBlockSummaries(dtype_, q, shape_.hq, shape_.hq, shape_.lq, shape_.lk,
+                                            shape_.dim, c.score_rows, shape_.t0() / c.score_rows,
+                                            pieces_, false, rho_.as<float>(), on),
+          "query piece summaries");
+    }
     return CudaStatus(kernel::LaunchQueryBlockSummaries(
                           dtype_, q, shape_.hq, shape_.hkv, shape_.lq, shape_.lk, shape_.dim,
                           c.q_block, first_block_, num_blocks_, sqrt_norm, rho_.as<float>(), on),
@@ -313,12 +362,49 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
   p.span_starts = starts_.as<int32_t>();
   p.counts = counts_.as<int32_t>();
   p.span_cap = span_cap_;
-  return CudaStatus(kernel::LaunchSelect(p, stream), "chunk selection");
+  if (!mass) {
+    p.block_begin = 0;
+    p.blocks = num_blocks_;
+    return CudaStatus(kernel::LaunchSelect(p, stream), "chunk selection");
+  }
+  kernel::MassParams m;
+  m.boundaries = list;
+  m.count = count;
+  m.kappa = kappa_.as<float>();
+  m.rho = rho_.as<float>();
+  m.hkv = static_cast<int32_t>(shape_.hkv);
+  m.group = static_cast<int32_t>(shape_.group());
+  m.dim = static_cast<int32_t>(shape_.dim);
+  m.chunk_cap = chunk_cap_;
+  m.pieces = pieces_;
+  m.first_block = first_block_;
+  m.num_blocks = num_blocks_;
+  m.lk = shape_.lk;
+  m.t0 = shape_.t0();
+  m.q_block = c.q_block;
+  m.score_rows = c.score_rows;
+  m.budget = c.budget;
+  m.scale = EffectiveScale(c, shape_.dim);
+  m.scores = scores_.as<float>();
+  m.score_blocks = score_blocks_;
+  // The tensor-core product keeps the chunk means' remainders too: head dims up to 128 fit.
+  m.tensor_cores = mass_tensor_cores_ && kernel::MassSharedBytes(shape_.dim, true) <= kSharedLimit;
+  p.scores = scores_.as<float>();
+  p.score_blocks = score_blocks_;
+  // Wave after wave of query blocks: their mass scores, then their selection.
+  for (int64_t begin = 0; begin < num_blocks_; begin += score_blocks_) {
+    m.block_begin = p.block_begin = begin;
+    m.blocks = p.blocks = std::min(score_blocks_, num_blocks_ - begin);
+    DHSA_RETURN_IF_ERROR(CudaStatus(kernel::LaunchMassScores(m, stream), "mass chunk scores"));
+    if (mass_scores_only_) continue;
+    DHSA_RETURN_IF_ERROR(CudaStatus(kernel::LaunchSelect(p, stream), "chunk selection"));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status DeviceDhsaSelection::Poison() {
-  for (DeviceBuffer* b : {&boundaries_, &kappa_, &rho_, &spans_, &starts_, &counts_}) {
-    DHSA_RETURN_IF_ERROR(b->Fill(0xFF));
+  for (DeviceBuffer* b : {&boundaries_, &kappa_, &rho_, &spans_, &starts_, &counts_, &scores_}) {
+    if (b->data() != nullptr) DHSA_RETURN_IF_ERROR(b->Fill(0xFF));
   }
   return absl::OkStatus();
 }
@@ -367,8 +453,9 @@ absl::StatusOr<Summaries> DeviceDhsaSelection::Kappa() const {
 
 absl::StatusOr<Summaries> DeviceDhsaSelection::Rho() const {
   Summaries s;
-  s.heads = shape_.hkv;
-  s.count = num_blocks_;
+  const bool mass = MassScore(config_);
+  s.heads = mass ? shape_.hq : shape_.hkv;
+  s.count = mass ? pieces_ : num_blocks_;
   s.dim = shape_.dim;
   s.data.resize(static_cast<size_t>(s.heads * s.count * s.dim));
   DHSA_RETURN_IF_ERROR(rho_.CopyToHost(s.data.data(), s.data.size() * sizeof(float)));

@@ -9,20 +9,26 @@
 //   equal values and ties break as the reference's stable sort does: lower position first);
 // - greedy NMS in priority order (radix-sorted gaps, one warp accepting in order);
 // - summaries summed in fp64 and rounded once to fp32, as the reference;
-// - scores rho . kappa as fp64 sums in the reference's order (multiply and add rounded separately,
-//   no fused multiply-add), rounded to fp32;
+// - the paper's scores rho . kappa as fp64 sums in the reference's order (multiply and add rounded
+//   separately, no fused multiply-add), rounded to fp32;
+// - the mass score (ChunkScore::kMass, docs/fidelity.md) in fp32, as the CPU backend computes it:
+//   piece means per query head (fp64 sums, as the reference), logits against the chunk means,
+//   per-piece softmax, shares summed per chunk (selection_mass.cu);
 // - the budget cut as an exact weighted radix select on (score, chunk index) keys.
-// So the selection equals the reference's, bar scores that round differently in the last fp32 bit
-// (in practice: never on the tests' inputs; tests/gpu/selection_cuda_test.cc checks as sets and
-// explains any difference by a near-tie).
+// So with the paper's score the selection equals the reference's, bar scores that round
+// differently in the last fp32 bit (in practice: never on the tests' inputs;
+// tests/gpu/selection_cuda_test.cc checks as sets and explains any difference by a near-tie); with
+// the mass score it equals it up to chunks whose scores tie with the cut within
+// kMassScoreTolerance (tests/gpu/selection_mass_cuda_test.cc).
 //
 // What it does not implement it declines (DeviceSelectionSupported): other policies, shared_heads,
-// decode, float32 storage, and sizes past its shared-memory plans.
+// decode (the tail chunk's growth), float32 storage, and sizes past its shared-memory plans.
 #ifndef DHSA_KERNELS_CUDA_SELECTION_CUDA_H_
 #define DHSA_KERNELS_CUDA_SELECTION_CUDA_H_
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -96,6 +102,19 @@ class DeviceDhsaSelection {
   // default (H200, 128K, budget 4096: choose 1.541 -> 1.278 ms, same results).
   void set_batched_scores(bool batched) { batched_scores_ = batched; }
 
+  // With `only`, Run with the mass score stops after the scores (no selection is written), for
+  // benchmarks that time the scores apart from the cut.
+  void set_mass_scores_only(bool only) { mass_scores_only_ = only; }
+  // With `tensor`, the mass score's products run on the tensor cores in 3xTF32 (about fp32's
+  // accuracy; selection_mass.cu) instead of fp32 fused multiply-adds (head dims up to 128; larger
+  // ones keep the fused multiply-adds).
+  void set_mass_tensor_cores(bool tensor) { mass_tensor_cores_ = tensor; }
+  // Mass score: query blocks per wave (scores of a wave are written, then its selection), at most
+  // what Create sized the scores buffer for (256 MiB of scores); tests use small waves.
+  void set_mass_wave_blocks(int64_t blocks) {
+    score_blocks_ = std::max<int64_t>(1, std::min(blocks, score_capacity_));
+  }
+
   // Points the attention's selection fields at the result (valid until the next Run).
   absl::Status Attach(SparseAttentionCudaParams* params) const;
 
@@ -128,6 +147,11 @@ class DeviceDhsaSelection {
   bool gap_warp_norms_ = true;
   bool overlap_rho_ = false;
   bool batched_scores_ = true;
+  bool mass_scores_only_ = false;
+  bool mass_tensor_cores_ = false;
+  int64_t pieces_ = 0;          // Mass score: score_rows-row pieces of the queries.
+  int64_t score_blocks_ = 0;    // Mass score: query blocks a wave scores.
+  int64_t score_capacity_ = 0;  // Mass score: query blocks the scores buffer holds.
   struct StreamDeleter {
     void operator()(cudaStream_t s) const;
   };
@@ -140,7 +164,8 @@ class DeviceDhsaSelection {
   DeviceBuffer boundaries_;  // int32 [chunk_cap + 1], then int32 count (number of boundaries).
   DeviceBuffer delta_, delta_sorted_, gap_pos_, gap_pos_sorted_, nms_, sort_temp_;
   DeviceBuffer kappa_;   // float [hkv, chunk_cap, d]
-  DeviceBuffer rho_;     // float [hkv, num_blocks, d]
+  DeviceBuffer rho_;     // float [hkv, num_blocks, d]; mass: [hq, pieces, d]
+  DeviceBuffer scores_;  // Mass: float [hkv, score_blocks, chunk_cap]
   DeviceBuffer spans_;   // CudaSpan [hkv * num_blocks, span_cap]
   DeviceBuffer starts_;  // int32, same shape: packed offset of each span within its entry
   DeviceBuffer counts_;  // int32 [hkv * num_blocks]: spans per entry

@@ -71,6 +71,14 @@ struct SelectParams {
   const int32_t* count = nullptr;       // Its length.
   const float* kappa = nullptr;         // [hkv, chunk_cap, dim]
   const float* rho = nullptr;           // [hkv, num_blocks, dim]
+  // Scores computed beforehand (the mass score, LaunchMassScores): entry (h, block_begin + i) at
+  // scores[(h * score_blocks + i) * chunk_cap + j] for its eligible chunks j. Null: the paper's
+  // score rho . kappa, computed here.
+  const float* scores = nullptr;
+  int64_t score_blocks = 0;
+  // Query blocks [block_begin, block_begin + blocks) (relative to first_block) of this launch.
+  int64_t block_begin = 0;
+  int64_t blocks = 0;
   int32_t hkv = 0;
   int32_t dim = 0;
   int64_t chunk_cap = 0;
@@ -89,6 +97,43 @@ struct SelectParams {
   int64_t span_cap = 0;
 };
 inline constexpr int kMaxEntriesPerBlock = 4;
+
+// The mass chunk score (ChunkScore::kMass, kernels/selection/reference.cc MassScoresReference)
+// of the query blocks [block_begin, block_begin + blocks) (relative to first_block) of every KV
+// head, written to `scores` as SelectParams::scores reads them. fp32: per thread block, the rows
+// (one mean query per query head of the group and score_rows-row piece, or one mean query of the
+// group for a block with fewer rows than a piece) of a few consecutive blocks of one KV head, in
+// tiles of 64 rows; per tile the logits scale * q.k + log(len) against 64 chunks at a time (a
+// register-tiled product in shared memory), a first sweep over the visible chunks for each row's
+// maximum and exponential sum, a second that recomputes the logits and sums each block's shares
+// per chunk.
+struct MassParams {
+  const int32_t* boundaries = nullptr;
+  const int32_t* count = nullptr;
+  const float* kappa = nullptr;  // [hkv, chunk_cap, dim]: chunk means.
+  const float* rho = nullptr;    // [hq, pieces, dim]: piece means, pieces from t0 / score_rows.
+  int32_t hkv = 0;
+  int32_t group = 0;
+  int32_t dim = 0;
+  int64_t chunk_cap = 0;
+  int64_t pieces = 0;
+  int64_t first_block = 0;
+  int64_t num_blocks = 0;
+  int64_t lk = 0;
+  int64_t t0 = 0;
+  int64_t q_block = 0;
+  int64_t score_rows = 0;
+  int64_t budget = 0;
+  float scale = 0;
+  int64_t block_begin = 0;
+  int64_t blocks = 0;
+  float* scores = nullptr;  // As SelectParams::scores.
+  int64_t score_blocks = 0;
+  bool tensor_cores = false;  // The product in 3xTF32 on the tensor cores (else fp32 FMA).
+};
+// Shared memory of LaunchMassScores at head dim `dim`.
+size_t MassSharedBytes(int64_t dim, bool tensor_cores);
+cudaError_t LaunchMassScores(const MassParams& params, cudaStream_t stream);
 
 // Shared memory of LaunchSelect for `entries` entries per block.
 size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries);

@@ -60,12 +60,15 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ int32_t total_weight;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t h = blockIdx.y, b0 = int64_t{blockIdx.x} * entries;
+  const int64_t h = blockIdx.y, b0 = p.block_begin + int64_t{blockIdx.x} * entries;
+  const int64_t b_end = p.block_begin + p.blocks;  // This launch's blocks end (<= num_blocks).
   const int32_t nb = *p.count;
   for (int32_t i = tid; i < nb; i += kSelectThreads) bnd[i] = p.boundaries[i];
-  for (int i = tid; i < entries * dim; i += kSelectThreads) {
-    const int64_t rel = b0 + i / dim;
-    rho_s[i] = rel < p.num_blocks ? p.rho[(h * p.num_blocks + rel) * dim + i % dim] : 0.0;
+  if (p.scores == nullptr) {
+    for (int i = tid; i < entries * dim; i += kSelectThreads) {
+      const int64_t rel = b0 + i / dim;
+      rho_s[i] = rel < b_end ? p.rho[(h * p.num_blocks + rel) * dim + i % dim] : 0.0;
+    }
   }
   __syncthreads();
   if (tid < entries) {
@@ -73,7 +76,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     const int64_t rel = b0 + tid;
     const int64_t block = p.first_block + rel;
     in.end = (block + 1) * p.q_block < p.lk ? (block + 1) * p.q_block : p.lk;
-    in.scored = rel < p.num_blocks && in.end > p.budget;
+    in.scored = rel < b_end && in.end > p.budget;
     in.eligible = 0;
     in.mode = 0;
     if (in.scored) {
@@ -100,9 +103,19 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
   __syncthreads();
 
-  // Step 3: scores, fp64 in the reference's order (c ascending, products and sums rounded apart).
+  // Step 3: scores, fp64 in the reference's order (c ascending, products and sums rounded apart),
+  // or the precomputed (mass) scores copied in.
   int32_t max_eligible = 0;
   for (int e = 0; e < entries; ++e) max_eligible = max(max_eligible, info[e].eligible);
+  if (p.scores != nullptr) {
+    for (int e = 0; e < entries; ++e) {
+      const float* src = p.scores + (h * p.score_blocks + (b0 + e - p.block_begin)) * p.chunk_cap;
+      for (int32_t j = tid; j < info[e].eligible; j += kSelectThreads) {
+        scores[e * p.chunk_cap + j] = src[j];
+      }
+    }
+    max_eligible = 0;  // Skips the paper's score loops below.
+  }
   if (kBatched) {
     // The same sums, with more loads in flight: a thread scores two chunks (j and j + threads) at
     // once, loads 32 features of both rows before using them, and reads rho two features a load.
@@ -251,7 +264,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 
   // Emission: warp e lists entry e.
-  if (warp < entries && b0 + warp < p.num_blocks) {
+  if (warp < entries && b0 + warp < b_end) {
     const EntryInfo in = info[warp];
     const int64_t entry = h * p.num_blocks + b0 + warp;
     CudaSpan* spans = p.spans + entry * p.span_cap;
@@ -311,9 +324,13 @@ __global__ void __launch_bounds__(kSelectThreads)
       const int32_t packed = carry_tokens + tokens - (nonempty ? z - a : 0);
       const uint32_t starts_mask = __ballot_sync(0xffffffffu, start);
       if (start) {
+        // At most span_cap spans (selection_cuda.cc's SpanCapacity bounds them); past it the
+        // count says so (ToSelection reports it) and nothing outside the entry is written.
         const int32_t k = carry_spans + __popc(starts_mask & below);
-        spans[k].begin = a;
-        starts[k] = packed;
+        if (k < p.span_cap) {
+          spans[k].begin = a;
+          starts[k] = packed;
+        }
       }
       carry_end = max(carry_end, __shfl_sync(0xffffffffu, last, 31));
       carry_tokens += __shfl_sync(0xffffffffu, tokens, 31);
@@ -321,8 +338,10 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     __syncwarp();
     // Span k ends where its tokens run out: the next span's packed offset, or the total.
-    for (int32_t k = lane; k < carry_spans; k += 32) {
-      const int32_t next = k + 1 < carry_spans ? starts[k + 1] : carry_tokens;
+    const int32_t written =
+        carry_spans < p.span_cap ? carry_spans : static_cast<int32_t>(p.span_cap);
+    for (int32_t k = lane; k < written; k += 32) {
+      const int32_t next = k + 1 < written ? starts[k + 1] : carry_tokens;
       spans[k].end = spans[k].begin + (next - starts[k]);
     }
     if (lane == 0) p.counts[entry] = carry_spans;
@@ -338,14 +357,14 @@ size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries) {
 }
 
 cudaError_t LaunchSelect(const SelectParams& p, cudaStream_t stream) {
+  if (p.blocks <= 0) return cudaSuccess;
   const size_t smem = SelectSharedBytes(p.chunk_cap, p.dim, p.entries_per_block);
   auto kernel = p.batched_scores ? SelectKernel<true> : SelectKernel<false>;
   const cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
-  const dim3 grid(
-      static_cast<unsigned>((p.num_blocks + p.entries_per_block - 1) / p.entries_per_block),
-      static_cast<unsigned>(p.hkv));
+  const dim3 grid(static_cast<unsigned>((p.blocks + p.entries_per_block - 1) / p.entries_per_block),
+                  static_cast<unsigned>(p.hkv));
   kernel<<<grid, kSelectThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
