@@ -34,8 +34,10 @@ absl::StatusOr<Selection> ReferenceSelection(const Tensor& q_tensor, const Tenso
       DHSA_ASSIGN_OR_RETURN(boundaries,
                             AppendPrefillBoundariesReference(k, prior, shape.lk, config));
     }
-    kappa = ChunkSummariesReference(k, boundaries, config.summary_norm);
-    rho = QueryBlockSummariesReference(q, shape.hkv, config.q_block, config.summary_norm);
+    // The summaries the config's chunk score uses (paper: sqrt-normalised block means; mass: mean
+    // keys and one mean query per query head and score_rows piece).
+    kappa = ChunkSummariesReference(k, boundaries, ChunkSummaryNorm(config));
+    rho = ScoreQuerySummariesReference(q, shape.hkv, config);
   } else if (config.policy == Policy::kBlockTopk) {
     DhsaConfig blocks = config;
     blocks.boundary_mode = BoundaryMode::kFixed;

@@ -8,6 +8,13 @@
 // L <= --check_max the device selection equals the reference selection (computed on the CPU), and
 // a kernel other than the portable one (--kernel) gives the portable kernel's outputs within 2e-2
 // (o) and 1e-2 (lse).
+// --configs=paper,default: the selection configs to run. `paper` (the default) is the spec's
+// method spelled out here field by field (chunk score paper, q_block 128, chunk mean 32, min 8,
+// max 128, score_rows 16, sink 128, local 256), so that the numbers stay comparable across
+// library default changes; `default` is DhsaConfig{} of this build with the budget set (skipped
+// with a note where the device selection does not implement it).
+// xSDPA: SDPA causal's time (--sdpa_ms=L:ms,...; by default cuDNN's measured on an H200 on
+// 2026-11-28, bench/results/2026-11-28-h200-hopper-end-to-end.md, not in this run) over our total.
 // --compare=K1,K2,... also times the attention of other kernels (portable, hopper, hopper_serial)
 // and of the Hopper kernel's tuning variants (sparse_attention_variants.h: variant names, or "all")
 // on the same selection, each checked against the portable kernel the same way, in a second table.
@@ -19,6 +26,7 @@
 //                               [--seconds=1] [--check_max=32768]
 //                               [--kernel=auto|portable|hopper|hopper_serial]
 //                               [--compare=portable,hopper,...,VARIANT,...|all]
+//                               [--configs=paper,default] [--sdpa_ms=131072:254.088,...]
 // Exit status: 0 when every case ran and passed its checks, 1 otherwise, 2 without a device.
 #include <cuda_runtime_api.h>
 
@@ -28,6 +36,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -57,7 +66,47 @@ struct Options {
   int64_t check_max = 32768;
   SparseAttentionCudaKernel kernel = SparseAttentionCudaKernel::kAuto;
   std::vector<std::string> compare;  // Other kernels or variants timed beside (--compare).
+  std::vector<std::string> configs = {"paper"};
+  // SDPA causal (cuDNN) on an H200, 2026-11-28
+  // (bench/results/2026-11-28-h200-hopper-end-to-end.md).
+  std::map<int64_t, double> sdpa_ms = {
+      {8192, 0.945}, {32768, 14.856}, {65536, 58.284}, {131072, 254.088}};
 };
+
+// The spec's method (spec/DHSA.md defaults, chunk score `paper`), every field set here.
+DhsaConfig BenchPaperConfig(int64_t budget) {
+  DhsaConfig c;
+  c.policy = Policy::kDhsa;
+  c.budget = budget;
+  c.sink = 128;
+  c.local = 256;
+  c.q_block = 128;
+  c.boundary_mode = BoundaryMode::kDynamic;
+  c.boundary_window = 4;
+  c.chunk_mean = 32;
+  c.chunk_min = 8;
+  c.chunk_max = 128;
+  c.shared_heads = false;
+  c.summary_norm = SummaryNorm::kSqrt;
+  c.chunk_score = ChunkScore::kPaper;
+  c.score_rows = 16;
+  c.scale = 0.0f;
+  return c;
+}
+
+// Config `name` (paper or default) with `budget`, or false for an unknown name.
+bool BenchConfig(const std::string& name, int64_t budget, DhsaConfig* config) {
+  if (name == "paper") {
+    *config = BenchPaperConfig(budget);
+    return true;
+  }
+  if (name == "default") {
+    *config = DhsaConfig{};
+    config->budget = budget;
+    return true;
+  }
+  return false;
+}
 
 const char* KernelName(SparseAttentionCudaKernel kernel) {
   switch (kernel) {
@@ -84,6 +133,8 @@ struct Compared {
 
 struct Row {
   std::vector<Compared> compared;
+  std::string config;
+  bool skipped = false;  // The device selection does not implement the config (check says why).
   int64_t len = 0;
   int64_t budget = 0;
   int64_t pairs = 0;
@@ -136,6 +187,25 @@ bool ParseOptions(int argc, char** argv, Options* o) {
         }
       }
       if (!known) return false;
+    } else if (key == "--configs") {
+      o->configs.clear();
+      for (absl::string_view part : absl::StrSplit(value, ',')) {
+        DhsaConfig unused;
+        if (!BenchConfig(std::string(part), 2048, &unused)) return false;
+        o->configs.emplace_back(part);
+      }
+      if (o->configs.empty()) return false;
+    } else if (key == "--sdpa_ms") {
+      o->sdpa_ms.clear();
+      for (absl::string_view part : absl::StrSplit(value, ',')) {
+        const std::vector<std::string> lm = absl::StrSplit(part, ':');
+        int64_t len = 0;
+        double ms = 0;
+        if (lm.size() != 2 || !absl::SimpleAtoi(lm[0], &len) || !absl::SimpleAtod(lm[1], &ms)) {
+          return false;
+        }
+        o->sdpa_ms[len] = ms;
+      }
     } else if (key == "--compare") {
       o->compare.clear();
       for (absl::string_view part : absl::StrSplit(value, ',')) {
@@ -215,14 +285,19 @@ absl::StatusOr<DeviceInputs> Upload(const Workload& w) {
   return d;
 }
 
-absl::Status RunCase(const Workload& w, DeviceInputs& d, int64_t budget, const Options& options,
-                     cudaStream_t stream, Row* row) {
+absl::Status RunCase(const Workload& w, DeviceInputs& d, const DhsaConfig& config,
+                     const Options& options, cudaStream_t stream, Row* row) {
   const int64_t len = w.config.len;
-  DhsaConfig config;
-  config.budget = budget;
   AttentionShape shape{kHq, kHkv, kDim, len, len};
-  DHSA_ASSIGN_OR_RETURN(DeviceDhsaSelection selection,
-                        DeviceDhsaSelection::Create(config, shape, DType::kBF16));
+  absl::StatusOr<DeviceDhsaSelection> created =
+      DeviceDhsaSelection::Create(config, shape, DType::kBF16);
+  if (absl::IsUnimplemented(created.status())) {
+    row->skipped = true;
+    row->check = absl::StrCat("skipped: ", created.status().message());
+    return absl::OkStatus();
+  }
+  DHSA_RETURN_IF_ERROR(created.status());
+  DeviceDhsaSelection selection = *std::move(created);
   SparseAttentionCudaParams p;
   p.dtype = DType::kBF16;
   p.q = d.q.data();
@@ -476,29 +551,36 @@ int Main(int argc, char** argv) {
       failed = true;
       continue;
     }
-    for (int64_t budget : options.budgets) {
-      Row row;
-      row.len = len;
-      row.budget = budget;
-      const absl::Status status = RunCase(*w, *d, budget, options, stream, &row);
-      if (!status.ok()) {
-        row.check = status.ToString();
-        row.failed = true;
+    for (const std::string& config_name : options.configs) {
+      for (int64_t budget : options.budgets) {
+        Row row;
+        row.len = len;
+        row.budget = budget;
+        row.config = config_name;
+        DhsaConfig config;
+        BenchConfig(config_name, budget, &config);  // Names checked by ParseOptions.
+        const absl::Status status = RunCase(*w, *d, config, options, stream, &row);
+        if (!status.ok()) {
+          row.check = status.ToString();
+          row.failed = true;
+        }
+        failed = failed || row.failed;
+        for (const Compared& c : row.compared) {
+          failed = failed || c.failed;
+          std::printf("COMPARE,%lld,%lld,%s,%.4f,%.2f,%s\n", static_cast<long long>(len),
+                      static_cast<long long>(budget), c.name.c_str(), c.attention.median_ms,
+                      c.tflops, c.check.c_str());
+        }
+        // sdpa_peer.py reads the `paper` rows (CSV,...); other configs print CSV_<config>,....
+        const std::string tag = config_name == "paper" ? "CSV" : "CSV_" + config_name;
+        std::printf("%s,%lld,%lld,%lld,%.6f,%.4f,%.4f,%.4f,%.2f,%s,%s\n", tag.c_str(),
+                    static_cast<long long>(len), static_cast<long long>(budget),
+                    static_cast<long long>(row.pairs), row.density, row.select.median_ms,
+                    row.attention.median_ms, row.total.median_ms, row.tflops,
+                    gemm.ok() ? absl::StrCat(*gemm).c_str() : "nan", row.check.c_str());
+        std::fflush(stdout);
+        rows.push_back(row);
       }
-      failed = failed || row.failed;
-      for (const Compared& c : row.compared) {
-        failed = failed || c.failed;
-        std::printf("COMPARE,%lld,%lld,%s,%.4f,%.2f,%s\n", static_cast<long long>(len),
-                    static_cast<long long>(budget), c.name.c_str(), c.attention.median_ms, c.tflops,
-                    c.check.c_str());
-      }
-      std::printf("CSV,%lld,%lld,%lld,%.6f,%.4f,%.4f,%.4f,%.2f,%s,%s\n",
-                  static_cast<long long>(len), static_cast<long long>(budget),
-                  static_cast<long long>(row.pairs), row.density, row.select.median_ms,
-                  row.attention.median_ms, row.total.median_ms, row.tflops,
-                  gemm.ok() ? absl::StrCat(*gemm).c_str() : "nan", row.check.c_str());
-      std::fflush(stdout);
-      rows.push_back(row);
     }
   }
 
@@ -507,48 +589,67 @@ int Main(int argc, char** argv) {
               static_cast<long long>(kDim), prop.name);
   std::printf("ceiling: cuBLAS bf16 GEMM %s TFLOP/s; attention kernel: %s\n", gemm_text.c_str(),
               KernelName(ChosenKernel(probe)));
-  std::printf("%-7s %-6s %8s %10s %22s %10s %10s %6s %8s %6s %s\n", "L", "budget", "density",
-              "select_ms", "(bounds+summ+choose)", "attn_ms", "total_ms", "sel%", "TFLOP/s",
-              "%gemm", "check");
+  std::printf(
+      "total_ms: selection + attention enqueued together, timed as one (median); sel%%: select_ms "
+      "(timed alone) / total_ms; xSDPA: SDPA causal ms (--sdpa_ms; default cuDNN on an H200, "
+      "2026-11-28, not this run) / total_ms\n");
+  std::printf("%-8s %-7s %-6s %8s %10s %22s %10s %10s %6s %8s %6s %7s %s\n", "config", "L",
+              "budget", "density", "select_ms", "(bounds+summ+choose)", "attn_ms", "total_ms",
+              "sel%", "TFLOP/s", "%gemm", "xSDPA", "check");
   for (const Row& r : rows) {
+    if (r.skipped) {
+      std::printf("%-8s %-7lld %-6lld %s\n", r.config.c_str(), static_cast<long long>(r.len),
+                  static_cast<long long>(r.budget), r.check.c_str());
+      continue;
+    }
     const double share = gemm.ok() && *gemm > 0 ? 100.0 * r.tflops / *gemm : 0.0;
+    const auto sdpa = options.sdpa_ms.find(r.len);
+    char speedup[32] = "-";
+    if (sdpa != options.sdpa_ms.end() && r.total.median_ms > 0) {
+      std::snprintf(speedup, sizeof(speedup), "%.2f", sdpa->second / r.total.median_ms);
+    }
     std::printf(
-        "%-7lld %-6lld %8.4f %10.3f %6.3f+%6.3f+%6.3f   %10.3f %10.3f %6.1f %8.1f %6.1f %s\n",
-        static_cast<long long>(r.len), static_cast<long long>(r.budget), r.density,
-        r.select.median_ms, r.boundaries_ms, r.summaries_ms, r.choose_ms, r.attention.median_ms,
-        r.total.median_ms,
+        "%-8s %-7lld %-6lld %8.4f %10.3f %6.3f+%6.3f+%6.3f   %10.3f %10.3f %6.1f %8.1f %6.1f %7s "
+        "%s\n",
+        r.config.c_str(), static_cast<long long>(r.len), static_cast<long long>(r.budget),
+        r.density, r.select.median_ms, r.boundaries_ms, r.summaries_ms, r.choose_ms,
+        r.attention.median_ms, r.total.median_ms,
         r.total.median_ms > 0 ? 100.0 * r.select.median_ms / r.total.median_ms : 0.0, r.tflops,
-        share, r.check.c_str());
+        share, speedup, r.check.c_str());
   }
   std::printf(
       "\nStep 1 apart (ms): gap dissimilarities (windowed kernel; with per-warp norms; first "
       "kernel) + sort + NMS and split\n");
   for (const Row& r : rows) {
+    if (r.skipped) continue;
     std::printf(
-        "%-7lld %-6lld gaps %6.3f (warp norms %6.3f, first kernel %6.3f) + sort %6.3f + nms %6.3f "
+        "%-8s %-7lld %-6lld gaps %6.3f (warp norms %6.3f, first kernel %6.3f) + sort %6.3f + nms "
+        "%6.3f "
         "= %6.3f\n",
-        static_cast<long long>(r.len), static_cast<long long>(r.budget), r.gaps_ms,
-        r.warp_norms_gaps_ms, r.legacy_gaps_ms, r.sort_ms, r.nms_ms, r.boundaries_ms);
+        r.config.c_str(), static_cast<long long>(r.len), static_cast<long long>(r.budget),
+        r.gaps_ms, r.warp_norms_gaps_ms, r.legacy_gaps_ms, r.sort_ms, r.nms_ms, r.boundaries_ms);
   }
   std::printf(
       "\nSelection variants (ms, means of 10): choose (Steps 3-4) with the batched scores; the "
       "whole selection serial, with rho beside Step 1, with both\n");
   for (const Row& r : rows) {
+    if (r.skipped) continue;
     std::printf(
-        "%-7lld %-6lld choose %6.3f batched %6.3f | whole %6.3f overlapped %6.3f both %6.3f\n",
-        static_cast<long long>(r.len), static_cast<long long>(r.budget), r.choose_ms,
-        r.batched_choose_ms, r.serial_select_ms, r.overlap_select_ms, r.both_select_ms);
+        "%-8s %-7lld %-6lld choose %6.3f batched %6.3f | whole %6.3f overlapped %6.3f both %6.3f\n",
+        r.config.c_str(), static_cast<long long>(r.len), static_cast<long long>(r.budget),
+        r.choose_ms, r.batched_choose_ms, r.serial_select_ms, r.overlap_select_ms,
+        r.both_select_ms);
   }
   if (!options.compare.empty()) {
     std::printf(
         "\n== attention kernels side by side (same selection; TFLOP/s on computed pairs) ==\n");
-    std::printf("%-7s %-6s %-14s %9s %9s %8s %s\n", "L", "budget", "kernel", "attn_ms", "min_ms",
-                "TFLOP/s", "check");
+    std::printf("%-8s %-7s %-6s %-14s %9s %9s %8s %s\n", "config", "L", "budget", "kernel",
+                "attn_ms", "min_ms", "TFLOP/s", "check");
     for (const Row& r : rows) {
       for (const Compared& c : r.compared) {
-        std::printf("%-7lld %-6lld %-14s %9.3f %9.3f %8.1f %s\n", static_cast<long long>(r.len),
-                    static_cast<long long>(r.budget), c.name.c_str(), c.attention.median_ms,
-                    c.attention.min_ms, c.tflops, c.check.c_str());
+        std::printf("%-8s %-7lld %-6lld %-14s %9.3f %9.3f %8.1f %s\n", r.config.c_str(),
+                    static_cast<long long>(r.len), static_cast<long long>(r.budget), c.name.c_str(),
+                    c.attention.median_ms, c.attention.min_ms, c.tflops, c.check.c_str());
       }
     }
   }

@@ -100,6 +100,13 @@ __device__ __forceinline__ void CopyAsync16(uint32_t dst, const void* src, bool 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(valid ? 16 : 0));
 }
+// As CopyAsync16, with the L2 evict-first policy (data read once).
+__device__ __forceinline__ void CopyAsync16EvictFirst(uint32_t dst, const void* src, bool valid) {
+  asm volatile(
+      "{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+      "cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, policy;\n}\n" ::"r"(dst),
+      "l"(src), "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void CopyAsyncWait() {

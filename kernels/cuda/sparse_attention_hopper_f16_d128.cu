@@ -1,12 +1,12 @@
 // Hopper (sm_90a, wgmma) sparse attention kernel instantiation: float16 storage, head dim 128.
-#include "kernels/cuda/sparse_attention_hopper.cuh"
+#include "kernels/cuda/sparse_attention_hopper_ws.cuh"
 #include "kernels/cuda/sparse_attention_launch.h"
 
 namespace dhsa {
 namespace sparse_attention_kernel {
 
 cudaError_t LaunchHopperF16Dim128(const SparseAttentionCudaParams& params, cudaStream_t stream) {
-  return sparse_attention_hopper::Launch<__half, 128, true, true>(params, stream);
+  return sparse_attention_hopper::LaunchDefault<__half, 128>(params, stream);
 }
 
 }  // namespace sparse_attention_kernel

@@ -17,19 +17,50 @@ struct Variant {
 };
 
 #if defined(DHSA_CUDA_HOPPER_KERNELS)
+using sparse_attention_hopper::kBoxEights;
+using sparse_attention_hopper::kStreaming;
 using sparse_attention_hopper::Launch;
+using sparse_attention_hopper::LaunchWs;
+
+template <int kCluster>
+cudaError_t ClusterOrPlain(const SparseAttentionCudaParams& p, cudaStream_t stream) {
+  const cudaError_t error =
+      LaunchWs<__nv_bfloat16, 128, false, 24, true, true, kCluster>(p, stream);
+  if (error != cudaErrorNotSupported) return error;
+  return LaunchWs<__nv_bfloat16, 128, false, 24, true, true>(p, stream);
+}
+
 constexpr Variant kVariants[] = {
     {"serial", &Launch<__nv_bfloat16, 128, false, false>},
     {"overlap", &Launch<__nv_bfloat16, 128, true, false>},
     {"early", &Launch<__nv_bfloat16, 128, true, true>},
-    {"ws", &sparse_attention_hopper::LaunchWs<__nv_bfloat16, 128, false>},
-    {"ws_pp", &sparse_attention_hopper::LaunchWs<__nv_bfloat16, 128, true>},
-    // Not yet run on a device: the producer at 40 registers with its gathers unrolled.
-    {"ws_r40", &sparse_attention_hopper::LaunchWs<__nv_bfloat16, 128, false, 40>},
+    {"ws", &LaunchWs<__nv_bfloat16, 128, false>},
+    {"ws_pp", &LaunchWs<__nv_bfloat16, 128, true>},
+    // The producer at 40 registers with its gathers unrolled.
+    {"ws_r40", &LaunchWs<__nv_bfloat16, 128, false, 40>},
+    // The producer copying K and V by TMA boxes (one thread per run of consecutive keys), at 24
+    // and 40 producer registers, and with the consumers' ping-pong.
+    {"ws_tma", &LaunchWs<__nv_bfloat16, 128, false, 24, true, true>},
+    {"ws_tma_r40", &LaunchWs<__nv_bfloat16, 128, false, 40, true, true>},
+    {"ws_tma_pp", &LaunchWs<__nv_bfloat16, 128, true, 24, true, true>},
+    // ws_tma_pp with at most 2 boxes a run (kBoxEights), with Q, O and LSE streamed past L2
+    // (kStreaming), with both.
+    {"ws_tma_pp_h2", &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights>},
+    {"ws_tma_pp_cs", &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kStreaming>},
+    {"ws_tma_pp_h2cs",
+     &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kStreaming>},
+    // ws_tma in clusters of 2 CTAs (row tiles of one selection block) sharing each K/V tile by
+    // TMA multicast: half the L2 reads (ws_tma where 2 does not divide a block's row tiles).
+    {"ws_tma_c2", &ClusterOrPlain<2>},
+    // Diagnostic (wrong results): ws_tma_pp loading V for tile 0 only (half the bytes and boxes).
+    {"diag_tma_pp_konly", &LaunchWs<__nv_bfloat16, 128, true, 24, false, true>},
+    // Diagnostic (wrong results): ws_pp without the loads after tile 0 (the ping-pong consumers
+    // alone).
+    {"diag_ws_pp_noload", &LaunchWs<__nv_bfloat16, 128, true, 24, false>},
     // Diagnostic (wrong results): "early" without the K/V loads after tile 0.
     {"diag_noload", &Launch<__nv_bfloat16, 128, true, true, false>},
-    // Diagnostic (wrong results, not yet run on a device): "ws" without the loads after tile 0.
-    {"diag_ws_noload", &sparse_attention_hopper::LaunchWs<__nv_bfloat16, 128, false, 24, false>},
+    // Diagnostic (wrong results): "ws" without the loads after tile 0.
+    {"diag_ws_noload", &LaunchWs<__nv_bfloat16, 128, false, 24, false>},
 };
 constexpr int kCount = sizeof(kVariants) / sizeof(kVariants[0]);
 #else

@@ -21,6 +21,12 @@
 #ifndef DHSA_KERNELS_CUDA_SPARSE_ATTENTION_HOPPER_WS_CUH_
 #define DHSA_KERNELS_CUDA_SPARSE_ATTENTION_HOPPER_WS_CUH_
 
+#include <cuda.h>  // CUtensorMap and the driver's tensor-map encoder type (no libcuda link).
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled.
+
+#include <cstring>
+#include <type_traits>
+
 #include "kernels/cuda/sparse_attention_hopper.cuh"
 
 namespace dhsa {
@@ -94,14 +100,108 @@ __device__ __forceinline__ void SetMaxRegistersUp() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
+// Options of the warp-specialized kernel (its kOptions, a bit set).
+// kBoxEights (with kTma): box heights 1-7 and the multiples of 8 up to 128 (23 maps) instead of the
+// powers of 2 (8 maps): a run takes at most 2 boxes (a multiple of 8, then the rest) instead of
+// up to 8 (its binary digits).
+inline constexpr int kBoxEights = 1;
+// kStreaming: Q loaded and O, LSE stored with the L2 evict-first policy (read or written once), so
+// that they push fewer K/V lines (read by every row tile of a selection block) out of L2.
+inline constexpr int kStreaming = 2;
+
+// Box heights of a box set: index i < BoxCount.
+template <int kOptions>
+struct BoxSet {
+  static constexpr bool kEights = (kOptions & kBoxEights) != 0;
+  static constexpr int kCount = kEights ? 23 : 8;
+  static constexpr __host__ __device__ int Height(int i) {
+    return kEights ? (i < 7 ? i + 1 : 8 * (i - 6)) : 1 << i;
+  }
+  // The box for the next piece of a run of `left` (1..128) keys.
+  static __device__ __forceinline__ int Pick(int left) {
+    if constexpr (kEights) {
+      return left >= 8 ? 6 + (left >> 3) : left - 1;
+    } else {
+      return 31 - __clz(left);
+    }
+  }
+};
+
+// The kernel's argument: the call's params and, for kTma, tensor maps of K and V viewed as one
+// [hkv * lk, kDim] matrix, box kBoxWidth columns (128 bytes, the 128-byte swizzle) by
+// BoxSet::Height(i) rows (k_maps[i], v_maps[i]): a packed run of keys is copied as a few boxes,
+// each once per 64-column block.
+inline constexpr int kMaxBoxHeights = 23;
+inline constexpr int kBoxWidth = 64;  // Elements: 128 bytes of a 2-byte type.
+struct WsArgs {
+  CUtensorMap k_maps[kMaxBoxHeights];
+  CUtensorMap v_maps[kMaxBoxHeights];
+  SparseAttentionCudaParams p;
+};
+
+// TMA: box (columns [c0, c0 + 64), rows [c1, c1 + height)) of `map` into shared memory at `dst`
+// (128-byte rows, swizzled by the address bits: dst is a row of a 1024-aligned tile, so row r
+// lands as SwizzledOffset places it), completing `bytes` on the mbarrier `bar`.
+__device__ __forceinline__ void TmaLoad2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+// The same box into the shared memory of every CTA of the cluster in `mask`, at the same offsets,
+// completing on each one's mbarrier at `bar`'s offset.
+__device__ __forceinline__ void TmaLoad2dMulticast(uint32_t dst, const CUtensorMap* map, int c0,
+                                                   int c1, uint32_t bar, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t ClusterRank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+// Arrival on the mbarrier at `bar`'s offset in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ void BarrierArriveCluster(uint32_t bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+// Every thread of every CTA of the cluster (mbarrier initialisations before it visible after).
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile(
+      "fence.mbarrier_init.release.cluster;\n"
+      "barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
+          : "memory");
+}
+// This thread's arrival on `bar`, announcing `bytes` of copies that complete on it.
+__device__ __forceinline__ void BarrierArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
 // kProducerRegisters: 24, the gathers unrolled once; above, unrolled 4 times (more copies in flight
 // per producer thread, fewer registers for the consumers). kLoads = false (a diagnostic for tuning,
 // wrong results): the producer gathers Q and tile 0 only and then just signals each tile, which
-// times the consumers alone.
-template <typename T, int kDim, bool kPingPong, int kProducerRegisters = 24, bool kLoads = true>
+// times the consumers alone. kTma: the producer copies K and V by the tensor memory accelerator
+// instead of 16-byte cp.async per thread (see the producer below). kCluster > 1 (with kTma): the
+// kCluster CTAs of a thread block cluster are consecutive row tiles of one selection block; they
+// take the keys of the union of their rows (the causal mask drops the extra keys per row), so
+// their K/V tiles are equal, and each tile is read from L2 once and multicast into all of them
+// (each run of keys copied by one CTA's producer; a stage is refilled once the consumers of every
+// CTA of the cluster released it).
+template <typename T, int kDim, bool kPingPong, int kProducerRegisters = 24, bool kLoads = true,
+          bool kTma = false, int kCluster = 1, int kOptions = 0>
 __global__ void __launch_bounds__(kWsThreads, 1)
-    HopperWsSparseAttentionKernel(const __grid_constant__ SparseAttentionCudaParams p) {
+    HopperWsSparseAttentionKernel(const __grid_constant__ WsArgs args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  const SparseAttentionCudaParams& p = args.p;
   static_assert(kDim == 64 || kDim == 128, "head dim 64 or 128");
   using Layout = WsSmemLayout<kDim>;
   constexpr int kChunks = kDim / 8;  // 16-byte pieces per row.
@@ -130,7 +230,16 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int64_t block_end = Min64((block_first + 1) * p.block_size, p.q_offset + p.lq);
   const int64_t row_begin = block_begin + (blockIdx.x % tiles_per_block) * rows_per_head;
   const int64_t row_end = Min64(row_begin + rows_per_head, block_end);
-  if (row_begin >= row_end) return;  // The block has fewer rows than its tiles (uniform exit).
+  // The rows whose keys this CTA takes: its own, or its cluster's (the same for all of it).
+  const int64_t first_tile = (blockIdx.x % tiles_per_block) / kCluster * kCluster;
+  const int64_t keys_row_end =
+      kCluster > 1 ? Min64(block_begin + (first_tile + kCluster) * rows_per_head, block_end)
+                   : row_end;
+  // The block has fewer rows than its tiles (uniform exit: of the whole cluster with kCluster).
+  if (kCluster > 1 ? block_begin + first_tile * rows_per_head >= keys_row_end
+                   : row_begin >= row_end) {
+    return;
+  }
 
   auto row_valid = [&](int local) {
     return local / rows_per_head < group && row_begin + local % rows_per_head < row_end;
@@ -143,7 +252,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                                                      : p.entry_offsets[entry_index + 1];
   if (tid == 0) {
     // Keys k_offset <= key < min(k_offset + lk, row_end): held, and not after the last row.
-    const int64_t key_lo = p.k_offset, key_hi = Min64(p.k_offset + p.lk, row_end);
+    const int64_t key_lo = p.k_offset, key_hi = Min64(p.k_offset + p.lk, keys_row_end);
     const int64_t total = end_span > first_span
                               ? p.span_starts[end_span - 1] +
                                     (p.spans[end_span - 1].end - p.spans[end_span - 1].begin)
@@ -173,11 +282,18 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       BarrierInit(full_k + 8 * s, 128);  // Every producer thread, once its copies landed.
       BarrierInit(full_v + 8 * s, 128);
-      BarrierInit(empty_k + 8 * s, 256);  // Every consumer thread, once done with the stage.
-      BarrierInit(empty_v + 8 * s, 256);
+      // Every consumer thread once done with the stage; with kCluster, every consumer warp of
+      // every CTA of the cluster.
+      BarrierInit(empty_k + 8 * s, kCluster > 1 ? 8 * kCluster : 256);
+      BarrierInit(empty_v + 8 * s, kCluster > 1 ? 8 * kCluster : 256);
     }
   }
-  __syncthreads();  // The range and the initialised barriers are visible.
+  // The range and the initialised barriers are visible (with kCluster, to the whole cluster).
+  if constexpr (kCluster > 1) {
+    ClusterSync();
+  } else {
+    __syncthreads();
+  }
   const int64_t packed_begin = entry[0], packed_end = entry[1];
   const int num_tiles = static_cast<int>((packed_end - packed_begin + kKeyTile - 1) / kKeyTile);
 
@@ -196,11 +312,107 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         const int64_t head = kv_head * group + local / rows_per_head;
         const int64_t row = row_begin + local % rows_per_head - p.q_offset;
         const T* src = valid ? q + (head * p.lq + row) * kDim + chunk * 8 : q;
-        CopyAsync16(q_smem + SwizzledOffset<kRows>(local, chunk), src, valid);
+        if constexpr ((kOptions & kStreaming) != 0) {
+          CopyAsync16EvictFirst(q_smem + SwizzledOffset<kRows>(local, chunk), src, valid);
+        } else {
+          CopyAsync16(q_smem + SwizzledOffset<kRows>(local, chunk), src, valid);
+        }
       }
     }
     int64_t cursor = entry[2];
-    for (int tile = 0; tile < num_tiles; ++tile) {
+    if constexpr (kTma) {
+      // Thread j owns slot j of every tile: it looks up the slot's key position (before waiting
+      // for the stage), and when the slot starts a run of consecutive keys (the first slot of the
+      // tile or the first key of a span) it copies the run, clipped to the tile and to the packed
+      // range, with at most 8 TMA boxes per 64-column block (the binary digits of its length).
+      // Slots past the packed range are zeroed by plain stores (a stale V row could hold NaN bits,
+      // and 0 * NaN would reach O). Each thread arrives once per stage and barrier; an issuing
+      // thread announces its bytes with its arrival, before its copies.
+      const int64_t key_row0 = kv_head * p.lk - p.k_offset;  // Matrix row of key position 0.
+      constexpr uint32_t kRowBytes = kDim * 2;
+      for (int tile = 0; tile < num_tiles; ++tile) {
+        const int stage = tile % kStages;
+        const uint32_t parity = ((tile / kStages) + 1) & 1;  // Phase of tile - kStages's release.
+        const int64_t tile_first = packed_begin + static_cast<int64_t>(tile) * kKeyTile;
+        const int64_t packed = tile_first + tid;
+        int32_t pos = kNoKey;
+        int run = 0;
+        if (packed < packed_end) {
+          while (cursor + 1 < end_span && p.span_starts[cursor + 1] <= packed) ++cursor;
+          const int64_t start = p.span_starts[cursor];
+          const CudaSpan span = p.spans[cursor];
+          pos = span.begin + static_cast<int32_t>(packed - start);
+          if (tid == 0 || packed == start) {
+            run = static_cast<int>(
+                Min64(start + (span.end - span.begin), Min64(tile_first + kKeyTile, packed_end)) -
+                packed);
+          }
+        }
+        const uint32_t buffer = stage * Layout::kTile;
+        // kCluster: the run's K is copied by cluster CTA k_owner, its V by v_owner (spread over
+        // the CTAs by warp), into every CTA of the cluster.
+        const int k_owner = (tid / 32) % kCluster, v_owner = (tid / 32 + kCluster / 2) % kCluster;
+        auto copy_run = [&](uint32_t tile_smem, const CUtensorMap* maps, uint32_t bar, int owner) {
+          if (kCluster > 1 && static_cast<int>(ClusterRank()) != owner) return;
+          int slot = tid, left = run;
+          int row = static_cast<int>(key_row0 + pos);
+          while (left > 0) {
+            const int bits = BoxSet<kOptions>::Pick(left);  // A box of at most `left` rows.
+            const int height = BoxSet<kOptions>::Height(bits);
+#pragma unroll
+            for (int b = 0; b < kDim / kBoxWidth; ++b) {
+              const uint32_t dst = tile_smem + buffer + b * (kKeyTile * 128) + slot * 128;
+              if constexpr (kCluster > 1) {
+                TmaLoad2dMulticast(dst, &maps[bits], b * kBoxWidth, row, bar,
+                                   static_cast<uint16_t>((1u << kCluster) - 1));
+              } else {
+                TmaLoad2d(dst, &maps[bits], b * kBoxWidth, row, bar);
+              }
+            }
+            slot += height;
+            row += height;
+            left -= height;
+          }
+        };
+        auto zero_row = [&](uint32_t tile_offset) {
+#pragma unroll
+          for (int b = 0; b < kDim / kBoxWidth; ++b) {
+            uint4* row = reinterpret_cast<uint4*>(smem + tile_offset + buffer +
+                                                  b * (kKeyTile * 128) + tid * 128);
+#pragma unroll
+            for (int c = 0; c < 8; ++c) row[c] = make_uint4(0, 0, 0, 0);
+          }
+        };
+        // K: the stage's K and positions released (softmax of tile - kStages done).
+        if (tile >= kStages) BarrierWait(empty_k + 8 * stage, parity);
+        key_pos[stage * kKeyTile + tid] = pos;
+        if (pos == kNoKey) zero_row(Layout::kK);
+        if (tile == 0) {
+          CopyAsyncCommit();
+          CopyAsyncWait<0>();  // Q has landed.
+        }
+        if (tile == 0 || pos == kNoKey) FenceProxyAsync();  // Q and zeros, visible to wgmma.
+        if (run > 0) {
+          BarrierArriveExpectTx(full_k + 8 * stage, run * kRowBytes);
+          copy_run(k_smem, args.k_maps, full_k + 8 * stage, k_owner);
+        } else {
+          BarrierArrive(full_k + 8 * stage);
+        }
+        // V: the stage's V released (O += P V of tile - kStages done).
+        if (tile >= kStages) BarrierWait(empty_v + 8 * stage, parity);
+        if (pos == kNoKey) {
+          zero_row(Layout::kV);
+          FenceProxyAsync();
+        }
+        if (run > 0 && (kLoads || tile == 0)) {
+          BarrierArriveExpectTx(full_v + 8 * stage, run * kRowBytes);
+          copy_run(v_smem, args.v_maps, full_v + 8 * stage, v_owner);
+        } else {
+          BarrierArrive(full_v + 8 * stage);
+        }
+      }
+    }
+    for (int tile = 0; !kTma && tile < num_tiles; ++tile) {
       const int stage = tile % kStages;
       const uint32_t parity = ((tile / kStages) + 1) & 1;  // Phase of tile - kStages's release.
       // K: the stage's K and positions released (softmax of tile - kStages done).
@@ -330,6 +542,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       WgmmaCommit();
     };
 
+    // A stage released: this thread's arrival, or with kCluster this warp's on the stage's empty
+    // barrier in every CTA of the cluster.
+    auto release = [&](uint32_t bar) {
+      if constexpr (kCluster > 1) {
+        __syncwarp();
+        if (lane == 0) {
+#pragma unroll
+          for (int r = 0; r < kCluster; ++r) BarrierArriveCluster(bar, r);
+        }
+      } else {
+        BarrierArrive(bar);
+      }
+    };
+
     // kPingPong: warpgroup c issues its wgmmas after named barrier 2 + c, then lets the other one
     // issue (barrier 3 - c); warpgroup 1 lets warpgroup 0 go first and skips its last hand-over,
     // so both barriers see as many arrivals as waits.
@@ -350,7 +576,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       WgmmaWait<0>();
       FenceRegisters(s);
       softmax(key_pos);
-      BarrierArrive(empty_k);
+      release(empty_k);
       pack_and_rescale();
       for (int tile = 1; tile < num_tiles; ++tile) {
         const int stage = tile % kStages, previous = (tile - 1) % kStages;
@@ -364,10 +590,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         WgmmaWait<1>();  // S of this tile is done.
         FenceRegisters(s);
         softmax(key_pos + stage * kKeyTile);
-        BarrierArrive(empty_k + 8 * stage);  // K and positions of this tile are free.
+        release(empty_k + 8 * stage);  // K and positions of this tile are free.
         WgmmaWait<0>();         // O += P V of the previous tile is done: its V is free, P and O may
         FenceRegisters(o_acc);  // change.
-        BarrierArrive(empty_v + 8 * previous);
+        release(empty_v + 8 * previous);
         pack_and_rescale();
       }
       const int last = (num_tiles - 1) % kStages;
@@ -395,33 +621,129 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       float* o = p.o + (head * p.lq + row) * kDim + (lane % 4) * 2;
 #pragma unroll
       for (int n = 0; n < kDim / 8; ++n) {
-        *reinterpret_cast<float2*>(o + n * 8) =
+        const float2 value =
             make_float2(o_acc[n * 4 + 2 * i] * inv, o_acc[n * 4 + 2 * i + 1] * inv);
+        if constexpr ((kOptions & kStreaming) != 0) {
+          __stcs(reinterpret_cast<float2*>(o + n * 8), value);
+        } else {
+          *reinterpret_cast<float2*>(o + n * 8) = value;
+        }
       }
       if (lane % 4 == 0) {
-        p.lse[head * p.lq + row] = sum > 0.0f ? (row_max[i] + __log2f(sum)) * kLn2 : kNegInf;
+        const float lse = sum > 0.0f ? (row_max[i] + __log2f(sum)) * kLn2 : kNegInf;
+        if constexpr ((kOptions & kStreaming) != 0) {
+          __stcs(p.lse + head * p.lq + row, lse);
+        } else {
+          p.lse[head * p.lq + row] = lse;
+        }
       }
     }
   }
+  // No CTA of a cluster exits while another may still copy into it or arrive on its barriers.
+  if constexpr (kCluster > 1) ClusterSync();
 #endif  // sm_90a
 }
 
+// The driver's cuTensorMapEncodeTiled, found through the runtime (no link to libcuda); null when
+// the driver has none.
+inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// Fills args->k_maps and v_maps (WsArgs) for the params' K and V. False when the driver cannot
+// encode them (no encoder, or rows past 2^31 - 1: TMA coordinates are 32-bit).
+template <typename T, int kDim, int kOptions>
+bool EncodeKvMaps(const SparseAttentionCudaParams& p, WsArgs* args) {
+  std::memset(args->k_maps, 0, sizeof(args->k_maps));
+  std::memset(args->v_maps, 0, sizeof(args->v_maps));
+  if (p.lk == 0) return true;  // No tile: the maps are never read.
+  const int64_t rows = p.hkv * p.lk;
+  if (rows > 0x7fffffff) return false;
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
+  if (encode == nullptr) return false;
+  const CUtensorMapDataType type = std::is_same<T, __half>::value
+                                       ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                       : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(kDim), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(kDim) * 2};
+  const cuuint32_t element_strides[2] = {1, 1};
+  for (int i = 0; i < BoxSet<kOptions>::kCount; ++i) {
+    const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBoxWidth),
+                               static_cast<cuuint32_t>(BoxSet<kOptions>::Height(i))};
+    for (int kv = 0; kv < 2; ++kv) {
+      CUtensorMap* map = kv == 0 ? &args->k_maps[i] : &args->v_maps[i];
+      if (encode(map, type, 2, const_cast<void*>(kv == 0 ? p.k : p.v), dims, strides, box,
+                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
 // Launches the warp-specialized kernel for (T, kDim) on `stream`; the params passed CanImplement.
+// kTma where the maps cannot be encoded, or kCluster not dividing a selection block's row tiles:
+// cudaErrorNotSupported (the caller may fall back).
 template <typename T, int kDim, bool kPingPong = false, int kProducerRegisters = 24,
-          bool kLoads = true>
+          bool kLoads = true, bool kTma = false, int kCluster = 1, int kOptions = 0>
 cudaError_t LaunchWs(const SparseAttentionCudaParams& p, cudaStream_t stream) {
+  static_assert(kCluster == 1 || kTma, "clusters share tiles by TMA multicast");
   const int64_t rows_per_head = kRows / (p.hq / p.hkv);
   const int64_t tiles_per_block = (p.block_size + rows_per_head - 1) / rows_per_head;
+  if (tiles_per_block % kCluster != 0) return cudaErrorNotSupported;
   const dim3 grid(static_cast<unsigned>(p.num_blocks * tiles_per_block),
                   static_cast<unsigned>(p.hkv));
   constexpr size_t kSmem = WsSmemLayout<kDim>::kBytes;
-  const cudaError_t error = cudaFuncSetAttribute(
-      HopperWsSparseAttentionKernel<T, kDim, kPingPong, kProducerRegisters, kLoads>,
-      cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  auto* kernel = HopperWsSparseAttentionKernel<T, kDim, kPingPong, kProducerRegisters, kLoads, kTma,
+                                               kCluster, kOptions>;
+  const cudaError_t error =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
-  HopperWsSparseAttentionKernel<T, kDim, kPingPong, kProducerRegisters, kLoads>
-      <<<grid, kWsThreads, kSmem, stream>>>(p);
-  return cudaGetLastError();
+  WsArgs args;
+  if (kTma) {
+    if (!EncodeKvMaps<T, kDim, kOptions>(p, &args)) return cudaErrorNotSupported;
+  }
+  args.p = p;
+  if constexpr (kCluster > 1) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = dim3(kWsThreads);
+    config.dynamicSmemBytes = kSmem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = kCluster;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, args);
+  } else {
+    kernel<<<grid, kWsThreads, kSmem, stream>>>(args);
+    return cudaGetLastError();
+  }
+}
+
+// The Hopper kernel that kHopper runs: warp-specialized with the TMA producer and the consumers'
+// ping-pong (variant ws_tma_pp), or the lock-step `early` kernel (sparse_attention_hopper.cuh)
+// where the tensor maps cannot be encoded.
+template <typename T, int kDim>
+cudaError_t LaunchDefault(const SparseAttentionCudaParams& p, cudaStream_t stream) {
+  const cudaError_t error = LaunchWs<T, kDim, true, 24, true, true>(p, stream);
+  if (error != cudaErrorNotSupported) return error;
+  return Launch<T, kDim, true, true>(p, stream);
 }
 
 }  // namespace sparse_attention_hopper

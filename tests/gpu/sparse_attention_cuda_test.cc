@@ -235,17 +235,22 @@ struct KernelRun {
   std::string name;
 };
 
-// Every run of `kernels` on case `c` against the reference (see the file comment).
-void CheckKernels(const AttentionCase& c, const std::vector<KernelRun>& kernels) {
-  const uint64_t seed = testing::FreshSeed();
-  SCOPED_TRACE(::testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
-  const Tensor q = testing::RandomTensor(rng, c.hq, c.lq, c.d, c.structured ? 2.0f : 1.0f);
+// One case's fresh inputs: fp32 q and the keys held (reference), their storage-precision copies
+// (kernels), the selection and the scale.
+struct CaseInputs {
+  Tensor q, k_held, v_held, q_s, k_s, v_s;
+  Selection selection;
+  int64_t t0 = 0;
+  float scale = 0.0f;
+};
+
+absl::StatusOr<CaseInputs> MakeInputs(const AttentionCase& c, std::mt19937_64& rng) {
+  CaseInputs in;
+  in.q = testing::RandomTensor(rng, c.hq, c.lq, c.d, c.structured ? 2.0f : 1.0f);
   const Tensor k = c.structured ? testing::SegmentedTensor(rng, c.hkv, c.lk, c.d)
                                 : testing::RandomTensor(rng, c.hkv, c.lk, c.d);
   const Tensor v = testing::RandomTensor(rng, c.hkv, c.lk, c.d);
-  const int64_t t0 = c.lk - c.lq;
-
+  in.t0 = c.lk - c.lq;
   DhsaConfig config;
   config.policy = c.policy;
   config.q_block = c.q_block;
@@ -254,14 +259,28 @@ void CheckKernels(const AttentionCase& c, const std::vector<KernelRun>& kernels)
     config.sink = 32;
     config.local = 128;
   }
-  const absl::StatusOr<Selection> selection = ReferenceSelection(q, k, config, c.decode);
-  ASSERT_TRUE(selection.ok()) << selection.status();
-  const float scale = EffectiveScale(config, c.d);
+  DHSA_ASSIGN_OR_RETURN(in.selection, ReferenceSelection(in.q, k, config, c.decode));
+  in.scale = EffectiveScale(config, c.d);
+  in.k_held = SliceTokens(k, c.k_begin, c.lk);
+  in.v_held = SliceTokens(v, c.k_begin, c.lk);
+  in.q_s = in.q.ConvertTo(c.dtype);
+  in.k_s = in.k_held.ConvertTo(c.dtype);
+  in.v_s = in.v_held.ConvertTo(c.dtype);
+  return in;
+}
 
-  // The keys held, in fp32 (reference) and in storage precision (kernel and naive).
-  const Tensor k_held = SliceTokens(k, c.k_begin, c.lk), v_held = SliceTokens(v, c.k_begin, c.lk);
-  const Tensor q_s = q.ConvertTo(c.dtype), k_s = k_held.ConvertTo(c.dtype),
-               v_s = v_held.ConvertTo(c.dtype);
+// Every run of `kernels` on case `c` against the reference (see the file comment).
+void CheckKernels(const AttentionCase& c, const std::vector<KernelRun>& kernels) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  absl::StatusOr<CaseInputs> inputs = MakeInputs(c, rng);
+  ASSERT_TRUE(inputs.ok()) << inputs.status();
+  const Tensor &q = inputs->q, &k_held = inputs->k_held, &v_held = inputs->v_held;
+  const Tensor &q_s = inputs->q_s, &k_s = inputs->k_s, &v_s = inputs->v_s;
+  const Selection* selection = &inputs->selection;
+  const int64_t t0 = inputs->t0;
+  const float scale = inputs->scale;
 
   auto view = [&](const Tensor& t, int64_t offset) {
     HeadsView h = HeadsView::Of(t, "t").value();
@@ -362,6 +381,54 @@ TEST_P(SparseAttentionCudaTest, HopperVariantsMatchReference) {
   CheckKernels(c, kernels);
 }
 
+// The TMA producers (variants ws_tma*, and the default Hopper kernel, which is one of them) put the
+// same bytes in shared memory as the cp.async producer (variant ws), so their outputs equal ws's
+// bit for bit on the same inputs.
+TEST_P(SparseAttentionCudaTest, HopperTmaVariantsEqualCpAsyncBitForBit) {
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
+  const AttentionCase c = GetParam();
+  if (!SparseAttentionCudaHopperAvailable() || c.dtype != DType::kBF16 || c.d != 128) {
+    GTEST_SKIP() << "variants exist for bf16, d = 128 on sm_90a builds and devices only";
+  }
+  int cp_async = -1;
+  std::vector<int> tma;
+  for (int i = 0; i < SparseAttentionHopperVariantCount(); ++i) {
+    const std::string name = SparseAttentionHopperVariantName(i);
+    if (name == "ws") cp_async = i;
+    if (name.rfind("ws_tma", 0) == 0) tma.push_back(i);
+  }
+  ASSERT_GE(cp_async, 0);
+  ASSERT_FALSE(tma.empty());
+  tma.push_back(-1);  // The default Hopper kernel.
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  absl::StatusOr<CaseInputs> in = MakeInputs(c, rng);
+  ASSERT_TRUE(in.ok()) << in.status();
+  const absl::StatusOr<DeviceResult> want =
+      RunCuda(in->q_s, in->k_s, in->v_s, in->selection, in->t0, c.k_begin, in->scale,
+              SparseAttentionCudaKernel::kHopper, cp_async);
+  ASSERT_TRUE(want.ok()) << want.status();
+  for (int variant : tma) {
+    const char* name = variant >= 0 ? SparseAttentionHopperVariantName(variant) : "hopper";
+    SCOPED_TRACE(name);
+    const absl::StatusOr<DeviceResult> got =
+        RunCuda(in->q_s, in->k_s, in->v_s, in->selection, in->t0, c.k_begin, in->scale,
+                SparseAttentionCudaKernel::kHopper, variant);
+    ASSERT_TRUE(got.ok()) << got.status();
+    int64_t differing = 0;
+    for (size_t i = 0; i < want->o.size(); ++i) {
+      differing += std::memcmp(&got->o[i], &want->o[i], sizeof(float)) != 0 ? 1 : 0;
+    }
+    for (size_t i = 0; i < want->lse.size(); ++i) {
+      differing += std::memcmp(&got->lse[i], &want->lse[i], sizeof(float)) != 0 ? 1 : 0;
+    }
+    EXPECT_EQ(differing, 0) << "elements differing from variant ws";
+    std::printf("RESULT %-40s %s == ws: %lld of %zu elements differ\n", c.name, name,
+                static_cast<long long>(differing), want->o.size() + want->lse.size());
+  }
+}
+
 constexpr DType kBf16 = DType::kBF16, kF16 = DType::kF16;
 
 // name, hq, hkv, lq, lk, d, dtype, policy, structured, small_budget, q_block, k_begin, decode
@@ -378,6 +445,10 @@ INSTANTIATE_TEST_SUITE_P(
                       true, true, 64},
         AttentionCase{"dhsa_4099_qblock64_g8_d128_bf16", 16, 2, 4099, 4099, 128, kBf16,
                       Policy::kDhsa, true, true, 64},
+        AttentionCase{"dhsa_4099_qblock16_g4_d128_bf16", 8, 2, 4099, 4099, 128, kBf16,
+                      Policy::kDhsa, true, true, 16},
+        AttentionCase{"dhsa_1025_qblock16_g8_d64_f16", 8, 1, 1025, 1025, 64, kF16, Policy::kDhsa,
+                      true, true, 16},
         AttentionCase{"dense_4099_t0_g1_d128_bf16", 2, 2, 333, 4099, 128, kBf16, Policy::kDense},
         AttentionCase{"block_topk_4099_g2_d128_f16", 4, 2, 4099, 4099, 128, kF16,
                       Policy::kBlockTopk, true},
