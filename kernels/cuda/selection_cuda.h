@@ -107,7 +107,9 @@ class DeviceDhsaSelection {
   void set_mass_scores_only(bool only) { mass_scores_only_ = only; }
   // With `tensor`, the mass score's products run on the tensor cores in 3xTF32 (about fp32's
   // accuracy; selection_mass.cu) instead of fp32 fused multiply-adds (head dims up to 128; larger
-  // ones keep the fused multiply-adds).
+  // ones keep the fused multiply-adds). On by default (H200, 128K, budget 4096: mass scores 67.9
+  // -> 63.5 ms, every mass selection test passing with each; bench/results/
+  // 2026-11-28-h200-mass-selection.md).
   void set_mass_tensor_cores(bool tensor) { mass_tensor_cores_ = tensor; }
   // Mass score: query blocks per wave (scores of a wave are written, then its selection), at most
   // what Create sized the scores buffer for (256 MiB of scores); tests use small waves.
@@ -148,7 +150,7 @@ class DeviceDhsaSelection {
   bool overlap_rho_ = false;
   bool batched_scores_ = true;
   bool mass_scores_only_ = false;
-  bool mass_tensor_cores_ = false;
+  bool mass_tensor_cores_ = true;
   int64_t pieces_ = 0;          // Mass score: score_rows-row pieces of the queries.
   int64_t score_blocks_ = 0;    // Mass score: query blocks a wave scores.
   int64_t score_capacity_ = 0;  // Mass score: query blocks the scores buffer holds.
