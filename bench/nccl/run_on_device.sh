@@ -6,9 +6,12 @@
 #                                         # Abseil/gRPC/protobuf libraries into .device-carry-nccl/
 #   bench/nccl/run_on_device.sh run       # there (carry .device-carry-nccl): GPU tests, then the
 #                                         # benchmark; logs and summary.txt under $OUT
-#   bench/nccl/run_on_device.sh e2e       # there: the service tests over NCCL, then end-to-end
-#                                         # prefill (nccl_e2e_bench) for 1 embedded GPU worker,
-#                                         # 2 GPU worker processes over NCCL and over gRPC bytes
+#   bench/nccl/run_on_device.sh e2e       # there: the NCCL tests and the service tests over
+#                                         # NCCL, then end-to-end prefill (nccl_e2e_bench) for the
+#                                         # 1-GPU library in process, 1 embedded GPU worker, 2 GPU
+#                                         # worker processes over NCCL (device I/O, and staged
+#                                         # through host memory) and over gRPC bytes; per-phase
+#                                         # worker times (DHSA_CUDA_WORKER_TIMING=1) in the summary
 #
 # libnccl is not carried (218 MB): the machine's own is used (the nvidia-nccl-cu13 wheel of its
 # python3, else a system copy). NCCL_NVLS_ENABLE=0 always (no NVLink multicast on shared hosts).
@@ -67,11 +70,22 @@ nvidia-smi topo -m >"$out/topo.txt" 2>&1
 say "topology: $(grep -E '^GPU0' "$out/topo.txt" | tr -s ' ')"
 
 if [[ "$mode" == e2e ]]; then
+  # Logs go to $out/logs, packed into $out/logs.tar.xz at the end (8 files come back at most).
+  summary_dir="$out"
+  out="$out/logs"
+  mkdir -p "$out"
+  pack() { tar -C "$summary_dir" -cJf "$summary_dir/logs.tar.xz" logs && rm -rf "$summary_dir/logs"; }
+  # DHSA_E2E_LENGTHS (32768,131072), DHSA_E2E_REPS (2 timed calls after 1 warm-up),
+  # DHSA_E2E_GRPC_LENGTHS (32768: gRPC bytes at 128K takes > 30 s a call; "32768,131072" times one
+  # 128K call with no warm-up, bounded), DHSA_E2E_HOST_STAGED (1: also 2 GPU workers over NCCL with
+  # q/o staged through host memory, DHSA_WORKER_NCCL_DEVICE=0, at the last length).
   lengths="${DHSA_E2E_LENGTHS:-32768,131072}"
   reps="${DHSA_E2E_REPS:-2}"
+  grpc_lengths="${DHSA_E2E_GRPC_LENGTHS:-32768}"
   start=$SECONDS
   NCCL_DEBUG=WARN timeout 60 "$bin/nccl_gpu_test" --gtest_color=no >"$out/nccl_gpu_test.log" 2>&1
   say "nccl_gpu_test rc=$? in $((SECONDS - start)) s: $(grep -E '^\[  (PASSED|FAILED) ' "$out/nccl_gpu_test.log" | tr '\n' ' ')"
+  grep -B2 -A8 'Failure' "$out/nccl_gpu_test.log" | head -30 | tee -a "$summary"
   start=$SECONDS
   NCCL_DEBUG=WARN timeout 120 "$bin/nccl_service_gpu_test" --gtest_color=no \
     >"$out/nccl_service_gpu_test.log" 2>&1
@@ -82,7 +96,7 @@ if [[ "$mode" == e2e ]]; then
   grep -B2 -A8 'Failure' "$out/nccl_service_gpu_test.log" | head -40 | tee -a "$summary"
   pids=()
   cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; pids=(); }
-  trap cleanup EXIT
+  trap 'cleanup; pack' EXIT
   port_of() {
     for _ in $(seq 600); do
       p=$(grep -oE 'port [0-9]+' "$1" | head -1 | cut -d' ' -f2)
@@ -93,34 +107,56 @@ if [[ "$mode" == e2e ]]; then
   }
   mm=67108864
   start=$SECONDS
-  timeout 90 "$bin/nccl_e2e_bench" --embedded 1 --label "1 GPU worker, embedded, shm" \
-    --lengths "$lengths" --reps "$reps" >"$out/e2e_1gpu.log" 2>&1
+  timeout 60 "$bin/nccl_e2e_bench" --inprocess-gpu 1 --label "1 GPU in process (library)" \
+    --lengths "$lengths" --reps "$reps" >"$out/e2e_inprocess.log" 2>&1
+  say "1 GPU in process rc=$? in $((SECONDS - start)) s"
+  start=$SECONDS
+  DHSA_CUDA_WORKER_TIMING=1 timeout 90 "$bin/nccl_e2e_bench" --embedded 1 \
+    --label "1 GPU worker, embedded, shm" --lengths "$lengths" --reps "$reps" \
+    >"$out/e2e_1gpu.log" 2>&1
   say "1 GPU embedded rc=$? in $((SECONDS - start)) s"
-  workers=""
-  for g in 0 1; do
-    CUDA_VISIBLE_DEVICES=$g "$bin/dhsa-worker" --listen 127.0.0.1:0 --backend cuda \
-      --max-message-bytes $mm >"$out/worker$g.log" 2>&1 &
-    pids+=($!)
-    wp=$(port_of "$out/worker$g.log") || { say "worker $g did not start"; cat "$out/worker$g.log"; }
-    workers+="${workers:+,}127.0.0.1:$wp"
-  done
-  for t in nccl grpc; do
+  grep 'cuda attend' "$out/e2e_1gpu.log" | tail -1 | tee -a "$summary"
+  start_workers() {  # $1: log suffix; the environment passes on.
+    workers=""
+    for g in 0 1; do
+      CUDA_VISIBLE_DEVICES=$g DHSA_CUDA_WORKER_TIMING=1 "$bin/dhsa-worker" --listen 127.0.0.1:0 \
+        --backend cuda --max-message-bytes $mm >"$out/worker$g$1.log" 2>&1 &
+      pids+=($!)
+      wp=$(port_of "$out/worker$g$1.log") || { say "worker $g did not start"; cat "$out/worker$g$1.log"; }
+      workers+="${workers:+,}127.0.0.1:$wp"
+    done
+  }
+  bench_router() {  # $1 transport, $2 lengths, $3 label, $4 bound (s), $5... bench flags
+    local t=$1 lens=$2 label=$3 bound=$4
+    shift 4
     NCCL_DEBUG=WARN "$bin/dhsa-router" --listen 127.0.0.1:0 --workers "$workers" --transport $t \
-      --max-message-bytes $mm --worker-call-timeout 120 --drain-seconds 1 >"$out/router_$t.log" 2>&1 &
+      --max-message-bytes $mm --worker-call-timeout 120 --drain-seconds 1 >"$out/router_$t$label.log" 2>&1 &
     rpid=$!
-    rp=$(port_of "$out/router_$t.log") || { say "router $t did not start"; cat "$out/router_$t.log"; }
+    rp=$(port_of "$out/router_$t$label.log") || { say "router $t did not start"; cat "$out/router_$t$label.log"; }
     sleep 1
     start=$SECONDS
-    timeout 100 "$bin/nccl_e2e_bench" --target "127.0.0.1:$rp" --label "2 GPU workers, $t" \
-      --lengths "$lengths" --reps "$reps" >"$out/e2e_2gpu_$t.log" 2>&1
-    say "2 GPU workers $t rc=$? in $((SECONDS - start)) s"
+    timeout "$bound" "$bin/nccl_e2e_bench" --target "127.0.0.1:$rp" --label "2 GPU workers, $t$label" \
+      --lengths "$lens" "$@" >"$out/e2e_2gpu_$t$label.log" 2>&1
+    say "2 GPU workers $t$label rc=$? in $((SECONDS - start)) s"
     kill $rpid 2>/dev/null; wait $rpid 2>/dev/null
-    grep -E 'NCCL data plane|shared-memory' "$out/router_$t.log" | head -4 | tee -a "$summary"
-  done
+    grep -E 'NCCL data plane|shared-memory' "$out/router_$t$label.log" | head -2 | tee -a "$summary"
+  }
+  start_workers ""
+  bench_router nccl "$lengths" "" 60 --reps "$reps"
+  for g in 0 1; do grep 'cuda attend' "$out/worker$g.log" | tail -1 | tee -a "$summary"; done
+  bench_router grpc "$grpc_lengths" "" 100 --reps 1 --warmups 0
   cleanup
-  cat "$out"/e2e_*.log | grep -E '^config' | head -1 | tee -a "$summary"
-  cat "$out"/e2e_1gpu.log "$out"/e2e_2gpu_nccl.log "$out"/e2e_2gpu_grpc.log | grep -vE '^config' \
-    | tee -a "$summary"
+  if [[ "${DHSA_E2E_HOST_STAGED:-1}" == 1 ]]; then
+    export DHSA_WORKER_NCCL_DEVICE=0
+    start_workers "_host"
+    bench_router nccl "${lengths##*,}" "-host-staged" 60 --reps 1
+    for g in 0 1; do grep 'cuda attend' "$out/worker${g}_host.log" | tail -1 | tee -a "$summary"; done
+    unset DHSA_WORKER_NCCL_DEVICE
+    cleanup
+  fi
+  cat "$out"/e2e_inprocess.log | tee -a "$summary"
+  cat "$out"/e2e_1gpu.log | grep -E '^config' | head -1 | tee -a "$summary"
+  cat "$out"/e2e_1gpu.log "$out"/e2e_2gpu_*.log | grep -vE '^config|cuda attend' | tee -a "$summary"
   exit $rc
 fi
 

@@ -296,6 +296,44 @@ void NcclLink::Recv(const TensorDescriptor& desc, std::shared_ptr<PinnedBuffer> 
       std::move(done));
 }
 
+void NcclLink::SendDevice(const TensorDescriptor& desc, const void* data, int64_t bytes,
+                          std::shared_ptr<const void> hold, Done done) {
+  absl::Status s =
+      data == nullptr ? absl::InvalidArgumentError("no device buffer") : Check(desc, true, bytes);
+  if (!s.ok()) {
+    done(s);
+    return;
+  }
+  queue_->Post(
+      desc.transfer_id,
+      [this, desc, data, bytes, hold] {
+        return comm_->SendDevice(
+            desc.transfer_id, data, bytes, desc.dst_rank, absl::Now() + transfer_timeout_,
+            absl::StrCat("ncclSend of '", desc.name, "' (transfer ", desc.transfer_id,
+                         ", device) to rank ", desc.dst_rank));
+      },
+      std::move(done));
+}
+
+void NcclLink::RecvDevice(const TensorDescriptor& desc, void* data, int64_t bytes,
+                          std::shared_ptr<const void> hold, Done done) {
+  absl::Status s =
+      data == nullptr ? absl::InvalidArgumentError("no device buffer") : Check(desc, false, bytes);
+  if (!s.ok()) {
+    done(s);
+    return;
+  }
+  queue_->Post(
+      desc.transfer_id,
+      [this, desc, data, bytes, hold] {
+        return comm_->RecvDevice(
+            desc.transfer_id, data, bytes, desc.src_rank, absl::Now() + transfer_timeout_,
+            absl::StrCat("ncclRecv of '", desc.name, "' (transfer ", desc.transfer_id,
+                         ", device) from rank ", desc.src_rank));
+      },
+      std::move(done));
+}
+
 void NcclLink::Abort(const std::string& why) {
   queue_->Fail(absl::UnavailableError(why));  // on_fail aborts the communicator.
   comm_->Abort(why);

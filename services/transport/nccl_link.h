@@ -143,6 +143,13 @@ class NcclLink {
   void Send(const TensorDescriptor& desc, std::shared_ptr<PinnedBuffer> buffer, Done done);
   void Recv(const TensorDescriptor& desc, std::shared_ptr<PinnedBuffer> buffer, Done done);
 
+  // The same straight from (into) `bytes` of device memory at `data` on the communicator's device;
+  // `hold` (the memory's owner) is kept until `done`.
+  void SendDevice(const TensorDescriptor& desc, const void* data, int64_t bytes,
+                  std::shared_ptr<const void> hold, Done done);
+  void RecvDevice(const TensorDescriptor& desc, void* data, int64_t bytes,
+                  std::shared_ptr<const void> hold, Done done);
+
   std::shared_ptr<PinnedBuffer> Pinned(int64_t bytes) { return pool_->Take(bytes); }
   // Aborts the communicator and fails every transfer queued or to come (UNAVAILABLE, `why`).
   void Abort(const std::string& why);

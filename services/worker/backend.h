@@ -48,6 +48,11 @@ class WorkerBackend {
   virtual absl::StatusOr<PartialAttention> Compute(const PartialAttentionInputs& in) = 0;
   // The device's memory now (Stats); zeros for the CPU backend.
   virtual absl::StatusOr<DeviceMemoryInfo> DeviceMemory() const = 0;
+  // `bytes` of this backend's device memory for PartialAttentionInputs::q_device (the NCCL data
+  // plane receives into it); null for backends without a device (CPU).
+  virtual absl::StatusOr<std::shared_ptr<WorkerDeviceBuffer>> AllocateDevice(int64_t /*bytes*/) {
+    return std::shared_ptr<WorkerDeviceBuffer>();
+  }
 };
 
 // True in builds with the CUDA backend (DHSA_WITH_CUDA).

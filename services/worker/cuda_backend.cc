@@ -10,14 +10,19 @@
 // Calls: each Attend runs on an executor thread with a non-blocking stream of its own (no implicit
 // ordering with other calls' streams), one stream-ordered workspace (cudaMallocAsync) holding q in
 // the keys' dtype, the per-stripe selections in CSR form (one upload), the per-stripe partials and
-// the merged output. Store writes (KvStore::Commit) run on the memory's own stream and complete
-// before the commit publishes the new length, so a snapshot never sees rows still in flight.
+// the merged output. Over NCCL (PartialAttentionInputs::q_device, outputs_on_device) q is already
+// on the device (received into an AllocateDevice buffer) and o and lse stay there in buffers of
+// their own, which the data plane sends from: no host copy of them on the worker. Store writes
+// (KvStore::Commit) run on the memory's own stream and complete before the commit publishes the new
+// length, so a snapshot never sees rows still in flight.
 #include "services/worker/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -111,6 +116,25 @@ class CudaKvMemory final : public KvMemory {
   const cudaStream_t stream_;
 };
 
+// Stream-ordered device memory (cudaMallocAsync) released on `free_stream` (cudaFreeAsync). Its
+// holders observed every use of it complete on the host before letting go, so no stream order is
+// needed for the release.
+class CudaDeviceBuffer final : public WorkerDeviceBuffer {
+ public:
+  CudaDeviceBuffer(void* data, int64_t bytes, int device, cudaStream_t free_stream)
+      : data_(data), bytes_(bytes), device_(device), free_stream_(free_stream) {}
+  ~CudaDeviceBuffer() override { (void)cudaFreeAsync(data_, free_stream_); }
+  void* data() const override { return data_; }
+  int64_t bytes() const override { return bytes_; }
+  int device() const override { return device_; }
+
+ private:
+  void* const data_;
+  const int64_t bytes_;
+  const int device_;
+  const cudaStream_t free_stream_;
+};
+
 // A non-blocking stream and a stream-ordered workspace, released (after the stream's work) when
 // the call ends, however it ends.
 class CallResources {
@@ -135,6 +159,17 @@ class CallResources {
     DHSA_RETURN_IF_ERROR(CudaStatus(error, "cudaMallocAsync"));
     return static_cast<uint8_t*>(workspace_);
   }
+  // An output buffer of the call, ordered on its stream (usable elsewhere once the stream is
+  // synchronized), freed on `free_stream` when its last holder lets go.
+  absl::StatusOr<std::shared_ptr<WorkerDeviceBuffer>> Output(size_t bytes, int device,
+                                                             cudaStream_t free_stream) {
+    void* data = nullptr;
+    const cudaError_t error = cudaMallocAsync(&data, bytes, stream_);
+    if (error == cudaErrorMemoryAllocation) return OutOfMemory(error, bytes, "an Attend's o");
+    DHSA_RETURN_IF_ERROR(CudaStatus(error, "cudaMallocAsync"));
+    return std::shared_ptr<WorkerDeviceBuffer>(
+        std::make_shared<CudaDeviceBuffer>(data, static_cast<int64_t>(bytes), device, free_stream));
+  }
   cudaStream_t stream() const { return stream_; }
 
  private:
@@ -142,10 +177,40 @@ class CallResources {
   void* workspace_ = nullptr;
 };
 
+// Wall time of an Attend's phases, printed to stderr when DHSA_CUDA_WORKER_TIMING=1 (each phase
+// that names a stream then waits for it, so the phases do not overlap as they otherwise would).
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(bool on) : on_(on), last_(std::chrono::steady_clock::now()) {}
+  void Mark(const char* name, cudaStream_t stream) {
+    if (!on_) return;
+    if (stream != nullptr) (void)cudaStreamSynchronize(stream);
+    const auto now = std::chrono::steady_clock::now();
+    char ms[32];
+    std::snprintf(ms, sizeof(ms), "%.1f", std::chrono::duration<double>(now - last_).count() * 1e3);
+    absl::StrAppend(&text_, " ", name, " ", ms, " ms");
+    last_ = now;
+  }
+  void Report(const std::string& what) const {
+    if (on_) std::fprintf(stderr, "%s:%s\n", what.c_str(), text_.c_str());
+  }
+
+ private:
+  const bool on_;
+  std::chrono::steady_clock::time_point last_;
+  std::string text_;
+};
+
 class CudaWorkerBackend final : public WorkerBackend {
  public:
-  CudaWorkerBackend(int device, std::shared_ptr<CudaKvMemory> memory)
-      : device_(device), memory_(std::move(memory)) {}
+  CudaWorkerBackend(int device, std::shared_ptr<CudaKvMemory> memory, cudaStream_t alloc_stream)
+      : device_(device),
+        memory_(std::move(memory)),
+        alloc_stream_(alloc_stream),
+        timing_(std::getenv("DHSA_CUDA_WORKER_TIMING") != nullptr &&
+                std::string(std::getenv("DHSA_CUDA_WORKER_TIMING")) == "1") {}
+  // Device buffers handed out may outlive the backend only until the process ends.
+  ~CudaWorkerBackend() override { (void)cudaStreamSynchronize(alloc_stream_); }
 
   std::string name() const override { return "cuda"; }
   std::shared_ptr<KvMemory> memory() const override { return memory_; }
@@ -167,14 +232,36 @@ class CudaWorkerBackend final : public WorkerBackend {
   }
 
   absl::StatusOr<PartialAttention> Compute(const PartialAttentionInputs& in) override;
+  absl::StatusOr<std::shared_ptr<WorkerDeviceBuffer>> AllocateDevice(int64_t bytes) override;
 
  private:
   const int device_;
   const std::shared_ptr<CudaKvMemory> memory_;
+  const cudaStream_t alloc_stream_;  // Allocations and releases of device buffers.
+  const bool timing_;
 };
+
+absl::StatusOr<std::shared_ptr<WorkerDeviceBuffer>> CudaWorkerBackend::AllocateDevice(
+    int64_t bytes) {
+  if (bytes <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("device buffer of ", bytes, " bytes"));
+  }
+  DHSA_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
+  void* data = nullptr;
+  const cudaError_t error = cudaMallocAsync(&data, static_cast<size_t>(bytes), alloc_stream_);
+  if (error == cudaErrorMemoryAllocation) {
+    return OutOfMemory(error, static_cast<size_t>(bytes), "a tensor received over NCCL");
+  }
+  DHSA_RETURN_IF_ERROR(CudaStatus(error, "cudaMallocAsync"));
+  auto buffer = std::make_shared<CudaDeviceBuffer>(data, bytes, device_, alloc_stream_);
+  // Usable from any stream (NCCL's, a call's) once the allocating stream reached it.
+  DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(alloc_stream_), "cudaMallocAsync"));
+  return std::shared_ptr<WorkerDeviceBuffer>(std::move(buffer));
+}
 
 absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttentionInputs& in) {
   const auto start = std::chrono::steady_clock::now();
+  PhaseTimer timer(timing_);
   if (in.cancelled && in.cancelled()) {
     return absl::CancelledError("Attend cancelled by the client before it started");
   }
@@ -195,6 +282,16 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
                      keys.kv_heads, " KV heads with ", hq,
                      " query heads; per-query-head selections (oracle_topk) need workers with "
                      "--backend=cpu"));
+  }
+  if (in.q_device != nullptr) {
+    const int64_t want = rows * d * static_cast<int64_t>(DTypeSize(keys.dtype));
+    if (q_in.dtype != keys.dtype || in.q_device->bytes() < want ||
+        in.q_device->device() != device_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "q on the device is ", DTypeName(q_in.dtype), ", ", in.q_device->bytes(),
+          " bytes on device ", in.q_device->device(), "; this backend needs ",
+          DTypeName(keys.dtype), " (the keys' dtype), ", want, " bytes on device ", device_));
+    }
   }
   // The kernel's selection covers exactly the blocks of rows [q_begin, q_begin + lq).
   const int64_t bs = selection.block_size;
@@ -225,23 +322,50 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
     parts.push_back(std::move(part));
   }
 
+  const size_t o_size = static_cast<size_t>(rows * d) * sizeof(float);
+  const size_t lse_size = static_cast<size_t>(rows) * sizeof(float);
   PartialAttention out;
-  out.o = Tensor::Uninitialized(DType::kF32, {hq, lq, d});
-  out.lse = Tensor::Uninitialized(DType::kF32, {hq, lq});
+  if (!in.outputs_on_device) {
+    out.o = Tensor::Uninitialized(DType::kF32, {hq, lq, d});
+    out.lse = Tensor::Uninitialized(DType::kF32, {hq, lq});
+  }
+  CallResources call;
+  DHSA_RETURN_IF_ERROR(call.Init(device_));
+  float* o_dst = nullptr;  // Where the merged o and lse go on the device.
+  float* lse_dst = nullptr;
+  if (in.outputs_on_device) {
+    DHSA_ASSIGN_OR_RETURN(out.o_device, call.Output(o_size, device_, alloc_stream_));
+    DHSA_ASSIGN_OR_RETURN(out.lse_device, call.Output(lse_size, device_, alloc_stream_));
+    o_dst = static_cast<float*>(out.o_device->data());
+    lse_dst = static_cast<float*>(out.lse_device->data());
+  }
   if (parts.empty()) {  // No held key: every row is o = 0, lse = -inf (as the CPU backend).
-    std::memset(out.o.data(), 0, out.o.bytes.size());
-    float* lse = static_cast<float*>(out.lse.data());
-    std::fill(lse, lse + rows, -std::numeric_limits<float>::infinity());
+    std::vector<float> minus_inf(static_cast<size_t>(rows),
+                                 -std::numeric_limits<float>::infinity());
+    if (in.outputs_on_device) {
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(o_dst, 0, o_size, call.stream()), "zero o"));
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(lse_dst, minus_inf.data(), lse_size,
+                                                      cudaMemcpyHostToDevice, call.stream()),
+                                      "lse = -inf"));
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(call.stream()), "empty attention"));
+    } else {
+      std::memset(out.o.data(), 0, out.o.bytes.size());
+      std::memcpy(out.lse.data(), minus_inf.data(), lse_size);
+    }
   } else {
     // q in the keys' dtype (the kernel reads q, k and v in one storage type).
     Tensor q_converted;
     const Tensor* q = &q_in;
-    if (q_in.dtype != keys.dtype) {
+    if (in.q_device == nullptr && q_in.dtype != keys.dtype) {
       q_converted = q_in.ConvertTo(keys.dtype);
       q = &q_converted;
     }
-    // Workspace: q and the selections (uploaded at once from `staging`), then the outputs.
-    size_t size = AlignUp(q->bytes.size());
+    // Workspace: q (unless it is on the device already), the selections (uploaded at once from
+    // `staging`), then the outputs.
+    const size_t q_bytes = in.q_device != nullptr ? 0 : q->bytes.size();
+    const size_t q_at = 0;
+    size_t size = AlignUp(q_bytes);
+    const size_t csr_at = size;
     for (Part& p : parts) {
       p.offsets_at = size;
       size += AlignUp(p.csr.entry_offsets.size() * sizeof(int64_t));
@@ -250,38 +374,46 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
       p.starts_at = size;
       size += AlignUp(p.csr.span_starts.size() * sizeof(int32_t));
     }
-    const size_t upload = size;
-    const size_t o_bytes = AlignUp(static_cast<size_t>(rows * d) * sizeof(float));
-    const size_t lse_bytes = AlignUp(static_cast<size_t>(rows) * sizeof(float));
-    const size_t o_at = size, lse_at = size + o_bytes;
-    size += o_bytes + lse_bytes;
+    const size_t csr_bytes = size - csr_at;
+    size_t o_at = 0, lse_at = 0;
+    if (!in.outputs_on_device) {
+      o_at = size;
+      lse_at = size + AlignUp(o_size);
+      size += AlignUp(o_size) + AlignUp(lse_size);
+    }
     if (parts.size() > 1) {
       for (Part& p : parts) {
         p.o_at = size;
-        p.lse_at = size + o_bytes;
-        size += o_bytes + lse_bytes;
+        p.lse_at = size + AlignUp(o_size);
+        size += AlignUp(o_size) + AlignUp(lse_size);
       }
-    } else {
-      parts[0].o_at = o_at;
-      parts[0].lse_at = lse_at;
     }
-    std::vector<uint8_t> staging(upload);
-    std::memcpy(staging.data(), q->bytes.data(), q->bytes.size());
+    std::vector<uint8_t> staging(csr_bytes);
     for (const Part& p : parts) {
-      std::memcpy(staging.data() + p.offsets_at, p.csr.entry_offsets.data(),
+      std::memcpy(staging.data() + (p.offsets_at - csr_at), p.csr.entry_offsets.data(),
                   p.csr.entry_offsets.size() * sizeof(int64_t));
-      std::memcpy(staging.data() + p.spans_at, p.csr.spans.data(),
+      std::memcpy(staging.data() + (p.spans_at - csr_at), p.csr.spans.data(),
                   p.csr.spans.size() * sizeof(CudaSpan));
-      std::memcpy(staging.data() + p.starts_at, p.csr.span_starts.data(),
+      std::memcpy(staging.data() + (p.starts_at - csr_at), p.csr.span_starts.data(),
                   p.csr.span_starts.size() * sizeof(int32_t));
     }
+    timer.Mark("prepare", nullptr);
 
-    CallResources call;
-    DHSA_RETURN_IF_ERROR(call.Init(device_));
     DHSA_ASSIGN_OR_RETURN(uint8_t* const ws, call.Workspace(size));
-    DHSA_RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpyAsync(ws, staging.data(), upload, cudaMemcpyHostToDevice, call.stream()),
-        "uploading q and the selection"));
+    if (!in.outputs_on_device) {
+      o_dst = reinterpret_cast<float*>(ws + o_at);
+      lse_dst = reinterpret_cast<float*>(ws + lse_at);
+    }
+    if (q_bytes > 0) {
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(ws + q_at, q->bytes.data(), q_bytes,
+                                                      cudaMemcpyHostToDevice, call.stream()),
+                                      "uploading q"));
+    }
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(ws + csr_at, staging.data(), csr_bytes,
+                                                    cudaMemcpyHostToDevice, call.stream()),
+                                    "uploading the selection"));
+    timer.Mark("upload", call.stream());
+    const void* const q_dev = in.q_device != nullptr ? in.q_device->data() : ws + q_at;
     std::vector<const float*> part_o, part_lse;
     for (const Part& p : parts) {
       if (in.cancelled && in.cancelled())
@@ -289,11 +421,11 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
       const StripeSnapshot& s = keys.stripes[p.stripe];
       SparseAttentionCudaParams params;
       params.dtype = keys.dtype;
-      params.q = ws;
+      params.q = q_dev;
       params.k = s.buffer->k->data();
       params.v = s.buffer->v->data();
-      params.o = reinterpret_cast<float*>(ws + p.o_at);
-      params.lse = reinterpret_cast<float*>(ws + p.lse_at);
+      params.o = parts.size() > 1 ? reinterpret_cast<float*>(ws + p.o_at) : o_dst;
+      params.lse = parts.size() > 1 ? reinterpret_cast<float*>(ws + p.lse_at) : lse_dst;
       params.hq = hq;
       params.hkv = keys.kv_heads;
       params.head_dim = d;
@@ -313,18 +445,20 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
       part_lse.push_back(params.lse);
     }
     if (parts.size() > 1) {
-      DHSA_RETURN_IF_ERROR(MergePartialsCuda(part_o, part_lse, rows, d,
-                                             reinterpret_cast<float*>(ws + o_at),
-                                             reinterpret_cast<float*>(ws + lse_at), call.stream()));
+      DHSA_RETURN_IF_ERROR(
+          MergePartialsCuda(part_o, part_lse, rows, d, o_dst, lse_dst, call.stream()));
     }
-    DHSA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(out.o.data(), ws + o_at, out.o.bytes.size(),
-                                                    cudaMemcpyDeviceToHost, call.stream()),
-                                    "downloading o"));
-    DHSA_RETURN_IF_ERROR(
-        CudaStatus(cudaMemcpyAsync(out.lse.data(), ws + lse_at, out.lse.bytes.size(),
-                                   cudaMemcpyDeviceToHost, call.stream()),
-                   "downloading lse"));
+    timer.Mark("kernels", call.stream());
+    if (!in.outputs_on_device) {
+      DHSA_RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(out.o.data(), o_dst, o_size, cudaMemcpyDeviceToHost, call.stream()),
+          "downloading o"));
+      DHSA_RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(out.lse.data(), lse_dst, lse_size, cudaMemcpyDeviceToHost, call.stream()),
+          "downloading lse"));
+    }
     DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(call.stream()), "sparse attention"));
+    timer.Mark(in.outputs_on_device ? "sync" : "download", nullptr);
   }
   AttentionShape shape;
   shape.hq = hq;
@@ -334,6 +468,9 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
   shape.lk = in.q_begin + lq;
   out.computed_pairs = CountComputedPairs(selection, shape);
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  timer.Report(absl::StrCat("cuda attend: ", hq, "x", lq, " rows, ", parts.size(), " stripes, q ",
+                            in.q_device != nullptr ? "device" : "host", ", o ",
+                            in.outputs_on_device ? "device" : "host"));
   return out;
 }
 
@@ -360,11 +497,21 @@ absl::StatusOr<std::unique_ptr<WorkerBackend>> CreateCudaWorkerBackend() {
   }
   int device = 0;
   DHSA_RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
-  cudaStream_t stream = nullptr;
+  cudaStream_t stream = nullptr, alloc_stream = nullptr;
   DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking),
                                   "cudaStreamCreateWithFlags"));
-  return std::make_unique<CudaWorkerBackend>(device,
-                                             std::make_shared<CudaKvMemory>(device, stream));
+  DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&alloc_stream, cudaStreamNonBlocking),
+                                  "cudaStreamCreateWithFlags"));
+  // Keep up to 8 GiB of freed stream-ordered memory (q, o and the workspaces of a 128K-token
+  // prefill are GBs) in the device's pool rather than unmapping it at every synchronization.
+  cudaMemPool_t pool = nullptr;
+  if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
+    uint64_t keep = uint64_t{8} << 30;
+    (void)cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+  }
+  (void)cudaGetLastError();
+  return std::make_unique<CudaWorkerBackend>(device, std::make_shared<CudaKvMemory>(device, stream),
+                                             alloc_stream);
 }
 
 }  // namespace dhsa

@@ -82,6 +82,11 @@ absl::Status CheckSpansHeld(const Selection& selection, const LayerSnapshot& key
 
 absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionInputs& in) {
   const auto start = std::chrono::steady_clock::now();
+  if (in.q_device != nullptr || in.outputs_on_device) {
+    return absl::InvalidArgumentError(
+        "tensors on a device (q_device, outputs_on_device) need the cuda backend; this is the "
+        "host kernel");
+  }
   DHSA_ASSIGN_OR_RETURN(HeadsView q, HeadsView::Of(*in.q, "q"));
   q.offset = in.q_begin;
   const int64_t hq = q.heads, lq = q.len, d = q.dim;

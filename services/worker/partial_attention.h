@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "absl/status/status.h"
@@ -21,9 +22,23 @@ namespace dhsa {
 absl::Status CheckSpansHeld(const Selection& selection, const LayerSnapshot& keys,
                             const std::string& sequence_id, int32_t layer);
 
+// Memory on a backend's device (the CUDA backend's; WorkerBackend::AllocateDevice), freed when the
+// last holder lets go. The NCCL data plane receives "q" into it and sends "o" and "lse" from it, so
+// those tensors never pass through host memory on the worker.
+class WorkerDeviceBuffer {
+ public:
+  virtual ~WorkerDeviceBuffer() = default;
+  virtual void* data() const = 0;
+  virtual int64_t bytes() const = 0;
+  virtual int device() const = 0;  // CUDA device ordinal of this process.
+};
+
 struct PartialAttention {
-  Tensor o;                    // [Hq, Lq, d] float32; 0 where a row saw no key.
-  Tensor lse;                  // [Hq, Lq] float32, natural log; -inf where a row saw no key.
+  Tensor o;    // [Hq, Lq, d] float32; 0 where a row saw no key.
+  Tensor lse;  // [Hq, Lq] float32, natural log; -inf where a row saw no key.
+  // With PartialAttentionInputs::outputs_on_device: o and lse (as above) on the backend's device,
+  // complete (the computing stream synchronized); the host tensors o and lse are then empty.
+  std::shared_ptr<WorkerDeviceBuffer> o_device, lse_device;
   int64_t computed_pairs = 0;  // (query, key) pairs attended, over all query heads.
   double seconds = 0;          // The kernel call.
 };
@@ -38,6 +53,12 @@ struct PartialAttentionInputs {
   int num_threads = 1;  // Threads inside the kernel call.
   // Polled between tiles of the kernel; true aborts with Cancelled.
   std::function<bool()> cancelled;
+  // Device I/O (the CUDA backend only; others answer InvalidArgument when either is set):
+  // q_device holds q's bytes on the backend's device, in q->dtype, which must be the keys' dtype;
+  // q then gives only dtype and shape (its bytes may be empty). outputs_on_device leaves o and
+  // lse on the device (PartialAttention::o_device, lse_device) instead of downloading them.
+  const WorkerDeviceBuffer* q_device = nullptr;
+  bool outputs_on_device = false;
 };
 
 absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionInputs& in);

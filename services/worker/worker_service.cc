@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -68,6 +70,13 @@ absl::StatusOr<NcclTensor> NcclOf(transport::WorkerDataPlane* data_plane,
   }
   DHSA_RETURN_IF_ERROR(t.link->Check(t.desc, send, t.desc.ByteSize()));
   return t;
+}
+
+// Whether Attend over NCCL may keep "q", "o" and "lse" on a CUDA backend's device (default yes;
+// DHSA_WORKER_NCCL_DEVICE=0 stages them through host memory, for comparison).
+bool NcclDeviceIo() {
+  const char* v = std::getenv("DHSA_WORKER_NCCL_DEVICE");
+  return v == nullptr || std::string(v) != "0";
 }
 
 }  // namespace
@@ -347,6 +356,12 @@ class WorkerService::AttendReactor final
       Finish(ToGrpcStatus(status));
       return;
     }
+    if (q_device_ != nullptr) {
+      // Straight into the device buffer; the receive's report starts the attention.
+      q_nccl_.link->RecvDevice(q_nccl_.desc, q_device_->data(), q_nccl_.desc.ByteSize(), q_device_,
+                               [this](absl::Status st) { ReceivedQ(st); });
+      return;
+    }
     if (q_nccl_.link != nullptr) {
       // "q" arrives over NCCL: the receive's report starts the attention (no further reads).
       q_nccl_.link->Recv(q_nccl_.desc, q_buf_, [this](absl::Status st) { ReceivedQ(st); });
@@ -450,6 +465,18 @@ class WorkerService::AttendReactor final
       DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.q_tensor(), "q", q_dtype, q_shape_));
       DHSA_ASSIGN_OR_RETURN(q_nccl_,
                             NcclOf(data_plane_, h.q_tensor(), false, options_.capacity_bytes));
+      if (o_nccl_.link != nullptr && q_dtype == snapshot.dtype && NcclDeviceIo()) {
+        // Onto the backend's device (CUDA workers): q, o and lse never touch host memory here.
+        absl::StatusOr<std::shared_ptr<WorkerDeviceBuffer>> buf =
+            backend_->AllocateDevice(q_nccl_.desc.ByteSize());
+        if (buf.ok() && *buf != nullptr &&
+            (*buf)->device() == q_nccl_.link->communicator().device() &&
+            (*buf)->device() == o_nccl_.link->communicator().device()) {
+          q_device_ = *std::move(buf);
+          snapshot_ = std::move(snapshot);
+          return absl::OkStatus();
+        }
+      }
       q_buf_ = q_nccl_.link->Pinned(q_nccl_.desc.ByteSize());
       if (q_buf_ == nullptr) {
         return absl::ResourceExhaustedError("no host memory to receive 'q' over NCCL");
@@ -482,6 +509,10 @@ class WorkerService::AttendReactor final
     if (!status.ok()) {
       Finish(ToGrpcStatus(
           absl::UnavailableError(absl::StrCat("receiving 'q' over NCCL: ", status.message()))));
+      return;
+    }
+    if (q_device_ != nullptr) {
+      executor_->Submit([this] { Run(); });
       return;
     }
     Tensor q;
@@ -535,6 +566,13 @@ class WorkerService::AttendReactor final
 
   absl::Status Compute() {
     Tensor q;
+    if (q_device_ != nullptr) {  // Only dtype and shape on the host.
+      q.dtype = q_nccl_.desc.dtype;
+      q.shape = q_nccl_.desc.shape;
+      absl::Status status = ComputeWith(q);
+      q_device_.reset();
+      return status;
+    }
     if (q_direct_.has_value()) {
       q = std::move(*q_direct_);
       q_direct_.reset();
@@ -561,10 +599,25 @@ class WorkerService::AttendReactor final
     // Share the pool's threads among the jobs in flight (this one included).
     in.num_threads = std::max(1, executor_->num_threads() / std::max(1, executor_->pending()));
     in.cancelled = [this] { return context_->IsCancelled(); };
+    in.q_device = q_device_.get();
+    in.outputs_on_device = q_device_ != nullptr;  // Set only when o and lse go over NCCL.
     DHSA_ASSIGN_OR_RETURN(const PartialAttention result, backend_->Compute(in));
     metrics::ObserveWorkerAttention(options_.backend, result.seconds);
     snapshot_.reset();  // Let a concurrent Drop free the stripes while the reply is sent.
 
+    if (o_nccl_.link != nullptr && result.o_device != nullptr) {
+      // Straight from the device over NCCL; the answer is the result alone, once both went out.
+      v1::AttendResult* done = responses_.emplace_back().mutable_result();
+      done->set_attention_seconds(result.seconds);
+      done->set_computed_pairs(result.computed_pairs);
+      sends_pending_ = 2;
+      o_nccl_.link->SendDevice(o_nccl_.desc, result.o_device->data(), o_nccl_.desc.ByteSize(),
+                               result.o_device, [this](absl::Status st) { Sent(st); });
+      lse_nccl_.link->SendDevice(lse_nccl_.desc, result.lse_device->data(),
+                                 lse_nccl_.desc.ByteSize(), result.lse_device,
+                                 [this](absl::Status st) { Sent(st); });
+      return absl::OkStatus();
+    }
     if (o_nccl_.link != nullptr) {
       // From pinned buffers over NCCL; the answer is the result alone, once both went out.
       const int64_t o_bytes = static_cast<int64_t>(result.o.bytes.size());
@@ -632,6 +685,7 @@ class WorkerService::AttendReactor final
   std::optional<v1::ShmRegion> o_region_, lse_region_;  // Where "o" and "lse" go.
   NcclTensor q_nccl_, o_nccl_, lse_nccl_;               // Tensors over NCCL.
   std::shared_ptr<transport::PinnedBuffer> q_buf_;
+  std::shared_ptr<WorkerDeviceBuffer> q_device_;  // "q" over NCCL onto the backend's device.
   std::mutex sent_mu_;
   int sends_pending_ = 0;     // Guarded by sent_mu_ (once the sends are posted).
   absl::Status sent_status_;  // Guarded by sent_mu_.

@@ -1,11 +1,14 @@
 // The NCCL data plane through the real service with CUDA workers (embedded: two dhsa workers with
 // --backend=cuda on device 0, the router's NCCL ranks on device 1): q, k, v go out and o, lse come
-// back over NCCL by descriptor, and the results equal the same service over shared memory and over
-// gRPC bytes (same kernels; within 1e-6 of max |o|: a different placement only reorders the
-// merge) and the in-process library within the CUDA kernels' storage-precision error. A
-// communicator aborted on either side costs at most the calls in flight (UNAVAILABLE, bounded),
-// later calls go over shared memory, and the next probe brings NCCL back. Skipped without NCCL or
-// with fewer than two CUDA devices.
+// back over NCCL by descriptor (on the workers straight into and out of device memory), and the
+// results equal the same service over shared memory, over gRPC bytes and over NCCL with the
+// workers' tensors staged through host memory (same kernels; within 1e-6 of max |o|: a different
+// placement only reorders the merge) and the in-process library within the CUDA kernels'
+// storage-precision error. A communicator aborted on either side costs at most the calls in flight
+// (UNAVAILABLE, bounded), later calls go over shared memory, and the next probe brings NCCL back.
+// Skipped without NCCL or with fewer than two CUDA devices.
+#include <stdlib.h>
+
 #include <cmath>
 #include <random>
 #include <string>
@@ -154,7 +157,9 @@ TEST(NcclService, EqualsSharedMemoryGrpcAndTheInProcessLibrary) {
     constexpr int64_t kSteps = 2;
     const Inputs in = MakeInputs(rng, c.hq, c.hkv, c.len + kSteps, c.dim, c.dtype);
     std::vector<Sequence> seqs;
-    for (Service* s : {&nccl, &shm, &grpc}) {
+    // The fourth: over NCCL with the workers' q, o and lse staged through host memory
+    // (DHSA_WORKER_NCCL_DEVICE=0) instead of received into and sent from device memory.
+    for (Service* s : {&nccl, &shm, &grpc, &nccl}) {
       seqs.push_back(s->Create(config, static_cast<int>(c.hq), static_cast<int>(c.hkv),
                                static_cast<int>(c.dim), c.dtype));
     }
@@ -169,18 +174,21 @@ TEST(NcclService, EqualsSharedMemoryGrpcAndTheInProcessLibrary) {
       SCOPED_TRACE(::testing::Message() << (st.decode ? "decode" : "prefill") << " [" << st.begin
                                         << ", " << st.end << ")");
       std::vector<AttentionOutput> got;
-      const char* names[] = {"nccl", "shm", "grpc"};
-      for (size_t i = 0; i < 3; ++i) {
+      const char* names[] = {"nccl", "shm", "grpc", "nccl"};
+      for (size_t i = 0; i < 4; ++i) {
         const Tensor q = Rows(in.q, st.begin, st.end), k = Rows(in.k, st.begin, st.end),
                      v = Rows(in.v, st.begin, st.end);
+        if (i == 3) setenv("DHSA_WORKER_NCCL_DEVICE", "0", 1);
         absl::StatusOr<AttentionOutput> out =
             st.decode ? seqs[i].Decode(0, q, k, v, true) : seqs[i].Prefill(0, q, k, v, true);
+        if (i == 3) unsetenv("DHSA_WORKER_NCCL_DEVICE");
         ASSERT_TRUE(out.ok()) << names[i] << ": " << out.status();
         EXPECT_EQ(out->stats.transport(), names[i]);
         got.push_back(*std::move(out));
       }
       ExpectSame(got[0], got[1], "nccl vs shm");
       ExpectSame(got[0], got[2], "nccl vs grpc");
+      ExpectSame(got[0], got[3], "nccl (device) vs nccl staged through host memory");
       AttendOptions options;
       // The first prefill has no keys before it.
       options.prior_boundaries = st.begin == 0 ? nullptr : &boundaries;
