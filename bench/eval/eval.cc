@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/eval/needles.h"
+#include "bench/eval/pair_match.h"
 #include "bench/eval/variants.h"
 #include "kernels/boundaries/boundaries.h"
 #include "kernels/common/status_macros.h"
@@ -201,7 +202,10 @@ std::vector<std::string> PairNotes(const std::vector<PolicyResult>& results) {
     const double diff = static_cast<double>(r.computed_pairs) / ref->computed_pairs - 1.0;
     if (std::abs(diff) <= 0.005) continue;
     std::string why;
-    if (r.policy == "oracle_topk") {
+    if (r.run_budget != r.budget) {
+      why = absl::StrCat(" at budget ", r.run_budget, ", the smallest that reaches its pairs");
+      if (r.policy == "block_topk") absl::StrAppend(&why, " (whole key blocks only)");
+    } else if (r.policy == "oracle_topk") {
       why = " (exactly `budget` keys per row: no causal cut inside the query block)";
     } else if (r.policy == "block_topk") {
       why = " (whole key blocks only)";
@@ -331,6 +335,38 @@ absl::StatusOr<EvalReport> RunEval(const EvalInput& input, const EvalOptions& op
       variants.back().push_back(variant);
     }
   }
+  // The budgets that equalise computed pairs with dhsa's (the nominal ones without matching).
+  std::vector<std::vector<int64_t>> run_budgets;  // [budget][policy].
+  for (size_t b = 0; b < options.budgets.size(); ++b) {
+    run_budgets.emplace_back();
+    int64_t target = -1;
+    if (options.match_pairs) {
+      DhsaConfig dhsa = options.base;
+      dhsa.policy = Policy::kDhsa;
+      dhsa.budget = options.budgets[b];
+      absl::StatusOr<int64_t> pairs = StructuralPairs(dhsa, shape.lq, shape.lk);
+      if (!pairs.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "cannot match pairs at budget ", options.budgets[b], " (dhsa under the base config: ",
+            pairs.status().message(), "); give --match-pairs=false"));
+      }
+      target = *pairs;
+    }
+    for (size_t pi = 0; pi < options.policies.size(); ++pi) {
+      const DhsaConfig& config = variants[b][pi].config;
+      if (target < 0 || config.policy == Policy::kDense) {
+        run_budgets.back().push_back(config.budget);
+        continue;
+      }
+      absl::StatusOr<int64_t> matched = PairMatchedBudget(config, target, shape.lq, shape.lk);
+      if (!matched.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("policy ", options.policies[pi],
+                                                       " at budget ", config.budget, ": ",
+                                                       matched.status().message()));
+      }
+      run_budgets.back().push_back(*matched);
+    }
+  }
   const float scale = EffectiveScale(options.base, shape.dim);
 
   EvalReport report;
@@ -366,11 +402,13 @@ absl::StatusOr<EvalReport> RunEval(const EvalInput& input, const EvalOptions& op
     for (size_t pi = 0; pi < options.policies.size(); ++pi) {
       const std::string& name = options.policies[pi];
       const Variant& variant = variants[b][pi];
-      const DhsaConfig& config = variant.config;
+      DhsaConfig config = variant.config;
+      config.budget = run_budgets[b][pi];
       progress(absl::StrCat(name, " at budget ", config.budget));
       PolicyResult r;
       r.policy = name;
-      r.budget = config.budget;
+      r.budget = options.budgets[b];
+      r.run_budget = config.budget;
       r.causal_pairs = causal_pairs;
       Selection sel;
       const bool oracle = config.policy == Policy::kOracleTopk;
@@ -537,6 +575,7 @@ std::string EvalReportJson(const EvalReport& report) {
   for (const PolicyResult& r : report.results) {
     results.push_back({{"policy", r.policy},
                        {"budget", r.budget},
+                       {"run_budget", r.run_budget},
                        {"recall_mean", r.fidelity.recall_mean},
                        {"recall_p5", r.fidelity.recall_p5},
                        {"output_rel_error", r.fidelity.output_rel_error},

@@ -57,13 +57,18 @@ struct EvalOptions {
   int num_threads = 1;
   SparseAttentionFn attention = &SparseAttentionReference;
   std::string attention_name = "reference";  // Names `attention` in the report.
+  // Run every policy but dense at the smallest budget at which it computes at least the pairs
+  // that dhsa under `base` computes at the nominal budget (bench/eval/pair_match.h). False: every
+  // policy at the nominal budget.
+  bool match_pairs = true;
   // Called after each step with the fraction done and what comes next; may be empty.
   std::function<void(double fraction, const std::string& stage)> progress;
 };
 
 struct PolicyResult {
   std::string policy;
-  int64_t budget = 0;
+  int64_t budget = 0;            // Nominal.
+  int64_t run_budget = 0;        // The budget it ran at (EvalOptions::match_pairs).
   FidelityReport fidelity;       // On the sampled rows.
   int64_t needle_pairs = 0;      // (query head, needle query, needle key) triples.
   int64_t needle_hits = 0;       // Of those, selected.

@@ -23,7 +23,7 @@ absl::StatusOr<Variant> ParseVariant(absl::string_view name, const DhsaConfig& b
     return absl::InvalidArgumentError(
         absl::StrCat("unknown policy '", name,
                      "'; expected dhsa, block_topk, streaming, dense, oracle_topk or a dhsa "
-                     "variant such as dhsa_fixed, dhsa_mean, dhsa_shared"));
+                     "variant such as dhsa_paper, dhsa_fixed, dhsa_paper_mean, dhsa_shared"));
   }
   c.policy = Policy::kDhsa;
   for (size_t i = 1; i < parts.size(); ++i) {
@@ -32,8 +32,12 @@ absl::StatusOr<Variant> ParseVariant(absl::string_view name, const DhsaConfig& b
       c.summary_norm = SummaryNorm::kMean;
     } else if (parts[i] == "shared") {
       c.shared_heads = true;
-    } else if (parts[i] == "mass" || parts[i] == "paper") {
-      c.chunk_score = parts[i] == "mass" ? ChunkScore::kMass : ChunkScore::kPaper;
+    } else if (parts[i] == "paper") {
+      // The spec's method: the paper preset's score, query blocks and chunk lengths.
+      c = ApplyPreset(Preset::kPaper, c);
+      c.local = std::max(c.local, c.q_block);
+    } else if (parts[i] == "mass") {
+      c.chunk_score = ChunkScore::kMass;
     } else if (parts[i].size() > 1 &&
                absl::string_view("qcrnx").find(parts[i][0]) != absl::string_view::npos &&
                absl::SimpleAtoi(parts[i].substr(1), &number) && number > 0) {
@@ -62,13 +66,19 @@ absl::StatusOr<Variant> ParseVariant(absl::string_view name, const DhsaConfig& b
         return absl::InvalidArgumentError(
             absl::StrCat("unknown modifier '", parts[i], "' in policy '", name,
                          "'; expected mean, shared, truth, mass, paper, q<rows>, c<keys>, r<rows>, "
-                         "n<min>, x<max> or a "
-                         "boundary "
-                         "mode (",
+                         "n<min>, x<max> or a boundary mode (",
                          mode.status().message(), ")"));
       }
       c.boundary_mode = *mode;
     }
+  }
+  if (c.summary_norm == SummaryNorm::kMean && c.chunk_score == ChunkScore::kMass) {
+    // The mass score always uses plain means (the log(len) term does the length's work): `mean`
+    // would be a no-op posing as an ablation.
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy '", name,
+                     "': mean changes the paper score's summaries only, and this variant uses the "
+                     "mass score; use it with paper (dhsa_paper_mean)"));
   }
   return variant;
 }

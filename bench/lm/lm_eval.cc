@@ -8,6 +8,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "bench/eval/pair_match.h"
 #include "bench/lm/lm_policies.h"
 #include "kernels/common/status_macros.h"
 #include "kernels/cpu/sparse_attention.h"
@@ -79,13 +80,38 @@ absl::StatusOr<LmEvalReport> RunLmEval(const TinyLm& model, const std::string& t
     report.runs.push_back(run);
   }
   for (int64_t budget : options.budgets) {
+    int64_t target = -1;
+    if (options.match_pairs) {
+      DhsaConfig dhsa = options.base;
+      dhsa.policy = Policy::kDhsa;
+      dhsa.budget = budget;
+      absl::StatusOr<int64_t> pairs = StructuralPairs(dhsa, options.window, options.window);
+      if (!pairs.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("cannot match pairs at budget ", budget, " (dhsa under the base config: ",
+                         pairs.status().message(), "); give --match-pairs=false"));
+      }
+      target = *pairs;
+    }
     for (const std::string& name : options.policies) {
       if (name == "dense") continue;
       DHSA_ASSIGN_OR_RETURN(LmPolicy p, ParseLmPolicy(name, options.base, budget));
+      if (target >= 0 && p.config.policy != Policy::kDense) {
+        // `local` counts as streaming does (the last `budget` keys of each query block);
+        // oracle_block as the dhsa structure it keeps.
+        DhsaConfig structure = p.config;
+        if (p.kind == LmPolicy::Kind::kLocal) {
+          structure.policy = Policy::kStreaming;
+          structure.sink = 0;
+        }
+        DHSA_ASSIGN_OR_RETURN(p.config.budget,
+                              PairMatchedBudget(structure, target, options.window, options.window));
+      }
       policies.push_back(p);
       LmRun run;
       run.policy = name;
       run.budget = budget;
+      run.run_budget = p.config.budget;
       report.runs.push_back(run);
     }
   }
@@ -97,6 +123,7 @@ absl::StatusOr<LmEvalReport> RunLmEval(const TinyLm& model, const std::string& t
   trace_eval.num_threads = options.num_threads;
   trace_eval.attention = &SparseAttentionCpu;
   trace_eval.attention_name = "cpu";
+  trace_eval.match_pairs = options.match_pairs;
   const int64_t layers = model.config.n_layer;
   std::vector<std::vector<EvalReport>> per_layer(static_cast<size_t>(layers));
   const bool traces = options.trace_rows > 0 && !options.trace_policies.empty();

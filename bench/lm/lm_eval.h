@@ -34,12 +34,16 @@ struct LmEvalOptions {
   // Per-layer fidelity on the dense traces (0: skipped): rows sampled per layer and window.
   int64_t trace_rows = 256;
   std::vector<std::string> trace_policies;  // Library policies for the per-layer table.
+  // Run every policy at the smallest budget at which it computes at least dhsa's pairs (under
+  // `base`, at the nominal budget) on a window: bench/eval/pair_match.h. Also for the traces.
+  bool match_pairs = true;
   std::function<void(double fraction, const std::string& stage)> progress;
 };
 
 struct LmRun {
   std::string policy;
   int64_t budget = 0;            // 0 for dense.
+  int64_t run_budget = 0;        // The budget it ran at (LmEvalOptions::match_pairs).
   std::vector<double> bpb;       // Per window.
   std::vector<double> density;   // Computed / causal pairs over all layers, per window.
   double seconds = 0;            // Forward passes, all windows.

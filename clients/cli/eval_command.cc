@@ -39,6 +39,7 @@ struct EvalFlags {
   int64_t row_seed = 1;
   int64_t threads = std::max(1u, std::thread::hardware_concurrency());
   bool full = false;
+  bool match_pairs = true;
   bool json = false;
   DhsaFlags dhsa;
   WorkloadConfig gen;
@@ -128,11 +129,12 @@ void PrintReport(const EvalReport& r, const std::vector<EvalReport>& per_input,
       r.attention_name.c_str(),
       r.full ? "over all rows (--full)"
              : "on the sampled rows scaled to all rows by computed pairs");
-  Table t({"budget", "policy", "recall", "recall p5", "out err", "needle hit", "density", "select",
-           "attention", "time"});
+  Table t({"budget", "policy", "ran at", "recall", "recall p5", "out err", "needle hit", "density",
+           "select", "attention", "time"});
   for (const PolicyResult& p : r.results) {
-    t.AddRow({absl::StrCat(p.budget), p.policy, Fixed(p.fidelity.recall_mean, 4),
-              Fixed(p.fidelity.recall_p5, 4), Fixed(p.fidelity.output_rel_error, 4),
+    t.AddRow({absl::StrCat(p.budget), p.policy, absl::StrCat(p.run_budget),
+              Fixed(p.fidelity.recall_mean, 4), Fixed(p.fidelity.recall_p5, 4),
+              Fixed(p.fidelity.output_rel_error, 4),
               p.needle_pairs > 0 ? Fixed(p.needle_hit_rate(), 3) : "-",
               absl::StrFormat("%.2f%%", 100.0 * p.density()),
               FormatSeconds(p.select_seconds) + (p.select_estimated ? "*" : ""),
@@ -143,6 +145,10 @@ void PrintReport(const EvalReport& r, const std::vector<EvalReport>& per_input,
   bool estimated = false;
   for (const PolicyResult& p : r.results) estimated |= p.select_estimated || p.attention_estimated;
   if (estimated) std::printf("  * estimated from the sampled rows\n");
+  std::printf(
+      "  ran at: the budget each policy ran at, the smallest at which it computes at least the "
+      "(query, key) pairs dhsa computes at the nominal budget (--match-pairs; "
+      "bench/eval/pair_match.h)\n");
   std::string change;
   for (int64_t b : budgets) {
     const std::string c = ErrorChange(r, b);
@@ -177,12 +183,14 @@ void PrintLmReport(const LmEvalReport& r, const std::string& model, const std::s
       model.c_str(), r.offsets.size(), static_cast<long long>(r.window), text.c_str());
   std::printf("window offsets: %s\n\n", absl::StrJoin(r.offsets, " ").c_str());
   const LmRun& dense = r.runs.front();
-  std::vector<std::string> header = {"budget", "policy", "bpb", "vs dense", "density"};
+  std::vector<std::string> header = {"budget", "policy", "ran at", "bpb", "vs dense", "density"};
   for (size_t w = 0; w < r.offsets.size(); ++w) header.push_back(absl::StrCat("w", w));
   header.push_back("time");
   Table t(header);
   for (const LmRun& run : r.runs) {
-    std::vector<std::string> row = {run.budget > 0 ? absl::StrCat(run.budget) : "-", run.policy,
+    std::vector<std::string> row = {run.budget > 0 ? absl::StrCat(run.budget) : "-",
+                                    run.policy,
+                                    run.budget > 0 ? absl::StrCat(run.run_budget) : "-",
                                     Fixed(run.MeanBpb(), 4),
                                     Percent(run.MeanBpb() / dense.MeanBpb() - 1.0),
                                     absl::StrFormat("%.1f%%", 100.0 * run.MeanDensity())};
@@ -196,14 +204,16 @@ void PrintLmReport(const LmEvalReport& r, const std::string& model, const std::s
   std::printf("%s", t.Render().c_str());
   std::printf(
       "  vs dense: mean bpb over windows relative to dense; w<n>: window n (dense: its bpb,"
-      " others: relative to dense on that window)\n");
+      " others: relative to dense on that window); ran at: the budget each policy ran at, the"
+      " smallest at which it computes at least dhsa's (query, key) pairs (--match-pairs)\n");
   if (r.layers.empty()) return;
   std::printf("\nattention fidelity per layer on the dense run's traces (mean over windows):\n");
-  Table f({"layer", "budget", "policy", "recall", "recall p5", "out err", "density"});
+  Table f({"layer", "budget", "policy", "ran at", "recall", "recall p5", "out err", "density"});
   for (size_t l = 0; l < r.layers.size(); ++l) {
     for (const PolicyResult& p : r.layers[l].results) {
-      f.AddRow({absl::StrCat(l), absl::StrCat(p.budget), p.policy, Fixed(p.fidelity.recall_mean, 4),
-                Fixed(p.fidelity.recall_p5, 4), Fixed(p.fidelity.output_rel_error, 4),
+      f.AddRow({absl::StrCat(l), absl::StrCat(p.budget), p.policy, absl::StrCat(p.run_budget),
+                Fixed(p.fidelity.recall_mean, 4), Fixed(p.fidelity.recall_p5, 4),
+                Fixed(p.fidelity.output_rel_error, 4),
                 absl::StrFormat("%.2f%%", 100.0 * p.density())});
     }
   }
@@ -219,6 +229,7 @@ absl::Status EvalModel(EvalFlags& f, const EvalOptions& options, bool show) {
   lm.window = f.window;
   lm.num_threads = options.num_threads;
   lm.trace_rows = f.trace_rows;
+  lm.match_pairs = f.match_pairs;
   DHSA_ASSIGN_OR_RETURN(lm.offsets,
                         EvenWindowOffsets(static_cast<int64_t>(text.size()), f.window, f.windows));
   for (absl::string_view p : absl::StrSplit(f.lm_policies, ',', absl::SkipWhitespace())) {
@@ -247,6 +258,7 @@ absl::Status Eval(EvalFlags& f, bool budgets_given, bool policies_given) {
   options.rows = f.rows;
   options.row_seed = static_cast<uint64_t>(f.row_seed);
   options.full = f.full;
+  options.match_pairs = f.match_pairs;
   options.num_threads = static_cast<int>(std::max<int64_t>(1, f.threads));
   DHSA_ASSIGN_OR_RETURN(const Backend backend, ParseBackend(f.backend));
   options.attention = backend == Backend::kCpu ? &SparseAttentionCpu : &SparseAttentionReference;
@@ -333,12 +345,13 @@ int RunEval(const std::vector<std::string>& args) {
       "over causal pairs, exact) and time. Inputs come from --workload DIR (q.npy, k.npy,\n"
       "v.npy and the meta.json of `dhsa gen`) or are generated here, one per seed (the report\n"
       "is then the mean over seeds). Policies: dhsa, block_topk, streaming, dense,\n"
-      "oracle_topk, and dhsa variants that change one ingredient: dhsa_fixed (fixed chunks of\n"
-      "--chunk-mean keys), dhsa_mean (plain-mean summaries), dhsa_shared (one selection for\n"
-      "all KV heads), dhsa_<boundary mode>; modifiers combine (dhsa_fixed_mean). With true\n"
+      "oracle_topk, and dhsa variants that change one ingredient: dhsa_paper (the spec's\n"
+      "method, preset paper), dhsa_fixed (fixed chunks of --chunk-mean keys), dhsa_paper_mean\n"
+      "(plain-mean summaries; the paper score only), dhsa_shared (one selection for all KV\n"
+      "heads), dhsa_<boundary mode>; modifiers combine (dhsa_paper_fixed_mean). With true\n"
       "segments known, chunk boundaries are scored against them.",
       "  dhsa eval --len 32768 --seeds 1,2,3,4,5 --budgets 1024,2048,4096\n"
-      "  dhsa eval --len 8192 --policies dhsa,dhsa_fixed,dhsa_mean,dhsa_shared,block_topk"
+      "  dhsa eval --len 8192 --policies dhsa,dhsa_paper,dhsa_fixed,dhsa_shared,block_topk"
       " --budgets 1024\n"
       "  dhsa gen --out /tmp/w --len 16384 && dhsa eval --workload /tmp/w --json\n"
       "  dhsa eval --model ../shared/data/tinylm/tinylm.safetensors --text /usr/lib/python3.11");
@@ -358,6 +371,9 @@ int RunEval(const std::vector<std::string>& args) {
   flags.Int("rows", &f.rows, "query rows sampled (one per stratum) for recall and error");
   flags.Int("row-seed", &f.row_seed, "seed of the row sample");
   flags.Bool("full", &f.full, "time attention over every row instead of estimating it");
+  flags.Bool("match-pairs", &f.match_pairs,
+             "run each policy at the smallest budget at which it computes at least dhsa's (query,"
+             " key) pairs at the nominal budget (false: every policy at the nominal budget)");
   flags.String("backend", &f.backend,
                "sparse attention that is run, timed and judged: reference or cpu (the fast path;"
                " time it with --full)");
@@ -365,6 +381,8 @@ int RunEval(const std::vector<std::string>& args) {
   flags.Bool("json", &f.json, "print the report as JSON");
   flags.String("json-out", &f.json_out, "also write the JSON report to this file");
   flags.String("progress", &f.progress, "progress bar on stderr: auto (a terminal), on, off");
+  f.dhsa.flags = &flags;
+  flags.String("preset", &f.dhsa.preset, kPresetHelp);
   flags.Int("sink", &f.dhsa.sink, "first keys always kept (S)");
   flags.Int("local", &f.dhsa.local, "most recent keys always kept (W, >= q-block)");
   flags.Int("q-block", &f.dhsa.q_block, "query rows per block (Bq)");

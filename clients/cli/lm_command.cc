@@ -162,7 +162,7 @@ int RunLm(const std::vector<std::string>& args) {
       "prints bits per byte on the second half of each window and bytes/s. --text is a file, or a\n"
       "directory whose *.py files are concatenated in sorted order, each after a line\n"
       "`# ==== <name> ====` (tinylm's training format). Windows are consecutive from --offset.\n"
-      "Policies: dense, streaming, block_topk, dhsa and its variants (dhsa_fixed, dhsa_mean,\n"
+      "Policies: dense, streaming, block_topk, dhsa and its variants (dhsa_paper, dhsa_fixed,\n"
       "...), and for evaluation local (last `budget` keys of each query block) and oracle_block\n"
       "(dhsa's structure with chunks ranked by their true attention mass).",
       "  dhsa lm --model ../shared/data/tinylm/tinylm.safetensors --text /usr/lib/python3.11 \\\n"

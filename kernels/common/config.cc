@@ -53,6 +53,36 @@ absl::StatusOr<ChunkScore> ParseChunkScore(absl::string_view name) {
       absl::StrCat("unknown chunk score '", name, "'; expected paper or mass"));
 }
 
+absl::string_view PresetName(Preset p) { return p == Preset::kPaper ? "paper" : "default"; }
+
+absl::StatusOr<Preset> ParsePreset(absl::string_view name) {
+  if (name == "default") return Preset::kDefault;
+  if (name == "paper") return Preset::kPaper;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown preset '", name, "'; expected default or paper"));
+}
+
+DhsaConfig ApplyPreset(Preset preset, DhsaConfig base) {
+  DhsaConfig knobs;  // kDefault: the struct's defaults.
+  if (preset == Preset::kPaper) {
+    knobs.chunk_score = ChunkScore::kPaper;
+    knobs.q_block = 128;
+    knobs.chunk_mean = 32;
+    knobs.chunk_min = 8;
+    knobs.chunk_max = 128;
+    knobs.score_rows = 16;
+  }
+  base.chunk_score = knobs.chunk_score;
+  base.q_block = knobs.q_block;
+  base.chunk_mean = knobs.chunk_mean;
+  base.chunk_min = knobs.chunk_min;
+  base.chunk_max = knobs.chunk_max;
+  base.score_rows = knobs.score_rows;
+  return base;
+}
+
+DhsaConfig PaperConfig() { return ApplyPreset(Preset::kPaper, DhsaConfig{}); }
+
 SummaryNorm ChunkSummaryNorm(const DhsaConfig& config) {
   if (config.policy == Policy::kBlockTopk) return SummaryNorm::kMean;
   if (config.policy == Policy::kDhsa && config.chunk_score == ChunkScore::kMass) {

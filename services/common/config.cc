@@ -91,25 +91,41 @@ absl::StatusOr<v1::ServiceConfig> LoadServiceConfigJson(const std::string& path_
 
 absl::StatusOr<DhsaConfig> DhsaConfigFromProto(const v1::DhsaParams& params,
                                                const DhsaConfig& defaults) {
-  DhsaConfig c = defaults;
-  DHSA_ASSIGN_OR_RETURN(c.policy, PolicyFromProto(params.policy(), defaults.policy));
+  // A preset replaces its knobs of `defaults`; the fields set below override them.
+  DhsaConfig base = defaults;
+  switch (params.preset()) {
+    case v1::PRESET_UNSPECIFIED:
+      break;
+    case v1::PRESET_DEFAULT:
+      base = ApplyPreset(Preset::kDefault, base);
+      break;
+    case v1::PRESET_PAPER:
+      base = ApplyPreset(Preset::kPaper, base);
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown preset ",
+                                                     static_cast<int>(params.preset()),
+                                                     "; expected PRESET_DEFAULT or PRESET_PAPER"));
+  }
+  DhsaConfig c = base;
+  DHSA_ASSIGN_OR_RETURN(c.policy, PolicyFromProto(params.policy(), base.policy));
   DHSA_ASSIGN_OR_RETURN(c.boundary_mode,
-                        BoundaryModeFromProto(params.boundary_mode(), defaults.boundary_mode));
-  c.budget = OrDefault(params.budget(), defaults.budget);
-  c.sink = OrDefault(params.sink(), defaults.sink);
-  c.local = OrDefault(params.local(), defaults.local);
-  c.q_block = OrDefault(params.q_block(), defaults.q_block);
-  c.chunk_mean = OrDefault(params.chunk_mean(), defaults.chunk_mean);
-  c.chunk_min = OrDefault(params.chunk_min(), defaults.chunk_min);
-  c.chunk_max = OrDefault(params.chunk_max(), defaults.chunk_max);
-  c.boundary_window = OrDefault(params.boundary_window(), defaults.boundary_window);
-  c.block = OrDefault(params.block(), defaults.block);
+                        BoundaryModeFromProto(params.boundary_mode(), base.boundary_mode));
+  c.budget = OrDefault(params.budget(), base.budget);
+  c.sink = OrDefault(params.sink(), base.sink);
+  c.local = OrDefault(params.local(), base.local);
+  c.q_block = OrDefault(params.q_block(), base.q_block);
+  c.chunk_mean = OrDefault(params.chunk_mean(), base.chunk_mean);
+  c.chunk_min = OrDefault(params.chunk_min(), base.chunk_min);
+  c.chunk_max = OrDefault(params.chunk_max(), base.chunk_max);
+  c.boundary_window = OrDefault(params.boundary_window(), base.boundary_window);
+  c.block = OrDefault(params.block(), base.block);
   if (params.shared_heads()) c.shared_heads = true;
   if (params.mean_summaries()) c.summary_norm = SummaryNorm::kMean;
   if (params.scale() != 0.0f) c.scale = params.scale();
   if (params.chunk_score() == v1::CHUNK_SCORE_MASS) c.chunk_score = ChunkScore::kMass;
   if (params.chunk_score() == v1::CHUNK_SCORE_PAPER) c.chunk_score = ChunkScore::kPaper;
-  c.score_rows = OrDefault(params.score_rows(), defaults.score_rows);
+  c.score_rows = OrDefault(params.score_rows(), base.score_rows);
   DHSA_RETURN_IF_ERROR(ValidateConfig(c));
   return c;
 }

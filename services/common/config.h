@@ -20,8 +20,10 @@ namespace dhsa {
 // InvalidArgument naming the file for a parse error.
 absl::StatusOr<v1::ServiceConfig> LoadServiceConfigJson(const std::string& path_or_empty);
 
-// The kernel config for `params`: zero / unspecified fields (and false booleans) take `defaults`;
-// the result is checked with ValidateConfig. InvalidArgument for unknown enum values.
+// The kernel config for `params`: `defaults` with params.preset's knobs (PRESET_DEFAULT,
+// PRESET_PAPER: ApplyPreset; unspecified: none), then every field set in `params` (zero /
+// unspecified fields and false booleans keep that). Checked with ValidateConfig. InvalidArgument
+// for unknown enum values.
 absl::StatusOr<DhsaConfig> DhsaConfigFromProto(const v1::DhsaParams& params,
                                                const DhsaConfig& defaults);
 

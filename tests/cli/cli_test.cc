@@ -97,6 +97,53 @@ TEST_F(CliTest, AttendWritesWhatTheLibraryComputes) {
   }
 }
 
+// --preset paper is the spec's method (PaperConfig()); flags given explicitly override it; without
+// a preset the flags' defaults are DhsaConfig{}'s.
+TEST_F(CliTest, PresetPaperIsTheSpecsMethodAndFlagsOverrideIt) {
+  SCOPED_TRACE(seed_);
+  std::mt19937_64 rng(seed_);
+  const Tensor q = testing::RandomTensor(rng, 4, 900, 32);
+  const Tensor k = testing::SegmentedTensor(rng, 2, 900, 32);
+  const Tensor v = testing::RandomTensor(rng, 2, 900, 32);
+  ASSERT_TRUE(WriteNpy(Path("q.npy"), q).ok());
+  ASSERT_TRUE(WriteNpy(Path("k.npy"), k).ok());
+  ASSERT_TRUE(WriteNpy(Path("v.npy"), v).ok());
+  const std::string io = "attend --q " + Path("q.npy") + " --k " + Path("k.npy") + " --v " +
+                         Path("v.npy") + " --out " + Path("o.npy") +
+                         " --budget 512 --sink 32 --local 128 --backend reference";
+  struct Case {
+    std::string flags;
+    DhsaConfig want;
+  };
+  DhsaConfig paper_q64 = PaperConfig();
+  paper_q64.q_block = 64;
+  DhsaConfig paper_mass = PaperConfig();
+  paper_mass.chunk_score = ChunkScore::kMass;
+  for (Case c :
+       {Case{"", DhsaConfig{}}, Case{" --preset default", DhsaConfig{}},
+        Case{" --preset paper", PaperConfig()}, Case{" --preset paper --q-block 64", paper_q64},
+        Case{" --chunk-score mass --preset paper", paper_mass}}) {
+    SCOPED_TRACE(c.flags);
+    c.want.budget = 512;
+    c.want.sink = 32;
+    c.want.local = 128;
+    CliRun run = Dhsa(io + c.flags);
+    ASSERT_EQ(run.exit_code, 0) << run.out;
+    auto want = AttendReference(q, k, v, c.want);
+    ASSERT_TRUE(want.ok()) << want.status();
+    EXPECT_EQ(ReadNpy(Path("o.npy"))->bytes, want->o.bytes);
+  }
+  // The two presets select differently here (else the comparisons above could not tell them apart).
+  DhsaConfig paper = PaperConfig(), mass;
+  paper.budget = mass.budget = 512;
+  paper.sink = mass.sink = 32;
+  paper.local = mass.local = 128;
+  EXPECT_NE(AttendReference(q, k, v, paper)->o.bytes, AttendReference(q, k, v, mass)->o.bytes);
+  CliRun bad = Dhsa(io + " --preset spec");
+  EXPECT_EQ(bad.exit_code, 2) << bad.out;
+  EXPECT_THAT(bad.out, HasSubstr("preset"));
+}
+
 TEST_F(CliTest, SafetensorsInputsWithBFloat16) {
   SCOPED_TRACE(seed_);
   std::mt19937_64 rng(seed_);
@@ -145,8 +192,8 @@ TEST_F(CliTest, BadInputExitsTwoWithOneLineAndWritesNothing) {
       {"--q " + Path("q.npy") + " --k " + Path("k.npy") + " --v " + Path("v.npy") +
            " --policy magic",
        "unknown policy"},
-      {"--q " + Path("q.npy") + " --k " + Path("k.npy") + " --v " + Path("v.npy") + " --local 64",
-       "q_block"},
+      {"--q " + Path("q.npy") + " --k " + Path("k.npy") + " --v " + Path("v.npy") + " --local 8",
+       "q_block"},  // Below the default q_block (16).
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.args);

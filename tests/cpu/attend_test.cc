@@ -16,8 +16,9 @@ namespace {
 
 using ::testing::HasSubstr;
 
+// The spec's method (paper chunk score) on a smaller structure; MassConfig() is the mass score's.
 DhsaConfig SmallConfig(Policy policy) {
-  DhsaConfig c;
+  DhsaConfig c = PaperConfig();
   c.policy = policy;
   c.budget = 384;
   c.sink = 64;
@@ -139,6 +140,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"lk97", 4, 2, 97, 97, 32, DType::kF32, SmallConfig(Policy::kDhsa), false, 1},
         Case{"single_query_default_config", 8, 2, 1, 4099, 128, DType::kF32, DhsaConfig{}, false,
              1},
+        Case{"single_query_paper_config", 8, 2, 1, 4099, 128, DType::kF32, PaperConfig(), false, 1},
         Case{"mass_workload", 8, 2, 1500, 1500, 64, DType::kF32, MassConfig(), true, 3},
         Case{"mass_lq_lt_lk_bf16", 6, 2, 333, 4099, 32, DType::kBF16, MassConfig(), false, 3},
         Case{"block_topk", 4, 2, 1025, 1025, 32, DType::kF16, SmallConfig(Policy::kBlockTopk),

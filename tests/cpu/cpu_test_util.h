@@ -147,15 +147,14 @@ inline Selection ReferenceSelection(const HeadsView& q, const HeadsView& k, cons
   shape.lq = q.len;
   shape.lk = k.len;
   DhsaConfig seg = c;
-  SummaryNorm norm = c.summary_norm;
   if (c.policy == Policy::kBlockTopk) {
     seg.boundary_mode = BoundaryMode::kFixed;
     seg.chunk_mean = c.block;
-    norm = SummaryNorm::kMean;
   }
   const std::vector<int64_t> b = *SegmentKeysReference(k, 0, k.len, seg);
-  const Summaries kappa = ChunkSummariesReference(k, b, norm);
-  const Summaries rho = QueryBlockSummariesReference(q, k.heads, c.q_block, norm);
+  // The summaries `c`'s chunk score reads (paper or mass; block_topk: plain means).
+  const Summaries kappa = ChunkSummariesReference(k, b, ChunkSummaryNorm(c));
+  const Summaries rho = ScoreQuerySummariesReference(q, k.heads, c);
   SelectionInputs in;
   in.shape = shape;
   in.boundaries = &b;

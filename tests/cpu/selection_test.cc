@@ -58,8 +58,9 @@ DhsaConfig Mass(DhsaConfig c, int64_t score_rows, BoundaryMode mode = BoundaryMo
   return c;
 }
 
+// The spec's method (paper chunk score) on a smaller structure; Mass() switches the score.
 DhsaConfig Config(Policy policy, int64_t budget, bool shared_heads = false) {
-  DhsaConfig c;
+  DhsaConfig c = PaperConfig();
   c.policy = policy;
   c.budget = budget;
   c.sink = 16;
@@ -155,7 +156,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"dhsa_lk97", 8, 2, 97, 97, 32, Config(Policy::kDhsa, 96)},
         Case{"dhsa_lk1025", 8, 2, 1025, 1025, 64, Config(Policy::kDhsa, 256)},
         Case{"dhsa_lk4099_lq_lt_lk", 4, 2, 1000, 4099, 64, Config(Policy::kDhsa, 512)},
-        Case{"dhsa_decode", 8, 2, 1, 4099, 128, DhsaConfig{}},
+        Case{"dhsa_decode", 8, 2, 1, 4099, 128, PaperConfig()},
         Case{"dhsa_shared_heads", 8, 4, 1025, 1025, 32, Config(Policy::kDhsa, 256, true)},
         Case{"mass_lk97", 8, 2, 97, 97, 32, Mass(Config(Policy::kDhsa, 96), 8)},
         Case{"mass_lk1025_d61", 6, 2, 1025, 1025, 61, Mass(Config(Policy::kDhsa, 256), 16)},

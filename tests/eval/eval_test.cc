@@ -36,9 +36,10 @@ WorkloadConfig SmallWorkload(uint64_t seed) {
   return c;
 }
 
-// Spec defaults scaled down to a 2K sequence.
+// The spec's method (the paper preset) scaled down to a 2K sequence; dhsa_mass runs the default
+// chunk score on that structure.
 DhsaConfig SmallConfig() {
-  DhsaConfig c;
+  DhsaConfig c = PaperConfig();
   c.sink = 32;
   c.local = 64;
   c.q_block = 32;
@@ -94,11 +95,14 @@ TEST(EvalTest, RecallRisesWithBudget) {
   const EvalInput input = SmallInput(seed);
   EvalOptions options;
   options.base = SmallConfig();
-  options.policies = {"dhsa",       "block_topk", "streaming",   "oracle_topk",
-                      "dhsa_fixed", "dhsa_mean",  "dhsa_shared", "dhsa_truth"};
+  options.policies = {"dhsa",      "block_topk",  "streaming",  "oracle_topk", "dhsa_fixed",
+                      "dhsa_mean", "dhsa_shared", "dhsa_truth", "dhsa_mass"};
   options.budgets = {128, 256, 512, 1024};
   options.rows = 96;
   options.num_threads = 2;
+  // Every policy at the nominal budget, so that oracle_topk's `budget` keys a row bound them all
+  // (matched budgets are tested in pair_match_test.cc).
+  options.match_pairs = false;
   absl::StatusOr<EvalReport> r = RunEval(input, options);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->results.size(), options.policies.size() * options.budgets.size());
@@ -309,13 +313,29 @@ TEST(VariantTest, Names) {
   ASSERT_TRUE(v.ok());
   EXPECT_EQ(v->config.policy, Policy::kBlockTopk);
   EXPECT_EQ(v->config.budget, 999);
-  v = ParseVariant("dhsa_fixed_mean_shared", base);
+  v = ParseVariant("dhsa_paper_fixed_mean_shared", base);
   ASSERT_TRUE(v.ok()) << v.status();
   EXPECT_EQ(v->config.policy, Policy::kDhsa);
   EXPECT_EQ(v->config.boundary_mode, BoundaryMode::kFixed);
   EXPECT_EQ(v->config.summary_norm, SummaryNorm::kMean);
   EXPECT_TRUE(v->config.shared_heads);
   EXPECT_FALSE(v->true_boundaries);
+  // `paper` is the spec's method: the paper preset's knobs, the rest of `base` kept.
+  v = ParseVariant("dhsa_paper", base);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->config.chunk_score, ChunkScore::kPaper);
+  EXPECT_EQ(v->config.q_block, 128);
+  EXPECT_EQ(v->config.chunk_min, 8);
+  EXPECT_EQ(v->config.chunk_max, 128);
+  EXPECT_EQ(v->config.budget, 999);
+  // The mass score (the default) always uses plain means: `mean` would be a silent no-op.
+  EXPECT_FALSE(ParseVariant("dhsa_mean", base).ok());
+  EXPECT_FALSE(ParseVariant("dhsa_paper_mean_mass", base).ok());
+  v = ParseVariant("dhsa_mass_q32_r4", PaperConfig());
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->config.chunk_score, ChunkScore::kMass);
+  EXPECT_EQ(v->config.q_block, 32);
+  EXPECT_EQ(v->config.score_rows, 4);
   v = ParseVariant("dhsa_truth", base);
   ASSERT_TRUE(v.ok());
   EXPECT_TRUE(v->true_boundaries);

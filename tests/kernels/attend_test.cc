@@ -36,7 +36,7 @@ TEST(AttendTest, BadInputsAreInvalidArgumentWithAMessageThatSaysWhatToFix) {
        {4, 16, 8},
        {2, 16, 8},
        {2, 16, 8},
-       With([](DhsaConfig& c) { c.local = 64; }),
+       With([](DhsaConfig& c) { c.local = c.q_block / 2; }),
        "q_block"},
       {"budget below sink + local",
        {4, 16, 8},

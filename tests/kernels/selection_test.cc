@@ -34,8 +34,9 @@ struct HandInputs {
   }
 };
 
+// The spec's method (hand-computed paper scores) on a tiny structure.
 DhsaConfig Small() {
-  DhsaConfig c;
+  DhsaConfig c = PaperConfig();
   c.q_block = 4;
   c.local = 4;
   c.sink = 2;
@@ -118,14 +119,16 @@ TEST_P(SelectionPropertyTest, SpansAreSortedCausalWithinBudgetAndKeepSinkAndLoca
   std::mt19937_64 rng(seed);
   for (int64_t lk : {97, 1025, 4099}) {
     for (int64_t lq : {lk, int64_t{37}, int64_t{1}}) {
-      for (bool shared : {false, true}) {
-        DhsaConfig c;
+      // dhsa with both chunk scores (the spec's and the default mass score).
+      for (int variant = 0; variant < (GetParam() == Policy::kDhsa ? 4 : 2); ++variant) {
+        DhsaConfig c = PaperConfig();
         c.policy = GetParam();
         c.budget = 512;
         c.sink = 64;
         c.local = 128;
         c.q_block = 64;
-        c.shared_heads = shared;
+        c.shared_heads = variant % 2 == 1;
+        if (variant >= 2) c.chunk_score = ChunkScore::kMass;
         const Tensor k = testing::SegmentedTensor(rng, 2, lk, 32);
         const Tensor q = testing::RandomTensor(rng, 4, lq, 32);
         HeadsView kv = *HeadsView::Of(k, "K"), qv = *HeadsView::Of(q, "Q");
@@ -142,8 +145,8 @@ TEST_P(SelectionPropertyTest, SpansAreSortedCausalWithinBudgetAndKeepSinkAndLoca
           rho = QueryBlockSummariesReference(qv, 2, c.q_block, SummaryNorm::kMean);
         } else {
           b = *SegmentKeysReference(kv, 0, lk, c);
-          kappa = ChunkSummariesReference(kv, b, SummaryNorm::kSqrt);
-          rho = QueryBlockSummariesReference(qv, 2, c.q_block, SummaryNorm::kSqrt);
+          kappa = ChunkSummariesReference(kv, b, ChunkSummaryNorm(c));
+          rho = ScoreQuerySummariesReference(qv, 2, c);
         }
         auto sel = c.policy == Policy::kOracleTopk
                        ? SelectOracleTopkReference(qv, kv, c)
@@ -343,7 +346,7 @@ TEST(SelectionTest, MassScoreIsTheSoftmaxShareOfMeanQueriesOverMeanKeys) {
 }
 
 TEST(SelectionTest, MassScoreNeedsScoreRowsDividingTheQueryBlock) {
-  DhsaConfig c;
+  DhsaConfig c = PaperConfig();  // q_block 128.
   c.chunk_score = ChunkScore::kMass;
   c.score_rows = 48;
   EXPECT_EQ(ValidateConfig(c).code(), absl::StatusCode::kInvalidArgument);

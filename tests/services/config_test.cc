@@ -88,8 +88,50 @@ TEST(DhsaConfigFromProto, ZeroFieldsTakeTheDefaults) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->budget, 4096);
   EXPECT_EQ(c->policy, Policy::kBlockTopk);
-  EXPECT_EQ(c->q_block, 128);
+  EXPECT_EQ(c->q_block, 16);
+  EXPECT_EQ(c->chunk_score, ChunkScore::kMass);
   EXPECT_EQ(c->summary_norm, SummaryNorm::kSqrt);
+}
+
+TEST(DhsaConfigFromProto, PresetsReplaceTheirKnobsAndSetFieldsOverrideThem) {
+  DhsaConfig defaults;
+  defaults.budget = 4096;
+  v1::DhsaParams p;
+  p.set_preset(v1::PRESET_PAPER);
+  absl::StatusOr<DhsaConfig> c = DhsaConfigFromProto(p, defaults);
+  ASSERT_TRUE(c.ok()) << c.status();
+  DhsaConfig want = PaperConfig();
+  want.budget = 4096;  // Not a preset knob: the server's default stays.
+  v1::DhsaParams got_proto, want_proto;
+  DhsaConfigToProto(*c, &got_proto);
+  DhsaConfigToProto(want, &want_proto);
+  EXPECT_EQ(got_proto.SerializeAsString(), want_proto.SerializeAsString());
+  EXPECT_EQ(c->chunk_score, ChunkScore::kPaper);
+  EXPECT_EQ(c->q_block, 128);
+  EXPECT_EQ(c->chunk_min, 8);
+  EXPECT_EQ(c->chunk_max, 128);
+  // A field set explicitly wins over the preset.
+  p.set_q_block(64);
+  p.set_chunk_score(v1::CHUNK_SCORE_MASS);
+  c = DhsaConfigFromProto(p, defaults);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->q_block, 64);
+  EXPECT_EQ(c->chunk_score, ChunkScore::kMass);
+  EXPECT_EQ(c->chunk_max, 128);
+  // PRESET_DEFAULT restores the library's knobs over a server whose defaults are the paper's;
+  // unspecified keeps the server's.
+  p.Clear();
+  p.set_preset(v1::PRESET_DEFAULT);
+  c = DhsaConfigFromProto(p, PaperConfig());
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->q_block, DhsaConfig{}.q_block);
+  EXPECT_EQ(c->chunk_score, ChunkScore::kMass);
+  EXPECT_EQ(c->score_rows, DhsaConfig{}.score_rows);
+  c = DhsaConfigFromProto(v1::DhsaParams(), PaperConfig());
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->q_block, 128);
+  p.set_preset(static_cast<v1::Preset>(9));
+  EXPECT_EQ(DhsaConfigFromProto(p, defaults).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(DhsaConfigFromProto, SetFieldsWinAndRoundTrip) {
@@ -131,7 +173,7 @@ TEST(DhsaConfigFromProto, SetFieldsWinAndRoundTrip) {
 
 TEST(DhsaConfigFromProto, InvalidConfigsAreRejected) {
   v1::DhsaParams p;
-  p.set_local(64);  // < q_block 128.
+  p.set_local(8);  // < q_block 16.
   EXPECT_EQ(DhsaConfigFromProto(p, DhsaConfig()).status().code(),
             absl::StatusCode::kInvalidArgument);
   p.Clear();
