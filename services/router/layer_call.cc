@@ -697,7 +697,7 @@ void LayerCall::Rollback(absl::Status status) {
   for (int w : attempted) {
     const bool required = must.count(w) > 0;
     TruncateOnWorker(
-        core_.pool->stub(w), worker_id, layer_, t0_, core_.cleanup_timeout,
+        *core_.pool, w, worker_id, layer_, t0_, core_.cleanup_timeout,
         [self = shared_from_this(), pending, held, status, required, w](absl::Status s) {
           bool last;
           {
@@ -736,17 +736,25 @@ void LayerCall::AfterTruncates(const std::vector<size_t>& held,
     absl::StrAppend(&why, first ? "" : "; ", core_.pool->address(worker), ": ", s.message());
     first = false;
   }
-  absl::StrAppend(&why, "); release the sequence and prefill it again");
+  absl::StrAppend(&why, ")");
   MarkBroken(stranded, why);
-  Finish(absl::Status(status.code(), absl::StrCat(status.message(), "; layer ", layer_,
-                                                  " is now unusable: ", why)));
+  Finish(absl::Status(status.code(),
+                      absl::StrCat(status.message(), "; layer ", layer_,
+                                   " is now unusable until those workers confirm the undo (the "
+                                   "next call on the layer retries it): ",
+                                   why)));
 }
 
 void LayerCall::MarkBroken(const std::vector<size_t>& pieces, const std::string& why) {
   std::lock_guard<std::mutex> lock(seq_->mu);
-  seq_->layers[static_cast<size_t>(layer_)].broken = why;
-  // Their bytes stay placed until the sequence is released.
-  for (size_t i : pieces) seq_->bytes_on_worker[pieces_[i].worker] += PieceBytes(i);
+  PendingUndo& undo = seq_->layers[static_cast<size_t>(layer_)].undo.emplace();
+  undo.end = t0_;
+  undo.why = why;
+  // Their bytes stay placed until the undo is confirmed or the sequence is released.
+  for (size_t i : pieces) {
+    seq_->bytes_on_worker[pieces_[i].worker] += PieceBytes(i);
+    undo.bytes[pieces_[i].worker] += PieceBytes(i);
+  }
 }
 
 void LayerCall::Finish(absl::StatusOr<LayerCallOutput> result) {

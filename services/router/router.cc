@@ -31,6 +31,17 @@ constexpr int64_t kMaxTokensPerCall = int64_t{1} << 24;
 // sums the checks form (sink + local, ...) cannot overflow.
 constexpr int64_t kMaxParamTokens = int64_t{1} << 40;
 
+// The timeout of the undo a client call retries before it runs (RetryPendingUndo): the cleanup
+// timeout, or less when the client's deadline comes first.
+std::chrono::milliseconds UndoTimeout(const RouterCore& core,
+                                      const grpc::CallbackServerContext& context) {
+  const std::chrono::system_clock::time_point deadline = context.deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return core.cleanup_timeout;
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - std::chrono::system_clock::now());
+  return std::clamp(left, std::chrono::milliseconds(0), core.cleanup_timeout);
+}
+
 // Every token-count field of `p` within [.., kMaxParamTokens] (negative values and zeros are left
 // to ValidateConfig, which names the rule they break).
 absl::Status CheckParamMagnitudes(const v1::DhsaParams& p) {
@@ -201,12 +212,22 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   }
 
   void Run() {
-    std::shared_ptr<LayerCall> call = LayerCall::Start(
-        service_->core(), seq_, layer_, tensors_[0], tensors_[1], tensors_[2], /*decode=*/false,
-        context_, [this](absl::StatusOr<LayerCallOutput> out) { OnCallDone(std::move(out)); });
-    std::lock_guard<std::mutex> lock(mu_);
-    call_ = std::move(call);
-    started_ = true;
+    // The undo of an earlier failed call on the layer, when a worker has not confirmed it yet.
+    RetryPendingUndo(service_->pool(), seq_, layer_, UndoTimeout(service_->core(), *context_),
+                     [this](absl::Status undone) {
+                       if (!undone.ok()) {
+                         Fail(undone);
+                         return;
+                       }
+                       std::shared_ptr<LayerCall> call = LayerCall::Start(
+                           service_->core(), seq_, layer_, tensors_[0], tensors_[1], tensors_[2],
+                           /*decode=*/false, context_, [this](absl::StatusOr<LayerCallOutput> out) {
+                             OnCallDone(std::move(out));
+                           });
+                       std::lock_guard<std::mutex> lock(mu_);
+                       call_ = std::move(call);
+                       started_ = true;
+                     });
   }
 
   void OnCallDone(absl::StatusOr<LayerCallOutput> out) {
@@ -611,22 +632,32 @@ grpc::ServerUnaryReactor* RouterService::Decode(grpc::CallbackServerContext* con
     *reserved = seq->bytes_per_token;
     DHSA_RETURN_IF_ERROR(BeginLayerCall(*seq, request->layer(), /*decode=*/true));
     const bool want_lse = request->want_lse();
-    LayerCall::Start(core_, seq, request->layer(), std::make_shared<const Tensor>(std::move(q)),
-                     std::make_shared<const Tensor>(std::move(k)),
-                     std::make_shared<const Tensor>(std::move(v)), /*decode=*/true, context,
-                     [response, want_lse, finish,
-                      policy = seq->dhsa.policy](absl::StatusOr<LayerCallOutput> out) {
-                       if (!out.ok()) {
-                         finish(out.status());
-                         return;
-                       }
-                       TensorToProto(out->o, response->mutable_o());
-                       if (want_lse) TensorToProto(out->lse, response->mutable_lse());
-                       response->set_length(out->length);
-                       *response->mutable_stats() = out->stats;
-                       metrics::ObserveLayerCall(/*decode=*/true, policy, 1, out->stats);
-                       finish(absl::OkStatus());
-                     });
+    const int layer = request->layer();
+    auto run = [this, seq, layer, context, response, want_lse, finish,
+                q = std::make_shared<const Tensor>(std::move(q)),
+                k = std::make_shared<const Tensor>(std::move(k)),
+                v = std::make_shared<const Tensor>(std::move(v))](absl::Status undone) {
+      if (!undone.ok()) {  // The undo of an earlier failed call is still not confirmed.
+        EndLayerCall(*seq, layer);
+        finish(undone);
+        return;
+      }
+      LayerCall::Start(core_, seq, layer, q, k, v, /*decode=*/true, context,
+                       [response, want_lse, finish,
+                        policy = seq->dhsa.policy](absl::StatusOr<LayerCallOutput> out) {
+                         if (!out.ok()) {
+                           finish(out.status());
+                           return;
+                         }
+                         TensorToProto(out->o, response->mutable_o());
+                         if (want_lse) TensorToProto(out->lse, response->mutable_lse());
+                         response->set_length(out->length);
+                         *response->mutable_stats() = out->stats;
+                         metrics::ObserveLayerCall(/*decode=*/true, policy, 1, out->stats);
+                         finish(absl::OkStatus());
+                       });
+    };
+    RetryPendingUndo(*pool_, seq, layer, UndoTimeout(core_, *context), std::move(run));
     return absl::OkStatus();
   };
   absl::Status started = start();
@@ -772,7 +803,7 @@ grpc::ServerUnaryReactor* RouterService::ReleaseSequence(grpc::CallbackServerCon
   }
   for (const auto& entry : bytes) {
     for (int l = 0; l < static_cast<int>(seq->layers.size()); ++l) {
-      DropOnWorker(pool_->stub(entry.first), WorkerSequenceId(seq->id, l), core_.cleanup_timeout,
+      DropOnWorker(*pool_, entry.first, WorkerSequenceId(seq->id, l), core_.cleanup_timeout,
                    [pending, reactor](const absl::Status&) {
                      // A worker that cannot be reached has lost the keys with its process.
                      bool last;

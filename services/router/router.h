@@ -16,10 +16,11 @@
 //   (it failed by cancellation, deadline or a transport error after its half-close, when the
 //   worker may have committed) counts as stored: its worker must confirm the truncate too, and the
 //   truncate also fences that layer's writes still in flight on the worker (they fail ABORTED
-//   instead of landing after it). Only when a worker that may hold such keys cannot be reached is
-//   the layer marked unusable (FAILED_PRECONDITION, "release the sequence") rather than risk keys
-//   the router does not know about. A StoreKv the worker refused, or whose stream broke before the
-//   half-close, stored nothing.
+//   instead of landing after it). When a worker that may hold such keys cannot be reached, the
+//   layer keeps a pending undo rather than risk keys the router does not know about: every later
+//   call on the layer first retries the Truncate on those workers, and is UNAVAILABLE until they
+//   confirm it (then the layer is exactly as it was and the call runs). A StoreKv the worker
+//   refused, or whose stream broke before the half-close, stored nothing.
 // - Worker calls carry the client's deadline and cancellation; when the client sets no deadline,
 //   each StoreKv and Attend gets worker_call_timeout (default 120 s), so a stalled worker ends a
 //   call with DEADLINE_EXCEEDED (and the rollback above) instead of hanging it.

@@ -34,10 +34,6 @@ absl::Status BeginLayerCall(SequenceState& seq, int layer, bool decode) {
                                                       "' already has a call in flight; calls on "
                                                       "one layer must follow each other"));
   }
-  if (!state.broken.empty()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("layer ", layer, " of sequence '", seq.id, "' is unusable: ", state.broken));
-  }
   if (decode && state.layout.length() == 0) {
     return absl::FailedPreconditionError(absl::StrCat(
         "decode on layer ", layer, " of sequence '", seq.id, "' before any prefill of that layer"));

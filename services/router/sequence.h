@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,16 @@
 
 namespace dhsa::router {
 
+// The undo of a failed call that not every worker confirmed: each worker in `bytes` may still hold
+// keys of the call (positions >= `end` of the layer), whose bytes stay placed there and counted to
+// the sequence. The layer takes no call until each of them has confirmed a Truncate(end); the next
+// call on the layer retries it first (RetryPendingUndo, worker_calls.h).
+struct PendingUndo {
+  int64_t end = 0;
+  std::map<int, int64_t> bytes;  // Worker -> KV bytes of the keys it may hold.
+  std::string why;               // Which workers could not truncate, and why.
+};
+
 struct LayerState {
   LayerState(const DhsaConfig& config, int64_t kv_heads, int64_t head_dim, DType dtype)
       : layout(config, kv_heads, head_dim, dtype) {}
@@ -25,9 +36,8 @@ struct LayerState {
   std::vector<Stripe> stripes;  // Contiguous from 0 to layout.length().
   // A call is in flight: it alone reads and changes `layout` and `stripes` until it ends.
   bool busy = false;
-  // Non-empty when keys of a failed call could not be removed from the workers: why the layer
-  // takes no more calls.
-  std::string broken;
+  // Set when keys of a failed call could not be removed from every worker.
+  std::optional<PendingUndo> undo;
 };
 
 struct SequenceState {
@@ -49,8 +59,8 @@ struct SequenceState {
 };
 
 // Claims `layer` for one call: NOT_FOUND if the sequence was released, FAILED_PRECONDITION if
-// another call on the layer is in flight, the layer is broken, or (for decode) it holds no keys
-// yet.
+// another call on the layer is in flight or (for decode) it holds no keys yet. A layer with a
+// pending undo is claimed too: the caller retries the undo before the call (RetryPendingUndo).
 absl::Status BeginLayerCall(SequenceState& seq, int layer, bool decode);
 // Gives the layer back.
 void EndLayerCall(SequenceState& seq, int layer);

@@ -1,5 +1,8 @@
 #include "services/router/worker_calls.h"
 
+#include <map>
+#include <mutex>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -188,41 +191,105 @@ void AttendCall::OnDone(const grpc::Status& grpc_status) {
   done(std::move(status), std::move(partial));
 }
 
-void DropOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id,
+void DropOnWorker(WorkerPool& pool, int worker, const std::string& worker_sequence_id,
                   std::chrono::milliseconds timeout, std::function<void(absl::Status)> done) {
-  struct State {
-    grpc::ClientContext context;
-    v1::DropRequest request;
-    v1::DropResponse response;
-  };
-  auto* state = new State;
-  state->request.set_sequence_id(worker_sequence_id);
-  state->context.set_deadline(std::chrono::system_clock::now() + timeout);
-  stub->async()->Drop(&state->context, &state->request, &state->response,
-                      [state, done = std::move(done)](grpc::Status s) {
-                        done(FromGrpcStatus(s));
-                        delete state;
-                      });
+  v1::DropRequest request;
+  request.set_sequence_id(worker_sequence_id);
+  v1::Worker::Stub* stub = pool.stub(worker);
+  pool.background_calls().Start<v1::DropResponse>(
+      std::move(request), std::chrono::system_clock::now() + timeout,
+      [stub](grpc::ClientContext* context, const v1::DropRequest* request,
+             v1::DropResponse* response, std::function<void(grpc::Status)> callback) {
+        stub->async()->Drop(context, request, response, std::move(callback));
+      },
+      [done = std::move(done)](absl::Status s, const v1::DropResponse&) { done(std::move(s)); });
 }
 
-void TruncateOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id, int layer,
-                      int64_t end, std::chrono::milliseconds timeout,
+void TruncateOnWorker(WorkerPool& pool, int worker, const std::string& worker_sequence_id,
+                      int layer, int64_t end, std::chrono::milliseconds timeout,
                       std::function<void(absl::Status)> done) {
-  struct State {
-    grpc::ClientContext context;
-    v1::TruncateRequest request;
-    v1::TruncateResponse response;
+  v1::TruncateRequest request;
+  request.set_sequence_id(worker_sequence_id);
+  request.set_layer(layer);
+  request.set_end(end);
+  v1::Worker::Stub* stub = pool.stub(worker);
+  pool.background_calls().Start<v1::TruncateResponse>(
+      std::move(request), std::chrono::system_clock::now() + timeout,
+      [stub](grpc::ClientContext* context, const v1::TruncateRequest* request,
+             v1::TruncateResponse* response, std::function<void(grpc::Status)> callback) {
+        stub->async()->Truncate(context, request, response, std::move(callback));
+      },
+      [done = std::move(done)](absl::Status s, const v1::TruncateResponse&) {
+        done(std::move(s));
+      });
+}
+
+void RetryPendingUndo(WorkerPool& pool, std::shared_ptr<SequenceState> seq, int layer,
+                      std::chrono::milliseconds timeout, std::function<void(absl::Status)> done) {
+  PendingUndo undo;
+  {
+    std::lock_guard<std::mutex> lock(seq->mu);
+    const std::optional<PendingUndo>& pending = seq->layers[static_cast<size_t>(layer)].undo;
+    if (!pending.has_value()) {
+      done(absl::OkStatus());
+      return;
+    }
+    undo = *pending;
+  }
+  struct Retry {
+    std::mutex mu;
+    size_t left = 0;
+    std::map<int, absl::Status> failed;  // Guarded by mu.
   };
-  auto* state = new State;
-  state->request.set_sequence_id(worker_sequence_id);
-  state->request.set_layer(layer);
-  state->request.set_end(end);
-  state->context.set_deadline(std::chrono::system_clock::now() + timeout);
-  stub->async()->Truncate(&state->context, &state->request, &state->response,
-                          [state, done = std::move(done)](grpc::Status s) {
-                            done(FromGrpcStatus(s));
-                            delete state;
-                          });
+  auto retry = std::make_shared<Retry>();
+  retry->left = undo.bytes.size();
+  const std::string worker_id = WorkerSequenceId(seq->id, layer);
+  // Every worker of the undo is asked again, whether or not it answered before: Truncate(end) is
+  // idempotent, and it fences that layer's writes still in flight there.
+  for (const auto& [worker, bytes] : undo.bytes) {
+    TruncateOnWorker(
+        pool, worker, worker_id, layer, undo.end, timeout,
+        [&pool, seq, layer, undo, retry, done, w = worker](absl::Status s) {
+          std::map<int, absl::Status> failed;
+          {
+            std::lock_guard<std::mutex> lock(retry->mu);
+            if (!s.ok()) retry->failed.emplace(w, std::move(s));
+            if (--retry->left != 0) return;
+            failed.swap(retry->failed);
+          }
+          // Confirmed workers leave the undo; their bytes are no longer held.
+          std::map<int, int64_t> freed;
+          {
+            std::lock_guard<std::mutex> lock(seq->mu);
+            std::optional<PendingUndo>& pending = seq->layers[static_cast<size_t>(layer)].undo;
+            for (const auto& [worker, bytes] : undo.bytes) {
+              if (failed.count(worker) > 0 || !pending.has_value()) continue;
+              freed[worker] = bytes;
+              pending->bytes.erase(worker);
+              int64_t& held = seq->bytes_on_worker[worker];
+              held -= bytes;
+              if (held == 0) seq->bytes_on_worker.erase(worker);
+            }
+            if (failed.empty()) pending.reset();
+          }
+          for (const auto& [worker, bytes] : freed) pool.Unreserve(worker, bytes);
+          if (failed.empty()) {
+            done(absl::OkStatus());
+            return;
+          }
+          std::string why;
+          for (const auto& [worker, status] : failed) {
+            pool.ReportCallStatus(worker, status);
+            absl::StrAppend(&why, why.empty() ? "" : "; ", pool.address(worker), ": ",
+                            status.message());
+          }
+          done(absl::UnavailableError(absl::StrCat(
+              "layer ", layer, " of sequence '", seq->id, "' takes no call until the undo of a ",
+              "failed call is confirmed (keys at positions >= ", undo.end,
+              " may remain on workers that could not truncate them: ", why,
+              "); retry once they are reachable, or release the sequence")));
+        });
+  }
 }
 
 }  // namespace dhsa::router

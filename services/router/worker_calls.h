@@ -1,7 +1,9 @@
 // Asynchronous calls from the router to one worker (gRPC callback API): storing keys and values,
 // partial attention, and dropping or truncating a layer. Each call deletes itself when done and
 // reports once through its callback, on a gRPC thread: callbacks must only record the result and
-// hand heavier work to the router's executor.
+// hand heavier work to the router's executor. StoreKv and Attend are waited for by their LayerCall
+// (and it by the client's call, which the server waits for); Drop and Truncate are the pool's
+// background calls (workers.h), which the pool waits for before its channels go.
 #ifndef DHSA_SERVICES_ROUTER_WORKER_CALLS_H_
 #define DHSA_SERVICES_ROUTER_WORKER_CALLS_H_
 
@@ -20,6 +22,8 @@
 #include "kernels/common/tensor.h"
 #include "services/common/wire.h"
 #include "services/router/pieces.h"
+#include "services/router/sequence.h"
+#include "services/router/workers.h"
 #include "services/transport/nccl_link.h"
 #include "services/transport/shm_arena.h"
 
@@ -134,15 +138,24 @@ class AttendCall : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendR
   absl::Status error_;  // Guarded by mu_: a bad answer found while reading.
 };
 
-// Drop: frees every stripe a worker holds under `worker_sequence_id`.
-void DropOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id,
+// Drop: frees every stripe `worker` holds under `worker_sequence_id`.
+void DropOnWorker(WorkerPool& pool, int worker, const std::string& worker_sequence_id,
                   std::chrono::milliseconds timeout, std::function<void(absl::Status)> done);
 
-// Truncate: drops the tokens at positions >= end that a worker holds for one layer under
+// Truncate: drops the tokens at positions >= end that `worker` holds for one layer under
 // `worker_sequence_id` (and fences that layer's writes still in flight there).
-void TruncateOnWorker(v1::Worker::Stub* stub, const std::string& worker_sequence_id, int layer,
-                      int64_t end, std::chrono::milliseconds timeout,
+void TruncateOnWorker(WorkerPool& pool, int worker, const std::string& worker_sequence_id,
+                      int layer, int64_t end, std::chrono::milliseconds timeout,
                       std::function<void(absl::Status)> done);
+
+// Retries the pending undo of `layer` (LayerState::undo), which the caller has claimed
+// (BeginLayerCall): a Truncate(undo.end) on each worker that still owes one, each bounded by
+// `timeout`. `done` gets OK at once when there is none, and OK when every worker confirmed (the
+// undo is cleared and its bytes given back: the layer is as it was before the failed call);
+// otherwise UNAVAILABLE naming the workers that did not (those that did are struck off the undo).
+// From this thread or a gRPC thread.
+void RetryPendingUndo(WorkerPool& pool, std::shared_ptr<SequenceState> seq, int layer,
+                      std::chrono::milliseconds timeout, std::function<void(absl::Status)> done);
 
 }  // namespace dhsa::router
 

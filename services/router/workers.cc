@@ -125,14 +125,63 @@ WorkerPool::~WorkerPool() {
     }
   }
   AbortDroppedLinks();
-  std::lock_guard<std::mutex> lock(mu_);
-  for (size_t i = 0; i < workers_.size(); ++i) {
-    if (workers_[i]->shm != nullptr) {
-      transport::ShmLink::DetachAsync(workers_[i]->stub.get(), workers_[i]->shm,
-                                      options_.probe_timeout);
-      workers_[i]->shm.reset();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& w : workers_) {
+      if (w->shm != nullptr) {
+        DetachShmLocked(*w, *w->shm);
+        w->shm.reset();
+      }
     }
   }
+  // No call may outlive the channels: the detaches just sent (and any Drop or Truncate still
+  // pending) get a probe timeout to reach their workers, then the rest are cancelled.
+  background_.Close(options_.probe_timeout);
+}
+
+void BackgroundCalls::Close(std::chrono::milliseconds grace) {
+  std::vector<std::shared_ptr<grpc::ClientContext>> cancel;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    closed_ = true;
+    ended_.wait_for(lock, grace, [&] { return pending_ == 0; });
+    for (auto& [raw, context] : contexts_) cancel.push_back(context);
+  }
+  // Outside mu_: a cancelled call may report on this thread. The copies keep each context alive
+  // until it has been cancelled, even when its call ends meanwhile.
+  for (auto& context : cancel) context->TryCancel();
+  cancel.clear();
+  std::unique_lock<std::mutex> lock(mu_);
+  ended_.wait(lock, [&] { return pending_ == 0; });
+}
+
+int BackgroundCalls::pending() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pending_;
+}
+
+bool BackgroundCalls::Add(std::shared_ptr<grpc::ClientContext> context) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) return false;
+  const grpc::ClientContext* raw = context.get();
+  contexts_.emplace(raw, std::move(context));
+  ++pending_;
+  return true;
+}
+
+void BackgroundCalls::Remove(const grpc::ClientContext* context) {
+  std::shared_ptr<grpc::ClientContext> last;  // Freed outside mu_.
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = contexts_.find(context);
+  if (it == contexts_.end()) return;
+  last = std::move(it->second);
+  contexts_.erase(it);
+}
+
+void BackgroundCalls::End() {
+  // Notified under mu_: Close may return, and the pool go, as soon as mu_ is released.
+  std::lock_guard<std::mutex> lock(mu_);
+  if (--pending_ == 0) ended_.notify_all();
 }
 
 void WorkerPool::AddWorkerLocked(const std::string& address) {
@@ -216,7 +265,7 @@ void WorkerPool::DropShmLocked(int worker, const std::string& why) {
   if (w.shm == nullptr) return;
   // Regions of calls in flight keep the router's mappings until those calls end; the worker's
   // mappings went with it (or go with the detach).
-  transport::ShmLink::DetachAsync(w.stub.get(), w.shm, options_.probe_timeout);
+  DetachShmLocked(w, *w.shm);
   w.shm.reset();
   std::cerr << "dhsa-router: worker " << w.address
             << ": shared-memory data plane dropped (gRPC bytes until it is back): " << why
@@ -233,20 +282,36 @@ void WorkerPool::DropNcclLocked(int worker, const std::string& why) {
   // The link's queued transfers fail outside mu_ (their reports may call back into the pool).
   dropped_.emplace_back(link, why);
   // Best effort: the worker aborts its rank too (its transfers waiting for us fail now).
-  struct Leave {
-    grpc::ClientContext context;
-    v1::LeaveCommunicatorRequest request;
-    v1::LeaveCommunicatorResponse response;
-  };
-  auto* leave = new Leave;
-  leave->request.set_communicator_id(link->id());
-  leave->request.set_abort(true);
-  leave->context.set_deadline(std::chrono::system_clock::now() + options_.probe_timeout);
-  w.stub->async()->LeaveCommunicator(&leave->context, &leave->request, &leave->response,
-                                     [leave](grpc::Status) { delete leave; });
+  v1::LeaveCommunicatorRequest leave;
+  leave.set_communicator_id(link->id());
+  leave.set_abort(true);
+  v1::Worker::Stub* stub = w.stub.get();
+  background_.Start<v1::LeaveCommunicatorResponse>(
+      std::move(leave), std::chrono::system_clock::now() + options_.probe_timeout,
+      [stub](grpc::ClientContext* context, const v1::LeaveCommunicatorRequest* request,
+             v1::LeaveCommunicatorResponse* response, std::function<void(grpc::Status)> callback) {
+        stub->async()->LeaveCommunicator(context, request, response, std::move(callback));
+      },
+      [](absl::Status, const v1::LeaveCommunicatorResponse&) {});
   std::cerr << "dhsa-router: worker " << w.address
             << ": NCCL data plane dropped (shared memory or gRPC bytes until a probe reconnects): "
             << why << std::endl;
+}
+
+void WorkerPool::DetachShmLocked(Worker& w, const transport::ShmLink& link) {
+  v1::Worker::Stub* stub = w.stub.get();
+  for (const std::shared_ptr<transport::ShmArena>* arena : {&link.r2w_ptr(), &link.w2r_ptr()}) {
+    if (*arena == nullptr) continue;
+    v1::DetachArenaRequest request;
+    request.set_arena_id((*arena)->id());
+    background_.Start<v1::DetachArenaResponse>(
+        std::move(request), std::chrono::system_clock::now() + options_.probe_timeout,
+        [stub](grpc::ClientContext* context, const v1::DetachArenaRequest* request,
+               v1::DetachArenaResponse* response, std::function<void(grpc::Status)> callback) {
+          stub->async()->DetachArena(context, request, response, std::move(callback));
+        },
+        [](absl::Status, const v1::DetachArenaResponse&) {});
+  }
 }
 
 std::shared_ptr<transport::NcclLink> WorkerPool::NcclLinkOf(int worker) const {

@@ -8,21 +8,25 @@
 #ifndef DHSA_SERVICES_ROUTER_WORKERS_H_
 #define DHSA_SERVICES_ROUTER_WORKERS_H_
 
+#include <grpcpp/client_context.h>
 #include <grpcpp/security/credentials.h>
 
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "dhsa/v1/worker.grpc.pb.h"
+#include "services/common/status.h"
 #include "services/router/placement.h"
 #include "services/transport/data_plane.h"
 #include "services/transport/nccl_link.h"
@@ -48,6 +52,70 @@ struct WorkerPoolOptions {
 // Resolves "dns:///name:port" (or "dns:name:port") to "ip:port" strings ("[ip6]:port"), sorted.
 absl::StatusOr<std::vector<std::string>> ResolveDnsTarget(const std::string& target);
 
+// Unary calls on a pool's channels that no caller waits for: Drop, Truncate, DetachArena,
+// LeaveCommunicator. The pool keeps its channels until each of them has ended, because gRPC (1.51)
+// aborts the process ("ref_counted.h:183 assertion failed: prior > 0", in grpc_cq_internal_unref)
+// when a channel is destroyed while a callback call started on it is still pending: ~WorkerPool
+// Closes them first.
+class BackgroundCalls {
+ public:
+  BackgroundCalls() = default;
+  BackgroundCalls(const BackgroundCalls&) = delete;
+  BackgroundCalls& operator=(const BackgroundCalls&) = delete;
+
+  // Starts one call: `start(context, request, response, callback)` must start it on a stub, e.g.
+  // stub->async()->Drop(context, request, response, std::move(callback)). `done` runs once, on a
+  // gRPC thread (or on this one, with CANCELLED and nothing sent, once Close has begun).
+  template <typename Response, typename Request, typename StartFn>
+  void Start(Request request, std::chrono::system_clock::time_point deadline, StartFn start,
+             std::function<void(absl::Status, const Response&)> done);
+
+  // Refuses new calls, gives those pending up to `grace` to end, cancels the rest, and returns once
+  // every one has ended (its `done` has returned and its context is freed).
+  void Close(std::chrono::milliseconds grace);
+  // Calls started and not yet ended.
+  int pending() const;
+
+ private:
+  bool Add(std::shared_ptr<grpc::ClientContext> context);
+  void Remove(const grpc::ClientContext* context);
+  void End();
+
+  mutable std::mutex mu_;
+  std::condition_variable ended_;
+  // The contexts of the pending calls (Close cancels them); guarded by mu_.
+  std::map<const grpc::ClientContext*, std::shared_ptr<grpc::ClientContext>> contexts_;
+  int pending_ = 0;      // Guarded by mu_.
+  bool closed_ = false;  // Guarded by mu_.
+};
+
+template <typename Response, typename Request, typename StartFn>
+void BackgroundCalls::Start(Request request, std::chrono::system_clock::time_point deadline,
+                            StartFn start,
+                            std::function<void(absl::Status, const Response&)> done) {
+  struct State {
+    grpc::ClientContext context;
+    Request request;
+    Response response;
+  };
+  auto state = std::make_shared<State>();
+  state->request = std::move(request);
+  state->context.set_deadline(deadline);
+  if (!Add(std::shared_ptr<grpc::ClientContext>(state, &state->context))) {
+    done(absl::CancelledError("the router is closing: the call to the worker was not made"),
+         state->response);
+    return;
+  }
+  start(&state->context, &state->request, &state->response,
+        [this, state, done = std::move(done)](grpc::Status s) mutable {
+          Remove(&state->context);
+          done(FromGrpcStatus(s), state->response);
+          done = nullptr;
+          state.reset();  // The context goes while the channel is still there.
+          End();
+        });
+}
+
 class WorkerPool {
  public:
   // Connects to the workers and probes them once (unreachable workers are not an error: readiness
@@ -68,6 +136,9 @@ class WorkerPool {
                                                 const PlacementPolicy& policy);
   void Unreserve(int worker, int64_t bytes);
   std::vector<WorkerLoad> Loads() const;
+
+  // The pool's background calls (worker_calls.h starts Drop and Truncate there).
+  BackgroundCalls& background_calls() { return background_; }
 
   // A call to `worker` failed with `status`: UNAVAILABLE marks it unreachable until a probe
   // succeeds again.
@@ -117,6 +188,9 @@ class WorkerPool {
   void NotifyIfChanged();
   // Drops the shared-memory link of `worker` (logs why); mu_ held.
   void DropShmLocked(int worker, const std::string& why);
+  // Tells the worker to unmap the arenas of `link` (best effort: a worker that is gone has unmapped
+  // them already); the router's own mappings go when the last region is freed. mu_ held.
+  void DetachShmLocked(Worker& w, const transport::ShmLink& link);
   // Drops the NCCL link of `worker` (logs why; the worker is told to abort its rank); mu_ held.
   // AbortDroppedLinks, called without mu_, then aborts it.
   void DropNcclLocked(int worker, const std::string& why);
@@ -139,6 +213,7 @@ class WorkerPool {
   // Communicators with GPU workers (NCCL builds, mode auto or nccl); null otherwise.
   std::unique_ptr<transport::RouterDataPlane> nccl_;
   std::thread prober_;
+  BackgroundCalls background_;  // Closed by ~WorkerPool before workers_ (the channels) go.
 };
 
 }  // namespace dhsa::router

@@ -34,7 +34,15 @@ absl::StatusOr<std::shared_ptr<ShmLink>> ShmLink::Connect(v1::Worker::Stub* stub
     // Mapped on both sides (or failed): the name has done its job; a crash now leaks nothing.
     (*arena)->mapping().Unlink();
     if (!s.ok()) {
-      if (std::string(direction) == "w2r") DetachAsync(stub, link, timeout);
+      if (link->r2w_ != nullptr) {
+        // Best effort, and waited for: no call may outlive the caller's channel.
+        v1::DetachArenaRequest detach;
+        detach.set_arena_id(link->r2w_->id());
+        v1::DetachArenaResponse detached;
+        grpc::ClientContext detach_context;
+        detach_context.set_deadline(std::chrono::system_clock::now() + timeout);
+        (void)stub->DetachArena(&detach_context, detach, &detached);
+      }
       const absl::Status status = FromGrpcStatus(s);
       return absl::Status(status.code(),
                           absl::StrCat("AttachArena ", direction, ": ", status.message()));
@@ -42,23 +50,6 @@ absl::StatusOr<std::shared_ptr<ShmLink>> ShmLink::Connect(v1::Worker::Stub* stub
     (std::string(direction) == "r2w" ? link->r2w_ : link->w2r_) = *std::move(arena);
   }
   return link;
-}
-
-void ShmLink::DetachAsync(v1::Worker::Stub* stub, const std::shared_ptr<ShmLink>& link,
-                          std::chrono::milliseconds timeout) {
-  for (const std::shared_ptr<ShmArena>& arena : {link->r2w_, link->w2r_}) {
-    if (arena == nullptr) continue;
-    struct State {
-      grpc::ClientContext context;
-      v1::DetachArenaRequest request;
-      v1::DetachArenaResponse response;
-    };
-    auto* state = new State;
-    state->request.set_arena_id(arena->id());
-    state->context.set_deadline(std::chrono::system_clock::now() + timeout);
-    stub->async()->DetachArena(&state->context, &state->request, &state->response,
-                               [state](grpc::Status) { delete state; });
-  }
 }
 
 }  // namespace dhsa::transport

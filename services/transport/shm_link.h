@@ -1,6 +1,7 @@
 // The router's shared-memory connection with one worker: two arenas (shm_arena.h), "r2w" for the
 // tensors the router sends (q, k, v) and "w2r" for those the worker returns (o, lse), attached on
-// the worker with Worker.AttachArena and unlinked right after.
+// the worker with Worker.AttachArena and unlinked right after. The owner of the link tells the
+// worker to unmap them (Worker.DetachArena with the arenas' ids) when it drops the link.
 #ifndef DHSA_SERVICES_TRANSPORT_SHM_LINK_H_
 #define DHSA_SERVICES_TRANSPORT_SHM_LINK_H_
 
@@ -24,11 +25,6 @@ class ShmLink {
                                                           const std::string& name, int worker,
                                                           int generation, int64_t arena_bytes,
                                                           std::chrono::milliseconds timeout);
-
-  // Tells the worker to unmap both arenas (asynchronous, best effort: a worker that is gone has
-  // unmapped them already). The router's own mappings go when the last region is freed.
-  static void DetachAsync(v1::Worker::Stub* stub, const std::shared_ptr<ShmLink>& link,
-                          std::chrono::milliseconds timeout);
 
   ShmArena& r2w() { return *r2w_; }
   ShmArena& w2r() { return *w2r_; }

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "gtest/gtest.h"
 #include "services/router/router.h"
 #include "tests/router/service_test_util.h"
@@ -111,6 +112,19 @@ class CheckedSequence {
   std::vector<int64_t> boundaries_;
   int64_t len_ = 0;
 };
+
+// Decodes the next position of `seq` (checked), retrying for up to 10 s while its layer is still
+// busy with the rollback of an earlier failed call (FAILED_PRECONDITION "in flight").
+inline absl::Status DecodeWhenLayerFree(CheckedSequence& seq) {
+  absl::Status status = seq.Decode();
+  for (int i = 0; i < 200 && status.code() == absl::StatusCode::kFailedPrecondition &&
+                  absl::StrContains(status.message(), "in flight");
+       ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    status = seq.Decode();
+  }
+  return status;
+}
 
 // A TCP proxy on 127.0.0.1 in front of 127.0.0.1:target_port, one thread polling every socket.
 // Modes: kForward passes bytes both ways; kRefuse closes every connection at once and every new
