@@ -21,7 +21,7 @@ timeout "${DHSA_TEST_TIMEOUT:-120}" "$carry/bin/gpu_test" --gtest_color=no \
   --gtest_filter="${DHSA_TEST_FILTER:-*SparseAttentionCuda*:*CanImplement*}" \
   >"$out/attention_test.log" 2>&1
 echo "attention_test rc=$? in $((SECONDS - start)) s"
-compare="${DHSA_COMPARE:-early,ws_r40,ws_tma,ws_tma_r40,ws_tma_pp,ws_tma_c2,ws_tma_c4,diag_ws_noload}"
+compare="${DHSA_COMPARE:-early,ws_tma_pp,ws_tma_pp_h2,ws_tma_pp_h16,diag_ws_pp_noload}"
 (($# > 0)) || set -- --lengths=8192,131072 --budgets=4096 --seconds=0.2 --check_max=8192 \
   --compare="$compare"
 start=$SECONDS

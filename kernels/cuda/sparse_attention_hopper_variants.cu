@@ -18,6 +18,7 @@ struct Variant {
 
 #if defined(DHSA_CUDA_HOPPER_KERNELS)
 using sparse_attention_hopper::kBoxEights;
+using sparse_attention_hopper::kBoxSixteens;
 using sparse_attention_hopper::kStreaming;
 using sparse_attention_hopper::Launch;
 using sparse_attention_hopper::LaunchWs;
@@ -49,6 +50,8 @@ constexpr Variant kVariants[] = {
     {"ws_tma_pp_cs", &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kStreaming>},
     {"ws_tma_pp_h2cs",
      &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kStreaming>},
+    // ws_tma_pp with runs of up to 16 keys in one box (kBoxSixteens).
+    {"ws_tma_pp_h16", &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxSixteens>},
     // ws_tma in clusters of 2 CTAs (row tiles of one selection block) sharing each K/V tile by
     // TMA multicast: half the L2 reads (ws_tma where 2 does not divide a block's row tiles).
     {"ws_tma_c2", &ClusterOrPlain<2>},

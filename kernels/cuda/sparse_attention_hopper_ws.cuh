@@ -105,6 +105,9 @@ __device__ __forceinline__ void SetMaxRegistersUp() {
 // powers of 2 (8 maps): a run takes at most 2 boxes (a multiple of 8, then the rest) instead of
 // up to 8 (its binary digits).
 inline constexpr int kBoxEights = 1;
+// kBoxSixteens (with kTma, instead of kBoxEights): heights 1-16 and the multiples of 16 up to 128
+// (23 maps): a run of up to 16 keys in one box, a longer one in at most 2.
+inline constexpr int kBoxSixteens = 4;
 // kStreaming: Q loaded and O, LSE stored with the L2 evict-first policy (read or written once), so
 // that they push fewer K/V lines (read by every row tile of a selection block) out of L2.
 inline constexpr int kStreaming = 2;
@@ -113,13 +116,17 @@ inline constexpr int kStreaming = 2;
 template <int kOptions>
 struct BoxSet {
   static constexpr bool kEights = (kOptions & kBoxEights) != 0;
-  static constexpr int kCount = kEights ? 23 : 8;
+  static constexpr bool kSixteens = (kOptions & kBoxSixteens) != 0;
+  static constexpr int kCount = kEights || kSixteens ? 23 : 8;
   static constexpr __host__ __device__ int Height(int i) {
-    return kEights ? (i < 7 ? i + 1 : 8 * (i - 6)) : 1 << i;
+    return kSixteens ? (i < 16 ? i + 1 : 16 * (i - 14))
+                     : (kEights ? (i < 7 ? i + 1 : 8 * (i - 6)) : 1 << i);
   }
   // The box for the next piece of a run of `left` (1..128) keys.
   static __device__ __forceinline__ int Pick(int left) {
-    if constexpr (kEights) {
+    if constexpr (kSixteens) {
+      return left > 16 ? 14 + (left >> 4) : left - 1;
+    } else if constexpr (kEights) {
       return left >= 8 ? 6 + (left >> 3) : left - 1;
     } else {
       return 31 - __clz(left);
@@ -736,12 +743,12 @@ cudaError_t LaunchWs(const SparseAttentionCudaParams& p, cudaStream_t stream) {
   }
 }
 
-// The Hopper kernel that kHopper runs: warp-specialized with the TMA producer and the consumers'
-// ping-pong (variant ws_tma_pp), or the lock-step `early` kernel (sparse_attention_hopper.cuh)
-// where the tensor maps cannot be encoded.
+// The Hopper kernel that kHopper runs: warp-specialized with the TMA producer (at most 2 boxes a
+// run) and the consumers' ping-pong (variant ws_tma_pp_h2), or the lock-step `early` kernel
+// (sparse_attention_hopper.cuh) where the tensor maps cannot be encoded.
 template <typename T, int kDim>
 cudaError_t LaunchDefault(const SparseAttentionCudaParams& p, cudaStream_t stream) {
-  const cudaError_t error = LaunchWs<T, kDim, true, 24, true, true>(p, stream);
+  const cudaError_t error = LaunchWs<T, kDim, true, 24, true, true, 1, kBoxEights>(p, stream);
   if (error != cudaErrorNotSupported) return error;
   return Launch<T, kDim, true, true>(p, stream);
 }
