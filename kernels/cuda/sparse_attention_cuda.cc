@@ -15,7 +15,8 @@ bool Aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t
 
 // kAuto's choice on a device where the Hopper kernel can run: the Hopper kernel, which passed the
 // GPU tests on an H200 and ran 1.45-1.5x the portable kernel's rate there
-// (bench/results/2026-11-28-h200-hopper-kernel.md).
+// (bench/results/2026-11-28-h200-hopper-kernel.md); with the TMA producer ~2x (450 against 220
+// TFLOP/s at 128K, bench/results/2026-11-28-h200-tma-producer.md).
 constexpr bool kHopperByDefault = true;
 
 }  // namespace

@@ -28,11 +28,12 @@ struct CudaSpan {
 inline constexpr int kSparseAttentionCudaRowsPerBlock = 128;
 
 // Which kernel serves a call. kPortable: mma.sync (sm_80+), every GPU and build. kHopper: warpgroup
-// MMA (wgmma, sm_90a; sparse_attention_hopper.cuh, softmax overlapped with O += P V, key lookups
-// one tile ahead), present when the build has sm_90a code and the device is sm_90 (H100, H200).
-// kAuto picks kHopper where it can run (it passed the GPU tests on an H200 and runs ~1.45x the
-// portable kernel's rate there), else kPortable. kHopperSerial: the Hopper kernel without its
-// softmax / O += P V overlap (bf16, head dim 128 only; a reference point for tuning and tests).
+// MMA (wgmma, sm_90a), warp-specialized with a TMA producer (sparse_attention_hopper_ws.cuh;
+// the lock-step sparse_attention_hopper.cuh kernel where the driver cannot encode the tensor maps),
+// present when the build has sm_90a code and the device is sm_90 (H100, H200). kAuto picks kHopper
+// where it can run (it passed the GPU tests on an H200 and runs ~2x the portable kernel's rate
+// there), else kPortable. kHopperSerial: the lock-step Hopper kernel without its softmax /
+// O += P V overlap (bf16, head dim 128 only; a reference point for tuning and tests).
 enum class SparseAttentionCudaKernel { kAuto, kPortable, kHopper, kHopperSerial };
 
 // Everything one call reads and writes. Pointers are device memory; tensors are dense row-major.

@@ -1,4 +1,5 @@
-// The Hopper sparse attention kernel, warp-specialized (sm_90a): one producer warpgroup gathers
+// The Hopper sparse attention kernel, warp-specialized (sm_90a); kHopper runs it with the TMA
+// producer (kTma, LaunchDefault below). One producer warpgroup gathers
 // the selected keys' K and V rows and two consumer warpgroups compute, decoupled by mbarriers, so
 // the gathers and the key lookups (dependent loads through the span lists) leave the consumers'
 // path and the two consumer warpgroups need not run in step. The math of a consumer warpgroup is
