@@ -10,6 +10,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -68,6 +69,28 @@ class WorkerProcess {
     return -1;
   }
   void Signal(int signal) { ::kill(pid_, signal); }
+  // SIGSTOP, then waits (up to 10 s) until every thread of the process is stopped: on a loaded
+  // machine the stop can take effect after a call sent right after kill() was already served.
+  bool Stop() {
+    ::kill(pid_, SIGSTOP);
+    const std::string tasks = "/proc/" + std::to_string(pid_) + "/task";
+    for (int i = 0; i < 1000; ++i) {
+      bool all = true;
+      int seen = 0;
+      for (const auto& task : std::filesystem::directory_iterator(tasks)) {
+        std::ifstream in(task.path() / "stat");
+        const std::string stat((std::istreambuf_iterator<char>(in)),
+                               std::istreambuf_iterator<char>());
+        const size_t paren = stat.rfind(')');
+        if (paren == std::string::npos || paren + 2 >= stat.size()) continue;
+        ++seen;
+        if (stat[paren + 2] != 'T') all = false;
+      }
+      if (all && seen > 0) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
 
  private:
   std::string log_;
@@ -110,7 +133,7 @@ TEST(StallTest, StoppedWorkerFailsFastIsMarkedNotReadyAndComesBack) {
   ASSERT_TRUE(both->Prefill(0, Rows(in.q, 0, 600), Rows(in.k, 0, 600), Rows(in.v, 0, 600)).ok());
   ASSERT_EQ(both->Info()->workers_size(), 2);
 
-  w1.Signal(SIGSTOP);
+  ASSERT_TRUE(w1.Stop()) << "the worker did not stop";
   const auto start = std::chrono::steady_clock::now();
   const absl::Status stalled =
       both->Decode(0, Rows(in.q, 600, 601), Rows(in.k, 600, 601), Rows(in.v, 600, 601)).status();
@@ -183,7 +206,7 @@ TEST(StallTest, AStoppedWorkerDoesNotStallSequencesOnTheOtherWorker) {
     before_ms = std::max(before_ms, ms(Clock::now() - t));
   }
 
-  w1.Signal(SIGSTOP);
+  ASSERT_TRUE(w1.Stop()) << "the worker did not stop";
   const auto start = Clock::now();
   std::atomic<bool> stalled_done{false};
   absl::Status stalled_status;
