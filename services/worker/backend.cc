@@ -25,6 +25,7 @@ class CpuWorkerBackend final : public WorkerBackend {
     return ComputePartialAttention(in);
   }
   absl::StatusOr<DeviceMemoryInfo> DeviceMemory() const override { return DeviceMemoryInfo{}; }
+  bool HostInPlace() const override { return true; }
 
  private:
   std::shared_ptr<KvMemory> memory_ = std::make_shared<HostKvMemory>();

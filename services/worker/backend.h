@@ -53,6 +53,9 @@ class WorkerBackend {
   virtual absl::StatusOr<std::shared_ptr<WorkerDeviceBuffer>> AllocateDevice(int64_t /*bytes*/) {
     return std::shared_ptr<WorkerDeviceBuffer>();
   }
+  // Whether Compute takes PartialAttentionInputs::q_host, o_host and lse_host (host memory read
+  // and written in place, e.g. shared-memory regions); false: q's bytes in q, o and lse returned.
+  virtual bool HostInPlace() const { return false; }
 };
 
 // True in builds with the CUDA backend (DHSA_WITH_CUDA).

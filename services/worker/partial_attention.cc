@@ -87,7 +87,23 @@ absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionI
         "tensors on a device (q_device, outputs_on_device) need the cuda backend; this is the "
         "host kernel");
   }
-  DHSA_ASSIGN_OR_RETURN(HeadsView q, HeadsView::Of(*in.q, "q"));
+  if ((in.o_host == nullptr) != (in.lse_host == nullptr)) {
+    return absl::InvalidArgumentError("o_host and lse_host go together");
+  }
+  HeadsView q;
+  if (in.q_host != nullptr) {
+    if (in.q->shape.size() != 3) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("q must be 3-D [heads, len, dim]; got shape ", ShapeString(in.q->shape)));
+    }
+    q.data = in.q_host;
+    q.dtype = in.q->dtype;
+    q.heads = in.q->shape[0];
+    q.len = in.q->shape[1];
+    q.dim = in.q->shape[2];
+  } else {
+    DHSA_ASSIGN_OR_RETURN(q, HeadsView::Of(*in.q, "q"));
+  }
   q.offset = in.q_begin;
   const int64_t hq = q.heads, lq = q.len, d = q.dim;
   const int64_t rows = hq * lq;
@@ -101,12 +117,18 @@ absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionI
   const bool any = std::find(touched.begin(), touched.end(), true) != touched.end();
   // The kernel writes every row; without a held key every row is o = 0, lse = -inf.
   PartialAttention out;
-  out.o = any ? Tensor::Uninitialized(DType::kF32, {hq, lq, d})
-              : Tensor::Zeros(DType::kF32, {hq, lq, d});
-  out.lse = Tensor::Uninitialized(DType::kF32, {hq, lq});
-  float* o = static_cast<float*>(out.o.data());
-  float* lse = static_cast<float*>(out.lse.data());
-  if (!any) std::fill(lse, lse + rows, -std::numeric_limits<float>::infinity());
+  float* o = in.o_host;
+  float* lse = in.lse_host;
+  if (o == nullptr) {
+    out.o = Tensor::Uninitialized(DType::kF32, {hq, lq, d});
+    out.lse = Tensor::Uninitialized(DType::kF32, {hq, lq});
+    o = static_cast<float*>(out.o.data());
+    lse = static_cast<float*>(out.lse.data());
+  }
+  if (!any) {
+    std::fill(o, o + rows * d, 0.0f);
+    std::fill(lse, lse + rows, -std::numeric_limits<float>::infinity());
+  }
   SparseAttentionParams p;
   p.q = q;
   p.selection = in.selection;

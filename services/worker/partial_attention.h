@@ -59,6 +59,14 @@ struct PartialAttentionInputs {
   // lse on the device (PartialAttention::o_device, lse_device) instead of downloading them.
   const WorkerDeviceBuffer* q_device = nullptr;
   bool outputs_on_device = false;
+  // Host I/O in place (backends whose WorkerBackend::HostInPlace() is true, the CPU one; the others
+  // must not be given these): q_host, when set, holds q's bytes (q->dtype, q->shape; q's own bytes
+  // may then be empty), e.g. a pinned shared-memory region; o_host and lse_host, when set, receive
+  // o [Hq, Lq, d] and lse [Hq, Lq] (float32) instead of PartialAttention::o and lse, which are then
+  // empty. Saves a copy of each and their fresh memory.
+  const void* q_host = nullptr;
+  float* o_host = nullptr;
+  float* lse_host = nullptr;
 };
 
 absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionInputs& in);

@@ -495,6 +495,12 @@ class WorkerService::AttendReactor final
       Tensor q;
       q.dtype = q_dtype;
       q.shape = q_shape_;
+      if (backend_->HostInPlace()) {
+        // The kernel reads it in place; the pin holds the region until the attention is done.
+        q_pin_ = std::move(pin);
+        q_direct_ = std::move(q);
+        return absl::OkStatus();
+      }
       q.bytes = buffers_->Take(bytes);
       std::memcpy(q.bytes.data(), pin.data(), static_cast<size_t>(bytes));
       q_direct_ = std::move(q);
@@ -580,6 +586,7 @@ class WorkerService::AttendReactor final
       DHSA_ASSIGN_OR_RETURN(q, q_->Take());
     }
     absl::Status status = ComputeWith(q);
+    q_pin_ = transport::ShmPin();  // Read in place: the router may reuse the region now.
     buffers_->Give(std::move(q.bytes));
     return status;
   }
@@ -601,6 +608,18 @@ class WorkerService::AttendReactor final
     in.cancelled = [this] { return context_->IsCancelled(); };
     in.q_device = q_device_.get();
     in.outputs_on_device = q_device_ != nullptr;  // Set only when o and lse go over NCCL.
+    if (q_pin_.data() != nullptr) in.q_host = q_pin_.data();
+    // "o" and "lse" into the router's regions in place, when the backend writes host memory.
+    transport::ShmPin o_pin, lse_pin;
+    if (o_region_.has_value() && backend_->HostInPlace()) {
+      const int64_t rows = q_shape_[0] * q_shape_[1];
+      DHSA_ASSIGN_OR_RETURN(
+          o_pin, arenas_->Pin(*o_region_, rows * q_shape_[2] * int64_t{sizeof(float)}, true));
+      DHSA_ASSIGN_OR_RETURN(lse_pin,
+                            arenas_->Pin(*lse_region_, rows * int64_t{sizeof(float)}, true));
+      in.o_host = reinterpret_cast<float*>(o_pin.data());
+      in.lse_host = reinterpret_cast<float*>(lse_pin.data());
+    }
     DHSA_ASSIGN_OR_RETURN(const PartialAttention result, backend_->Compute(in));
     metrics::ObserveWorkerAttention(options_.backend, result.seconds);
     snapshot_.reset();  // Let a concurrent Drop free the stripes while the reply is sent.
@@ -638,6 +657,13 @@ class WorkerService::AttendReactor final
       return absl::OkStatus();
     }
 
+    if (o_pin.data() != nullptr) {
+      // Already in the regions the router set aside; the answer is the result alone.
+      v1::AttendResult* done = responses_.emplace_back().mutable_result();
+      done->set_attention_seconds(result.seconds);
+      done->set_computed_pairs(result.computed_pairs);
+      return absl::OkStatus();
+    }
     if (o_region_.has_value()) {
       // Into the regions the router set aside; the answer is the result alone.
       const int64_t o_bytes = static_cast<int64_t>(result.o.bytes.size());
@@ -681,7 +707,8 @@ class WorkerService::AttendReactor final
   int64_t q_begin_ = 0;
   float scale_ = 0.0f;
   std::optional<TensorAssembler> q_;
-  std::optional<Tensor> q_direct_;                      // "q" read from shared memory.
+  std::optional<Tensor> q_direct_;  // "q" read from shared memory.
+  transport::ShmPin q_pin_;         // "q" in place (HostInPlace backends): q_direct_ has no bytes.
   std::optional<v1::ShmRegion> o_region_, lse_region_;  // Where "o" and "lse" go.
   NcclTensor q_nccl_, o_nccl_, lse_nccl_;               // Tensors over NCCL.
   std::shared_ptr<transport::PinnedBuffer> q_buf_;
