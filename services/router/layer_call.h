@@ -4,8 +4,8 @@
 // on the router's executor; worker calls are asynchronous and hand back to the executor when the
 // last one answers. A failed call leaves the layer as it was: nothing is committed, reservations
 // are returned, and keys it may have stored on workers are truncated away (see Rollback in
-// layer_call.cc); when a worker that may hold such keys cannot be reached, the layer keeps a pending
-// undo instead (LayerState::undo), which the next call on the layer retries first.
+// layer_call.cc); when a worker that may hold such keys cannot be reached, the layer keeps a
+// pending undo instead (LayerState::undo), which the next call on the layer retries first.
 #ifndef DHSA_SERVICES_ROUTER_LAYER_CALL_H_
 #define DHSA_SERVICES_ROUTER_LAYER_CALL_H_
 

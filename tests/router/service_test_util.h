@@ -48,8 +48,10 @@ inline Inputs MakeInputs(std::mt19937_64& rng, int64_t hq, int64_t hkv, int64_t 
 }
 
 // Small-model parameters under which every policy is sparse past a few hundred keys.
+// The spec's method (preset paper) on a small structure; tests add the mass score where they mean
+// it.
 inline DhsaConfig SmallConfig(Policy policy) {
-  DhsaConfig c;
+  DhsaConfig c = PaperConfig();
   c.policy = policy;
   c.budget = 256;
   c.sink = 16;
