@@ -27,7 +27,8 @@ if [[ "$mode" == prepare ]]; then
   mkdir -p "$carry/bin" "$carry/lib"
   binaries=("$build/tests/nccl/nccl_gpu_test" "$build/bench/nccl/nccl_transport_bench"
     "$build/tests/nccl/nccl_service_gpu_test" "$build/bench/nccl/nccl_e2e_bench"
-    "$build/services/worker/dhsa-worker" "$build/services/router/dhsa-router")
+    "$build/services/worker/dhsa-worker" "$build/services/router/dhsa-router"
+    "$build/tests/nccl/cuda_device_io_test" "$build/tests/gpu_service/gpu_service_test")
   for b in "${binaries[@]}"; do strip --strip-debug -o "$carry/bin/$(basename "$b")" "$b"; done
   for b in "${binaries[@]}"; do
     ldd "$b" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}'
@@ -82,6 +83,14 @@ if [[ "$mode" == e2e ]]; then
   lengths="${DHSA_E2E_LENGTHS:-32768,131072}"
   reps="${DHSA_E2E_REPS:-2}"
   grpc_lengths="${DHSA_E2E_GRPC_LENGTHS:-32768}"
+  # One GPU: the CUDA worker backend's device I/O against its host path, and the CUDA worker
+  # service tests (the backend's host path end to end).
+  for t in ${DHSA_E2E_GPU_TESTS:-cuda_device_io_test gpu_service_test}; do
+    start=$SECONDS
+    timeout 120 "$bin/$t" --gtest_color=no >"$out/$t.log" 2>&1
+    say "$t rc=$? in $((SECONDS - start)) s: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$t.log" | tr '\n' ' ')"
+    grep -B2 -A8 'Failure' "$out/$t.log" | head -30 | tee -a "$summary"
+  done
   start=$SECONDS
   NCCL_DEBUG=WARN timeout 60 "$bin/nccl_gpu_test" --gtest_color=no >"$out/nccl_gpu_test.log" 2>&1
   say "nccl_gpu_test rc=$? in $((SECONDS - start)) s: $(grep -E '^\[  (PASSED|FAILED) ' "$out/nccl_gpu_test.log" | tr '\n' ' ')"
@@ -116,6 +125,12 @@ if [[ "$mode" == e2e ]]; then
     >"$out/e2e_1gpu.log" 2>&1
   say "1 GPU embedded rc=$? in $((SECONDS - start)) s"
   grep 'cuda attend' "$out/e2e_1gpu.log" | tail -1 | tee -a "$summary"
+  if (( $(nvidia-smi -L 2>/dev/null | grep -c '^GPU') < 2 )); then
+    say "one GPU: no NCCL runs (the NCCL tests above skip)"
+    cat "$out"/e2e_inprocess.log | tee -a "$summary"
+    grep -vE 'cuda attend' "$out"/e2e_1gpu.log | tee -a "$summary"
+    exit $rc
+  fi
   start_workers() {  # $1: log suffix; the environment passes on.
     workers=""
     for g in 0 1; do

@@ -310,16 +310,15 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
     size_t offsets_at = 0, spans_at = 0, starts_at = 0, o_at = 0, lse_at = 0;
   };
   std::vector<Part> parts;
-  for (size_t i = 0; i < keys.stripes.size(); ++i) {
-    const StripeSnapshot& s = keys.stripes[i];
-    bool any = false;
-    const Selection cut = SelectionForStripe(selection, first, last - first + 1, s.begin,
-                                             std::min(s.end(), in.q_begin + lq), &any);
-    if (!any) continue;
-    Part part;
-    part.stripe = i;
-    DHSA_ASSIGN_OR_RETURN(part.csr, SelectionToCsr(cut));
-    parts.push_back(std::move(part));
+  {
+    DHSA_ASSIGN_OR_RETURN(
+        auto csrs, StripeSelectionCsrs(selection, first, last - first + 1, keys, in.q_begin + lq));
+    for (auto& [stripe, csr] : csrs) {
+      Part part;
+      part.stripe = stripe;
+      part.csr = std::move(csr);
+      parts.push_back(std::move(part));
+    }
   }
 
   const size_t o_size = static_cast<size_t>(rows * d) * sizeof(float);
@@ -475,6 +474,74 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
 }
 
 }  // namespace
+
+absl::StatusOr<std::vector<std::pair<size_t, SelectionCsr>>> StripeSelectionCsrs(
+    const Selection& selection, int64_t first_block, int64_t num_blocks, const LayerSnapshot& keys,
+    int64_t q_end) {
+  if (selection.unit != SelectionUnit::kKvHeadBlock) {
+    return absl::InvalidArgumentError(
+        "the CUDA kernels take per-(KV head, query block) selections, not per-row ones");
+  }
+  if (selection.block_size <= 0 || selection.num_heads <= 0 || num_blocks <= 0 ||
+      first_block < selection.first_block ||
+      first_block + num_blocks > selection.first_block + selection.num_blocks ||
+      selection.spans.size() != static_cast<size_t>(selection.num_heads * selection.num_blocks)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "selection of ", selection.num_heads, " heads x blocks [", selection.first_block, ", ",
+        selection.first_block + selection.num_blocks, ") of ", selection.block_size,
+        " rows holding ", selection.spans.size(), " entries cannot be cut to blocks [", first_block,
+        ", ", first_block + num_blocks, ")"));
+  }
+  constexpr int64_t kMaxPosition = std::numeric_limits<int32_t>::max();
+  const size_t n = keys.stripes.size();
+  std::vector<int64_t> ends(n), lo(n), hi(n);
+  for (size_t i = 0; i < n; ++i) {
+    ends[i] = keys.stripes[i].end();
+    lo[i] = keys.stripes[i].begin;
+    hi[i] = std::min(keys.stripes[i].end(), q_end);
+  }
+  std::vector<SelectionCsr> csrs(n);
+  std::vector<int64_t> packed(n, 0);
+  const int64_t entries = selection.num_heads * num_blocks;
+  for (SelectionCsr& c : csrs) {
+    c.block_size = selection.block_size;
+    c.first_block = first_block;
+    c.num_blocks = num_blocks;
+    c.num_heads = selection.num_heads;
+    c.entry_offsets.reserve(static_cast<size_t>(entries + 1));
+    c.entry_offsets.push_back(0);
+  }
+  for (int64_t h = 0; h < selection.num_heads; ++h) {
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      std::fill(packed.begin(), packed.end(), 0);
+      int64_t previous_end = 0;
+      for (const Span& s : selection.At(h, first_block - selection.first_block + b)) {
+        if (s.begin < previous_end || s.end < s.begin || s.end > kMaxPosition) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("selection entry ", h * num_blocks + b, ": span [", s.begin, ", ", s.end,
+                           ") is out of order, overlaps, or lies outside [0, 2^31 - 1)"));
+        }
+        previous_end = s.end;
+        // The stripes holding part of the span: from the first that ends after its begin.
+        for (size_t i = static_cast<size_t>(std::upper_bound(ends.begin(), ends.end(), s.begin) -
+                                            ends.begin());
+             i < n && lo[i] < s.end; ++i) {
+          const int64_t begin = std::max(s.begin, lo[i]), end = std::min(s.end, hi[i]);
+          if (begin >= end) continue;
+          csrs[i].spans.push_back({static_cast<int32_t>(begin), static_cast<int32_t>(end)});
+          csrs[i].span_starts.push_back(static_cast<int32_t>(packed[i]));
+          packed[i] += end - begin;
+        }
+      }
+      for (SelectionCsr& c : csrs) c.entry_offsets.push_back(static_cast<int64_t>(c.spans.size()));
+    }
+  }
+  std::vector<std::pair<size_t, SelectionCsr>> out;
+  for (size_t i = 0; i < n; ++i) {
+    if (!csrs[i].spans.empty()) out.emplace_back(i, std::move(csrs[i]));
+  }
+  return out;
+}
 
 absl::StatusOr<DeviceMemoryInfo> CudaDeviceMemory() {
   size_t free_bytes = 0, total_bytes = 0;
