@@ -2,6 +2,10 @@
 # Service overhead: the same prefill through dhsa-router + 2 dhsa-worker processes on loopback
 # and in process, side by side (dhsa demo --target). Defaults: Hq=8, Hkv=2, d=128, 32K tokens,
 # one layer, 16 decode steps. Extra arguments go to `dhsa demo` (e.g. --len 8192).
+# Environment: DHSA_BUILD (build dir), DHSA_WORKER_FLAGS and DHSA_ROUTER_FLAGS (extra flags of the
+# processes, e.g. DHSA_WORKER_FLAGS="--threads 1" DHSA_ROUTER_FLAGS="--transport grpc"). After the
+# demo it prints the CPU seconds the router and each worker used (user + system, from /proc), the
+# load-independent share of the service's cost that the demo's wall times do not show.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build="${DHSA_BUILD:-$root/build}"
@@ -21,12 +25,21 @@ port_of() {  # Waits for "port N" in a log file.
 
 workers=""
 for i in 0 1; do
-  "$build/services/worker/dhsa-worker" --listen 127.0.0.1:0 > "$logs/w$i.log" 2>&1 &
+  "$build/services/worker/dhsa-worker" --listen 127.0.0.1:0 ${DHSA_WORKER_FLAGS:-} > "$logs/w$i.log" 2>&1 &
   pids+=($!)
   workers+="${workers:+,}127.0.0.1:$(port_of "$logs/w$i.log")"
 done
-"$build/services/router/dhsa-router" --listen 127.0.0.1:0 --workers "$workers" > "$logs/router.log" 2>&1 &
+"$build/services/router/dhsa-router" --listen 127.0.0.1:0 --workers "$workers" ${DHSA_ROUTER_FLAGS:-} > "$logs/router.log" 2>&1 &
 pids+=($!)
 router="127.0.0.1:$(port_of "$logs/router.log")"
 echo "router $router, workers $workers (separate processes)"
+cpu() {  # CPU seconds (user + system) of process $1 so far.
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"
+}
+before=(); for p in "${pids[@]}"; do before+=("$(cpu "$p")"); done
 "$build/dhsa" demo --target "$router" --layers 1 --decode 16 "$@"
+after=(); for p in "${pids[@]}"; do after+=("$(cpu "$p")"); done
+used() { awk -v a="${after[$1]}" -v b="${before[$1]}" 'BEGIN {printf "%.2f", a - b}'; }
+echo "CPU seconds during the demo (prefill + decode): router $(used 2), worker 0 $(used 0)," \
+  "worker 1 $(used 1)" \
+  "(startup before it: router ${before[2]}, workers ${before[0]} and ${before[1]})"
