@@ -8,7 +8,10 @@
 // Checks on the first run (outputs poisoned before it): the selection's spans valid
 // (CheckSelection), every lse finite.
 //
-// Usage: mass_selection_bench [--lengths=131072] [--budget=4096] [--reps=7]
+// Usage: mass_selection_bench [--lengths=131072] [--budget=4096] [--reps=7] [--variants=a,b,..]
+// (variants: paper_old, paper, fma, tf32, tf32_cut, tiled_oldcut, tiled_noexit, tiled_noagg,
+// tiled_agg, tiled_short, tiled_w825, tiled; kVariants below; by default paper, fma, tf32,
+// tiled).
 // Exit status: 0 when every case ran and passed its checks, 1 otherwise, 2 without a device.
 #include <cuda_runtime_api.h>
 
@@ -68,17 +71,56 @@ struct Result {
   double workspace_mb = 0, keys_per_entry = 0;
   int64_t chunks = 0, span_cap = 0, entries = 0;
   std::string check = "ok";
+  std::vector<std::vector<Span>> spans;  // The checked run's selection.
+};
+
+// A configuration of the device selection to time (--variants picks them by name).
+struct Variant {
+  const char* key;
+  const char* name;
+  bool mass, tensor, tiled, global, early, aggregate;
+  bool short_split = false;
+  int64_t wave = 0;  // Query blocks a wave (0: the default).
+};
+constexpr Variant kVariants[] = {
+    {"paper_old", "paper q128 c32 n8 x128, cut without early exit", false, false, false, false,
+     false, false},
+    {"paper", "paper q128 c32 n8 x128 (defaults)", false, false, false, false, true, true},
+    {"fma", "mass, fp32 FMA, cut on shared copies", true, false, false, false, false, false},
+    {"tf32", "mass, 3xTF32 first kernel, cut on shared copies", true, true, false, false, false,
+     false},
+    {"tf32_cut", "mass, 3xTF32 first kernel, global cut + early exit", true, true, false, true,
+     true, false},
+    {"tiled_oldcut", "mass, tiled 3xTF32, cut on shared copies", true, true, true, false, false,
+     false},
+    {"tiled_noexit", "mass, tiled 3xTF32, global cut", true, true, true, true, false, false},
+    {"tiled_noagg", "mass, tiled 3xTF32, global cut + early exit", true, true, true, true, true,
+     false},
+    {"tiled_agg", "mass, tiled 3xTF32, global cut + early exit + warp adds", true, true, true, true,
+     true, true},
+    {"tiled_short", "mass, tiled 3xTF32 short split, global cut + early exit", true, true, true,
+     true, true, false, true},
+    {"tiled_w825", "mass, tiled 3xTF32, global cut + early exit, waves of 825 blocks", true, true,
+     true, true, true, false, true, 825},
+    {"tiled", "mass, tiled 3xTF32, global cut + early exit (defaults)", true, true, true, true,
+     true, false},
 };
 
 absl::StatusOr<Result> RunCase(const Workload& w, const DeviceBuffer& q, const DeviceBuffer& k,
                                const DeviceBuffer& v, DeviceBuffer& o, DeviceBuffer& lse,
-                               const DhsaConfig& config, bool tensor, int reps,
+                               const DhsaConfig& config, const Variant& variant, int reps,
                                cudaStream_t stream) {
   const int64_t len = w.config.len;
   const AttentionShape shape{kHq, kHkv, kDim, len, len};
   DHSA_ASSIGN_OR_RETURN(DeviceDhsaSelection sel,
                         DeviceDhsaSelection::Create(config, shape, DType::kBF16));
-  sel.set_mass_tensor_cores(tensor);
+  sel.set_mass_tensor_cores(variant.tensor);
+  sel.set_mass_tiled(variant.tiled);
+  sel.set_select_global_scores(variant.global);
+  sel.set_select_early_exit(variant.early);
+  sel.set_select_aggregate(variant.aggregate);
+  sel.set_mass_short_split(variant.short_split);
+  if (variant.wave > 0) sel.set_mass_wave_blocks(variant.wave);
   Result r;
   r.workspace_mb = static_cast<double>(sel.workspace_bytes()) / (1 << 20);
   SparseAttentionCudaParams p;
@@ -113,6 +155,7 @@ absl::StatusOr<Result> RunCase(const Workload& w, const DeviceBuffer& q, const D
     for (const Span& s : spans) keys += s.size();
   }
   r.keys_per_entry = static_cast<double>(keys) / static_cast<double>(r.entries);
+  r.spans = got.spans;
   const absl::Status valid = CheckSelection(got, shape);
   std::vector<float> l(static_cast<size_t>(kHq * len));
   DHSA_RETURN_IF_ERROR(lse.CopyToHost(l.data(), l.size() * sizeof(float)));
@@ -176,6 +219,7 @@ int Main(int argc, char** argv) {
   std::vector<int64_t> lengths = {131072};
   int64_t budget = 4096;
   int reps = 7;
+  std::vector<std::string> picked = {"paper", "fma", "tf32", "tiled"};
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&](const char* flag) -> const char* {
@@ -197,6 +241,16 @@ int Main(int argc, char** argv) {
         std::fprintf(stderr, "bad budget '%s'\n", x);
         return 1;
       }
+    } else if (const char* x = value("--variants=")) {
+      picked = absl::StrSplit(x, ',');
+      for (const std::string& name : picked) {
+        bool known = false;
+        for (const Variant& v : kVariants) known = known || name == v.key;
+        if (!known) {
+          std::fprintf(stderr, "unknown variant '%s'\n", name.c_str());
+          return 1;
+        }
+      }
     } else if (const char* x = value("--reps=")) {
       if (!absl::SimpleAtoi(x, &reps) || reps < 1) {
         std::fprintf(stderr, "bad reps '%s'\n", x);
@@ -204,7 +258,8 @@ int Main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr,
-                   "usage: mass_selection_bench [--lengths=131072] [--budget=4096] [--reps=7]\n");
+                   "usage: mass_selection_bench [--lengths=131072] [--budget=4096] [--reps=7] "
+                   "[--variants=paper,fma,tf32,tiled,...]\n");
       return 1;
     }
   }
@@ -243,13 +298,16 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr, "device memory for L = %lld\n", static_cast<long long>(len));
       return 1;
     }
-    for (int variant = 0; variant < 3; ++variant) {
-      const bool mass = variant > 0, tensor = variant == 2;
+    std::vector<std::vector<Span>> first_mass;
+    for (const std::string& key : picked) {
+      const Variant* variant = nullptr;
+      for (const Variant& v : kVariants) {
+        if (key == v.key) variant = &v;
+      }
+      const bool mass = variant->mass;
       const DhsaConfig config = mass ? MassDefaults(budget) : PaperStructure(budget);
-      const char* name = variant == 0   ? "paper q128 c32 n8 x128"
-                         : variant == 1 ? "mass q16 r8 c32 n4 x16, fp32 FMA"
-                                        : "mass q16 r8 c32 n4 x16, 3xTF32";
-      absl::StatusOr<Result> r = RunCase(*w, *q, *k, *v, *o, *lse, config, tensor, reps, stream);
+      const char* name = variant->name;
+      absl::StatusOr<Result> r = RunCase(*w, *q, *k, *v, *o, *lse, config, *variant, reps, stream);
       if (!r.ok()) {
         std::printf("L %lld %s: %s\n", static_cast<long long>(len), name,
                     std::string(r.status().message()).c_str());
@@ -257,6 +315,16 @@ int Main(int argc, char** argv) {
         continue;
       }
       ok = ok && r->check == "ok";
+      // Entries whose spans differ from the first mass variant's (scores within rounding may
+      // order tied chunks apart; the tests bound those).
+      if (mass && first_mass.empty()) first_mass = std::move(r->spans);
+      if (mass && !first_mass.empty() && first_mass.size() == r->spans.size()) {
+        int64_t differ = 0;
+        for (size_t i = 0; i < first_mass.size(); ++i) differ += first_mass[i] != r->spans[i];
+        std::printf("L %lld %s: %lld of %zu entries differ from the first mass variant's\n",
+                    static_cast<long long>(len), name, static_cast<long long>(differ),
+                    first_mass.size());
+      }
       char line[512];
       std::snprintf(line, sizeof(line),
                     "| %lld | %s | %lld | %.3f | %.3f | %.3f | %s | %.3f | %.3f | %.1f%% | %.0f | "

@@ -174,6 +174,20 @@ absl::StatusOr<DeviceDhsaSelection> DeviceDhsaSelection::Create(const DhsaConfig
     s.score_blocks_ = std::max<int64_t>(
         1, std::min<int64_t>(s.num_blocks_, static_cast<int64_t>(kMassScoreBytes / per_block)));
     s.score_capacity_ = s.score_blocks_;
+    // A wave of whole rounds of the tiled kernel (two thread blocks an SM, each
+    // MassTiledBlocks query blocks of one KV head): the last round of a wave is not left part
+    // idle before the wave's cut.
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+        sms > 0) {
+      const int64_t unit = std::max<int64_t>(
+          1, 2 * sms * kernel::MassTiledBlocks(shape.group(), config.q_block, config.score_rows) /
+                 shape.hkv);
+      if (s.score_blocks_ > unit && s.score_blocks_ < s.num_blocks_) {
+        s.score_blocks_ = s.score_blocks_ / unit * unit;
+      }
+    }
   }
   s.entries_per_block_ = EntriesPerBlock(s.chunk_cap_, shape.dim);
   s.sort_bytes_ = kernel::SortGapsTempBytes(std::max<int64_t>(1, s.gap_cap_));
@@ -196,9 +210,9 @@ absl::StatusOr<DeviceDhsaSelection> DeviceDhsaSelection::Create(const DhsaConfig
   DHSA_RETURN_IF_ERROR(allocate(
       &s.rho_, sizeof(float) * (MassScore(config) ? shape.hq * s.pieces_ : entries) * shape.dim));
   if (MassScore(config)) {
-    DHSA_RETURN_IF_ERROR(
-        allocate(&s.scores_,
-                 sizeof(float) * static_cast<size_t>(shape.hkv * s.score_blocks_ * s.chunk_cap_)));
+    DHSA_RETURN_IF_ERROR(allocate(
+        &s.scores_,
+        sizeof(float) * static_cast<size_t>(shape.hkv * s.score_capacity_ * s.chunk_cap_)));
   }
   DHSA_RETURN_IF_ERROR(allocate(&s.spans_, sizeof(CudaSpan) * entries * s.span_cap_));
   DHSA_RETURN_IF_ERROR(allocate(&s.starts_, sizeof(int32_t) * entries * s.span_cap_));
@@ -358,6 +372,8 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
   p.local = c.local;
   p.entries_per_block = entries_per_block_;
   p.batched_scores = batched_scores_;
+  p.early_exit = select_early_exit_;
+  p.aggregate = select_aggregate_;
   p.spans = spans_.as<CudaSpan>();
   p.span_starts = starts_.as<int32_t>();
   p.counts = counts_.as<int32_t>();
@@ -389,8 +405,13 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
   m.score_blocks = score_blocks_;
   // The tensor-core product keeps the chunk means' remainders too: head dims up to 128 fit.
   m.tensor_cores = mass_tensor_cores_ && kernel::MassSharedBytes(shape_.dim, true) <= kSharedLimit;
+  m.tiled = m.tensor_cores && mass_tiled_ && kernel::MassTiledSupported(shape_.dim) &&
+            kernel::MassTiledSharedBytes(shape_.dim) <= kSharedLimit;
+  m.short_split = mass_short_split_;
   p.scores = scores_.as<float>();
   p.score_blocks = score_blocks_;
+  p.global_scores = select_global_scores_;
+  if (p.global_scores) p.entries_per_block = kernel::kMaxEntriesPerBlock;
   // Wave after wave of query blocks: their mass scores, then their selection.
   for (int64_t begin = 0; begin < num_blocks_; begin += score_blocks_) {
     m.block_begin = p.block_begin = begin;

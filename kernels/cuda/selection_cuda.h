@@ -111,6 +111,26 @@ class DeviceDhsaSelection {
   // -> 63.5 ms, every mass selection test passing with each; bench/results/
   // 2026-11-28-h200-mass-selection.md).
   void set_mass_tensor_cores(bool tensor) { mass_tensor_cores_ = tensor; }
+  // With `tiled` (and the tensor cores on), the mass scores take the tiled kernel (128 rows a
+  // thread block, 32 x 32 warp tiles, sweep 1 in registers; selection_mass.cu; head dims multiple
+  // of 8 up to 128, others keep the first kernel). On by default (bench/results/
+  // 2026-11-28-h200-mass-selection.md).
+  void set_mass_tiled(bool tiled) { mass_tiled_ = tiled; }
+  // With `short_split` the tiled kernel splits each operand x into x itself (the tensor cores read
+  // its top 19 bits: x truncated to TF32) and x - trunc(x) (2 instructions, not 4; the products'
+  // error about 2^-20 relative instead of 2^-22). Off by default: every mass test passes with it
+  // (H200), but its speed is not measured yet.
+  void set_mass_short_split(bool short_split) { mass_short_split_ = short_split; }
+  // With `global`, the cut reads the mass scores and the boundaries from global memory instead of
+  // shared-memory copies (many more thread blocks an SM). On by default.
+  void set_select_global_scores(bool global) { select_global_scores_ = global; }
+  // With `early`, the cut's radix select stops at the first digit that leaves one ranked chunk
+  // (the same selection). On by default.
+  void set_select_early_exit(bool early) { select_early_exit_ = early; }
+  // With `aggregate`, the cut's histogram adds are summed per warp and digit first (fewer atomics
+  // on the same bin; the same histograms). Off by default: slower on an H200 (128K/4096: cut
+  // about 10.7 -> 15.9 ms; bench/results/2026-11-28-h200-mass-selection.md).
+  void set_select_aggregate(bool aggregate) { select_aggregate_ = aggregate; }
   // Mass score: query blocks per wave (scores of a wave are written, then its selection), at most
   // what Create sized the scores buffer for (256 MiB of scores); tests use small waves.
   void set_mass_wave_blocks(int64_t blocks) {
@@ -151,6 +171,11 @@ class DeviceDhsaSelection {
   bool batched_scores_ = true;
   bool mass_scores_only_ = false;
   bool mass_tensor_cores_ = true;
+  bool mass_tiled_ = true;
+  bool mass_short_split_ = false;
+  bool select_global_scores_ = true;
+  bool select_early_exit_ = true;
+  bool select_aggregate_ = false;
   int64_t pieces_ = 0;          // Mass score: score_rows-row pieces of the queries.
   int64_t score_blocks_ = 0;    // Mass score: query blocks a wave scores.
   int64_t score_capacity_ = 0;  // Mass score: query blocks the scores buffer holds.

@@ -91,7 +91,16 @@ struct SelectParams {
   int64_t local = 0;
   int32_t entries_per_block = 1;  // 1 .. kMaxEntriesPerBlock, query blocks per thread block.
   bool batched_scores = false;    // Two chunks a thread, 32 features of loads in flight.
-  CudaSpan* spans = nullptr;      // [hkv * num_blocks, span_cap]
+  // With precomputed scores: read them (and the boundaries) from global memory instead of copies
+  // in shared memory (more thread blocks an SM; SelectSharedBytes with global_scores).
+  bool global_scores = false;
+  // The cut's radix select stops at the first digit whose bin holds one ranked chunk (that chunk
+  // is the cut; the same result).
+  bool early_exit = false;
+  // The cut's histograms take one atomic add per digit per warp (lanes with the same digit
+  // summed first, __match_any_sync and __reduce_add_sync); the same histograms.
+  bool aggregate = false;
+  CudaSpan* spans = nullptr;  // [hkv * num_blocks, span_cap]
   int32_t* span_starts = nullptr;
   int32_t* counts = nullptr;  // [hkv * num_blocks]
   int64_t span_cap = 0;
@@ -130,13 +139,23 @@ struct MassParams {
   float* scores = nullptr;  // As SelectParams::scores.
   int64_t score_blocks = 0;
   bool tensor_cores = false;  // The product in 3xTF32 on the tensor cores (else fp32 FMA).
+  // The tiled kernel (3xTF32, 128 rows a thread block, sweep 1 in registers; head dims multiple
+  // of 8 up to 128, MassTiledSupported); tensor_cores is then ignored.
+  bool tiled = false;
+  // Tiled kernel: operands split as x (truncated by the tensor cores) and x - trunc(x), not
+  // round(x) and trunc(x - round(x)).
+  bool short_split = false;
 };
-// Shared memory of LaunchMassScores at head dim `dim`.
+// Shared memory of LaunchMassScores at head dim `dim` (the first kernel's, or the tiled one's).
 size_t MassSharedBytes(int64_t dim, bool tensor_cores);
+bool MassTiledSupported(int64_t dim);
+// Query blocks of one KV head a thread block of the tiled kernel scores.
+int MassTiledBlocks(int64_t group, int64_t q_block, int64_t score_rows);
+size_t MassTiledSharedBytes(int64_t dim);
 cudaError_t LaunchMassScores(const MassParams& params, cudaStream_t stream);
 
 // Shared memory of LaunchSelect for `entries` entries per block.
-size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries);
+size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries, bool global_scores = false);
 // Scores (Step 3) and the selection under the budget (Step 4) of every (KV head, query block).
 cudaError_t LaunchSelect(const SelectParams& params, cudaStream_t stream);
 

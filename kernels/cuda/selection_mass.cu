@@ -20,6 +20,11 @@
 // and a TF32 remainder, big*big + big*small + small*big accumulated in fp32: about fp32's
 // accuracy; the remainders' product, below 2^-22 of the product, is dropped); then through shared
 // memory to the epilogue, where thread (row r, quarter q) takes chunks q, q + 4, ... of row r.
+// The tiled kernel below (MassParams::tiled, the default for head dims multiple of 8 up to 128)
+// computes the same two sweeps with 128-row tiles, 32 x 32 warp tiles in 3xTF32 and sweep 1's
+// running maximum and sum kept in registers (H200, 128K, budget 4096: scores 63.1 -> 40.6 ms in
+// waves of 825 query blocks, 35.0 ms in waves of whole rounds; bench/results/
+// 2026-11-28-h200-mass-selection.md).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -72,31 +77,14 @@ struct MassEntry {
   int32_t eligible;   // Chunks ending at or before the block's first position.
 };
 
-template <bool kTensor>
-__global__ void __launch_bounds__(kMassThreads)
-    MassScoreKernel(const __grid_constant__ MassParams p) {
-  extern __shared__ __align__(16) float smem[];
-  const int dim = p.dim;
-  float* qt = smem;  // [dim][kLd]: the tile's rows, transposed.
-  float* kt =
-      qt + dim * kLd;  // [dim][kLd]: 64 chunk means (kTensor: their TF32 parts), transposed.
-  float* ks = kt + dim * kLd;  // kTensor: [dim][kLd], the chunk means' TF32 remainders.
-  float* ls = ks;              // [kTile][kLd]: dot products, then shares (after the product).
-  __shared__ MassEntry ent[kMaxMassEntries];
-  __shared__ int32_t row_entry[kTile];
-  __shared__ float row_max[kTile], row_inv[kTile], log_len[kTile];
-  __shared__ int32_t total_rows;
-
-  const int tid = threadIdx.x;
-  const int64_t h = blockIdx.y;
+// The thread block's query blocks first_rel .. first_rel + per - 1 (those before end_rel): their
+// rows, pieces and chunk ranges, and each one's first row in the block's list of rows.
+__device__ void SetupEntries(const MassParams& p, int per, int64_t first_rel, int64_t end_rel,
+                             MassEntry* ent, int32_t* total_rows) {
   const int32_t nb = *p.count;
   const int32_t chunks = nb - 1;
   const int64_t rows_per_piece = p.score_rows;
-  const int64_t first_piece = p.t0 / rows_per_piece;
-  const int per = MassEntriesPerBlock(p.group, p.q_block, p.score_rows);
-  // The last blocks (most chunks) first.
-  const int64_t first_rel = p.block_begin + int64_t{gridDim.x - 1 - blockIdx.x} * per;
-  const int64_t end_rel = p.block_begin + p.blocks;
+  const int tid = threadIdx.x;
   if (tid < per) {
     MassEntry& x = ent[tid];
     x.rel = first_rel + tid;
@@ -151,9 +139,61 @@ __global__ void __launch_bounds__(kMassThreads)
       ent[e].row_off = off;
       off += ent[e].rows;
     }
-    total_rows = off;
+    *total_rows = off;
   }
   __syncthreads();
+}
+
+// Feature k of row `row` (the thread block's list) of entry x: a piece mean, or for a block with
+// fewer rows than a piece the mean query of the group's heads over the block's rows.
+__device__ float RowValue(const MassParams& p, const MassEntry& x, int64_t h, int32_t row, int k) {
+  const int64_t rows_per_piece = p.score_rows;
+  const int64_t first_piece = p.t0 / rows_per_piece;
+  const int dim = p.dim;
+  if (x.few) {
+    // The pieces' means weighted by their rows in the block, over the group's heads (fp64, in the
+    // reference's order), divided by group * rows.
+    double mean = 0.0;
+    for (int64_t g = h * p.group; g < (h + 1) * p.group; ++g) {
+      for (int64_t piece = x.p_begin; piece < x.p_begin + x.pieces; ++piece) {
+        const int64_t hi =
+            (piece + 1) * rows_per_piece < x.end ? (piece + 1) * rows_per_piece : x.end;
+        const int64_t lo =
+            piece * rows_per_piece > x.row_begin ? piece * rows_per_piece : x.row_begin;
+        mean += static_cast<double>(p.rho[(g * p.pieces + piece - first_piece) * dim + k]) *
+                static_cast<double>(hi - lo);
+      }
+    }
+    return static_cast<float>(mean / static_cast<double>(p.group * (x.end - x.row_begin)));
+  }
+  const int32_t i = row - x.row_off;
+  const int64_t g = h * p.group + i / x.pieces, piece = x.p_begin + i % x.pieces;
+  return p.rho[(g * p.pieces + piece - first_piece) * dim + k];
+}
+
+template <bool kTensor>
+__global__ void __launch_bounds__(kMassThreads)
+    MassScoreKernel(const __grid_constant__ MassParams p) {
+  extern __shared__ __align__(16) float smem[];
+  const int dim = p.dim;
+  float* qt = smem;  // [dim][kLd]: the tile's rows, transposed.
+  float* kt =
+      qt + dim * kLd;  // [dim][kLd]: 64 chunk means (kTensor: their TF32 parts), transposed.
+  float* ks = kt + dim * kLd;  // kTensor: [dim][kLd], the chunk means' TF32 remainders.
+  float* ls = ks;              // [kTile][kLd]: dot products, then shares (after the product).
+  __shared__ MassEntry ent[kMaxMassEntries];
+  __shared__ int32_t row_entry[kTile];
+  __shared__ float row_max[kTile], row_inv[kTile], log_len[kTile];
+  __shared__ int32_t total_rows;
+
+  const int tid = threadIdx.x;
+  const int64_t h = blockIdx.y;
+  const int32_t chunks = *p.count - 1;
+  const int per = MassEntriesPerBlock(p.group, p.q_block, p.score_rows);
+  // The last blocks (most chunks) first.
+  const int64_t first_rel = p.block_begin + int64_t{gridDim.x - 1 - blockIdx.x} * per;
+  const int64_t end_rel = p.block_begin + p.blocks;
+  SetupEntries(p, per, first_rel, end_rel, ent, &total_rows);
 
   const int ty = tid / 16, tx = tid % 16;  // Product: rows 4 ty .. 4 ty + 3, chunks 4 tx ...
   const int er = tid / 4, eq = tid % 4;    // Epilogue: row er, chunks eq + 4 i.
@@ -273,29 +313,7 @@ __global__ void __launch_bounds__(kMassThreads)
       const int r = idx / dim, k = idx % dim;
       const int e = row_entry[r];
       float v = 0.0f;
-      if (e >= 0) {
-        const MassEntry& x = ent[e];
-        if (x.few) {
-          // The pieces' means weighted by their rows in the block, over the group's heads (fp64,
-          // in the reference's order), divided by group * rows.
-          double mean = 0.0;
-          for (int64_t g = h * p.group; g < (h + 1) * p.group; ++g) {
-            for (int64_t piece = x.p_begin; piece < x.p_begin + x.pieces; ++piece) {
-              const int64_t hi =
-                  (piece + 1) * rows_per_piece < x.end ? (piece + 1) * rows_per_piece : x.end;
-              const int64_t lo =
-                  piece * rows_per_piece > x.row_begin ? piece * rows_per_piece : x.row_begin;
-              mean += static_cast<double>(p.rho[(g * p.pieces + piece - first_piece) * dim + k]) *
-                      static_cast<double>(hi - lo);
-            }
-          }
-          v = static_cast<float>(mean / static_cast<double>(p.group * (x.end - x.row_begin)));
-        } else {
-          const int32_t i = tile + r - x.row_off;
-          const int64_t g = h * p.group + i / x.pieces, piece = x.p_begin + i % x.pieces;
-          v = p.rho[(g * p.pieces + piece - first_piece) * dim + k];
-        }
-      }
+      if (e >= 0) v = RowValue(p, ent[e], h, tile + r, k);
       qt[k * kLd + r] = v;
     }
     // The tile's blocks [e_lo, e_hi] and how far its sweeps go.
@@ -389,6 +407,284 @@ __global__ void __launch_bounds__(kMassThreads)
   }
 }
 
+// The tiled kernel (MassParams::tiled): 128 rows a tile, 64 chunks a step, 3xTF32 on the tensor
+// cores; rows and chunk means row-major in shared memory (row stride dim + 4 floats: the
+// fragments' loads hit 32 distinct banks) and split into TF32 parts as they are loaded into
+// registers; warp w a 32-row x 32-chunk tile (rows 32 (w % 4) .., chunks 32 (w / 4) ..). Sweep 1
+// keeps each row's running maximum and exponential sum in the registers that hold the products
+// (no shared-memory round trip); sweep 2 writes the shares to shared memory (over the chunk
+// means, once the product is done) for the per-block column sums.
+constexpr int kTRows = 128;
+constexpr int kTChunks = 64;
+constexpr int kTLdS = kTChunks + 8;  // Shares' row stride: the fragments' 8-byte stores spread.
+constexpr int kTMaxEntries = 32;
+
+__host__ __device__ inline int TiledEntriesPerBlock(int64_t group, int64_t q_block,
+                                                    int64_t score_rows) {
+  const int64_t rows = group * (q_block / score_rows);
+  const int64_t per = rows >= kTRows ? 1 : kTRows / rows;
+  return static_cast<int>(per < kTMaxEntries ? per : kTMaxEntries);
+}
+
+// x split for 3xTF32 in two instructions: big = x (the tensor cores read its top 19 bits, x
+// truncated to TF32), small = x - trunc(x) (exact; read truncated too): |x - big - small| below
+// 2^-20 |x|.
+__device__ __forceinline__ void SplitTf32Short(float x, uint32_t& big, uint32_t& small) {
+  big = __float_as_uint(x);
+  small = __float_as_uint(x - __uint_as_float(big & 0xffffe000u));
+}
+
+template <bool kShort>
+__global__ void __launch_bounds__(kMassThreads, 2)
+    MassTiledKernel(const __grid_constant__ MassParams p) {
+  extern __shared__ __align__(16) float smem[];
+  const int dim = p.dim, ldq = dim + 4;
+  float* qs = smem;               // [kTRows][ldq]: the tile's rows.
+  float* ks = qs + kTRows * ldq;  // [kTChunks][ldq]: chunk means.
+  float* ls = ks;                 // [kTRows][kTLdS]: shares (after the product).
+  __shared__ MassEntry ent[kTMaxEntries];
+  __shared__ int32_t row_entry[kTRows], row_vis[kTRows];
+  __shared__ float row_max[kTRows], row_inv[kTRows], log_len[kTChunks];
+  __shared__ float part_m[2][kTRows], part_z[2][kTRows];
+  __shared__ int32_t total_rows;
+
+  const int tid = threadIdx.x;
+  const int64_t h = blockIdx.y;
+  const int32_t chunks = *p.count - 1;
+  const int per = TiledEntriesPerBlock(p.group, p.q_block, p.score_rows);
+  const int64_t first_rel = p.block_begin + int64_t{gridDim.x - 1 - blockIdx.x} * per;
+  const int64_t end_rel = p.block_begin + p.blocks;
+  SetupEntries(p, per, first_rel, end_rel, ent, &total_rows);
+
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int wr = warp % 4, wc = warp / 4;
+  const float* kappa = p.kappa + h * p.chunk_cap * dim;
+
+  // Chunk means j0 .. j0 + 63 into ks, log(len) into log_len.
+  auto load = [&](int32_t j0) {
+    const int d4 = dim / 4;
+    for (int idx = tid; idx < kTChunks * d4; idx += kMassThreads) {
+      const int c = idx / d4, k4 = idx % d4;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (j0 + c < chunks) v = *reinterpret_cast<const float4*>(kappa + (j0 + c) * dim + 4 * k4);
+      *reinterpret_cast<float4*>(ks + c * ldq + 4 * k4) = v;
+    }
+    if (tid < kTChunks) {
+      const int32_t j = j0 + tid;
+      log_len[tid] =
+          j < chunks ? logf(static_cast<float>(p.boundaries[j + 1] - p.boundaries[j])) : 0.0f;
+    }
+  };
+  // The warp's 32 x 32 products: acc[m][s] the m16n8 tile of rows 32 wr + 16 m, chunks
+  // 32 wc + 8 s.
+  float acc[2][4][4];
+  auto split = [](float x, uint32_t& big, uint32_t& small) {
+    if constexpr (kShort) {
+      SplitTf32Short(x, big, small);
+    } else {
+      SplitTf32(x, big, small);
+    }
+  };
+  auto product = [&]() {
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) acc[m][s][u] = 0.0f;
+      }
+    }
+    const float* qa = qs + (32 * wr + g) * ldq + t;
+    const float* kb = ks + (32 * wc + g) * ldq + t;
+#pragma unroll 2
+    for (int k0 = 0; k0 < dim; k0 += 8) {
+      uint32_t ab[2][4], as[2][4];
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const float* q = qa + 16 * m * ldq + k0;
+        split(q[0], ab[m][0], as[m][0]);
+        split(q[8 * ldq], ab[m][1], as[m][1]);
+        split(q[4], ab[m][2], as[m][2]);
+        split(q[8 * ldq + 4], ab[m][3], as[m][3]);
+      }
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const float* k = kb + 8 * s * ldq + k0;
+        uint32_t bb[2], bs[2];
+        split(k[0], bb[0], bs[0]);
+        split(k[4], bb[1], bs[1]);
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          MmaTf32(acc[m][s], as[m], bb);
+          MmaTf32(acc[m][s], ab[m], bs);
+          MmaTf32(acc[m][s], ab[m], bb);
+        }
+      }
+    }
+  };
+
+  const int32_t total = total_rows;
+  for (int32_t tile = 0; tile < total; tile += kTRows) {
+    if (tid < kTRows) {
+      const int32_t r = tile + tid;
+      int32_t owner = -1;
+      for (int e = 0; e < per; ++e) {
+        if (r < total && ent[e].rows > 0 && r >= ent[e].row_off &&
+            r < ent[e].row_off + ent[e].rows) {
+          owner = e;
+        }
+      }
+      row_entry[tid] = owner;
+      row_vis[tid] = owner >= 0 && !ent[owner].few ? ent[owner].visible : 0;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < kTRows * dim; idx += kMassThreads) {
+      const int r = idx / dim, k = idx % dim;
+      const int e = row_entry[r];
+      qs[r * ldq + k] = e >= 0 ? RowValue(p, ent[e], h, tile + r, k) : 0.0f;
+    }
+    int e_lo = per, e_hi = -1;
+    int32_t max_visible = 0, max_eligible = 0;
+    for (int e = 0; e < per; ++e) {
+      const MassEntry& x = ent[e];
+      if (x.rows == 0 || x.row_off >= tile + kTRows || x.row_off + x.rows <= tile) continue;
+      e_lo = e < e_lo ? e : e_lo;
+      e_hi = e;
+      if (!x.few) max_visible = x.visible > max_visible ? x.visible : max_visible;
+      max_eligible = x.eligible > max_eligible ? x.eligible : max_eligible;
+    }
+    // This thread's rows: 32 wr + 16 m + g + 8 half.
+    int32_t vis[2][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) vis[m][half] = row_vis[32 * wr + 16 * m + g + 8 * half];
+    }
+
+    // Sweep 1: each softmax row's maximum and sum of exponentials over its visible chunks.
+    float mx[2][2], z[2][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        mx[m][half] = -INFINITY;
+        z[m][half] = 0.0f;
+      }
+    }
+    for (int32_t j0 = 0; j0 < max_visible; j0 += kTChunks) {
+      __syncthreads();  // The last step's product is done with ks; qs is written (first step).
+      load(j0);
+      __syncthreads();
+      product();
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float l[8];
+          float top = -INFINITY;
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+              const int c = 32 * wc + 8 * s + 2 * t + u;
+              l[2 * s + u] = j0 + c < vis[m][half]
+                                 ? fmaf(p.scale, acc[m][s][2 * half + u], log_len[c])
+                                 : -INFINITY;
+              top = fmaxf(top, l[2 * s + u]);
+            }
+          }
+          if (top > -INFINITY) {
+            const float m_new = fmaxf(mx[m][half], top);
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sum += expf(l[i] - m_new);
+            z[m][half] = z[m][half] * expf(mx[m][half] - m_new) + sum;
+            mx[m][half] = m_new;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float a = mx[m][half], za = z[m][half];
+#pragma unroll
+        for (int o = 1; o < 4; o *= 2) {
+          const float m2 = __shfl_xor_sync(0xffffffffu, a, o);
+          const float z2 = __shfl_xor_sync(0xffffffffu, za, o);
+          const float m_new = fmaxf(a, m2);
+          if (m_new > -INFINITY) za = za * expf(a - m_new) + z2 * expf(m2 - m_new);
+          a = m_new;
+        }
+        if (t == 0) {
+          part_m[wc][32 * wr + 16 * m + g + 8 * half] = a;
+          part_z[wc][32 * wr + 16 * m + g + 8 * half] = za;
+        }
+      }
+    }
+    __syncthreads();
+    if (tid < kTRows) {
+      const float m0 = part_m[0][tid], m1 = part_m[1][tid];
+      const float top = fmaxf(m0, m1);
+      float sum = 0.0f;
+      if (top > -INFINITY) {
+        sum = part_z[0][tid] * expf(m0 - top) + part_z[1][tid] * expf(m1 - top);
+      }
+      row_max[tid] = top;
+      row_inv[tid] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+
+    // Sweep 2: shares of the eligible chunks, summed per block.
+    for (int32_t j0 = 0; j0 < max_eligible; j0 += kTChunks) {
+      __syncthreads();  // ks is free (last step's sums are done); row_max is written.
+      load(j0);
+      __syncthreads();
+      product();
+      __syncthreads();  // ls overwrites ks.
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = 32 * wr + 16 * m + g + 8 * half;
+          const int e_r = row_entry[r];
+          const int32_t eligible = e_r >= 0 ? ent[e_r].eligible : 0;
+          const bool few = e_r >= 0 && ent[e_r].few;
+          const float top = row_max[r], inv = row_inv[r];
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            const int c = 32 * wc + 8 * s + 2 * t;
+            float v[2];
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+              v[u] = 0.0f;
+              if (j0 + c + u < eligible) {
+                const float l = fmaf(p.scale, acc[m][s][2 * half + u], log_len[c + u]);
+                v[u] = few ? l : expf(l - top) * inv;
+              }
+            }
+            *reinterpret_cast<float2*>(ls + r * kTLdS + c) = make_float2(v[0], v[1]);
+          }
+        }
+      }
+      __syncthreads();
+      for (int idx = tid; idx < (e_hi - e_lo + 1) * kTChunks; idx += kMassThreads) {
+        const MassEntry& x = ent[e_lo + idx / kTChunks];
+        const int c = idx % kTChunks;
+        const int32_t j = j0 + c;
+        if (x.rows == 0 || j >= x.eligible) continue;
+        const int32_t r_begin = (x.row_off > tile ? x.row_off : tile) - tile;
+        const int32_t r_end =
+            (x.row_off + x.rows < tile + kTRows ? x.row_off + x.rows : tile + kTRows) - tile;
+        float sum = 0.0f;
+        for (int32_t r = r_begin; r < r_end; ++r) sum += ls[r * kTLdS + c];
+        float* out = p.scores + (h * p.score_blocks + (x.rel - p.block_begin)) * p.chunk_cap + j;
+        *out = x.row_off >= tile ? sum : *out + sum;
+      }
+    }
+    __syncthreads();  // The next tile rewrites qs, row_entry and the shares.
+  }
+}
 }  // namespace
 
 size_t MassSharedBytes(int64_t dim, bool tensor_cores) {
@@ -398,8 +694,33 @@ size_t MassSharedBytes(int64_t dim, bool tensor_cores) {
   return sizeof(float) * static_cast<size_t>((2 * dim + third) * kLd);
 }
 
+bool MassTiledSupported(int64_t dim) { return dim % 8 == 0 && dim <= 128; }
+
+int MassTiledBlocks(int64_t group, int64_t q_block, int64_t score_rows) {
+  return TiledEntriesPerBlock(group, q_block, score_rows);
+}
+
+size_t MassTiledSharedBytes(int64_t dim) {
+  const int64_t ldq = dim + 4;
+  const int64_t second = kTChunks * ldq > kTRows * kTLdS ? kTChunks * ldq : kTRows * kTLdS;
+  return sizeof(float) * static_cast<size_t>(kTRows * ldq + second);
+}
+
 cudaError_t LaunchMassScores(const MassParams& p, cudaStream_t stream) {
   if (p.blocks <= 0) return cudaSuccess;
+  if (p.tiled) {
+    if (!MassTiledSupported(p.dim)) return cudaErrorInvalidValue;
+    const int per = TiledEntriesPerBlock(p.group, p.q_block, p.score_rows);
+    const size_t smem = MassTiledSharedBytes(p.dim);
+    auto kernel = p.short_split ? MassTiledKernel<true> : MassTiledKernel<false>;
+    const cudaError_t error = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (error != cudaSuccess) return error;
+    const dim3 grid(static_cast<unsigned>((p.blocks + per - 1) / per),
+                    static_cast<unsigned>(p.hkv));
+    kernel<<<grid, kMassThreads, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
   const int per = MassEntriesPerBlock(p.group, p.q_block, p.score_rows);
   const size_t smem = MassSharedBytes(p.dim, p.tensor_cores);
   auto kernel = p.tensor_cores ? MassScoreKernel<true> : MassScoreKernel<false>;

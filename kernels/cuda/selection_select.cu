@@ -52,18 +52,24 @@ __global__ void __launch_bounds__(kSelectThreads)
     SelectKernel(const __grid_constant__ SelectParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int entries = p.entries_per_block, dim = p.dim;
-  double* rho_s = reinterpret_cast<double*>(smem);                   // [entries][dim]
-  int32_t* bnd = reinterpret_cast<int32_t*>(rho_s + entries * dim);  // [chunk_cap + 1]
-  float* scores = reinterpret_cast<float*>(bnd + p.chunk_cap + 1);   // [entries][chunk_cap]
+  // global_scores: the precomputed scores and the boundaries are read where they are (global
+  // memory, through the caches), so that many thread blocks fit an SM.
+  const bool global = p.global_scores && p.scores != nullptr;
+  double* rho_s = reinterpret_cast<double*>(smem);                     // [entries][dim]
+  int32_t* bnd_s = reinterpret_cast<int32_t*>(rho_s + entries * dim);  // [chunk_cap + 1]
+  float* scores = reinterpret_cast<float*>(bnd_s + p.chunk_cap + 1);   // [entries][chunk_cap]
+  const int32_t* bnd = global ? p.boundaries : bnd_s;
   __shared__ EntryInfo info[kMaxEntriesPerBlock];
-  __shared__ uint32_t hist[256];
-  __shared__ int32_t total_weight;
+  __shared__ uint32_t hist[256], hist_count[256];
+  __shared__ int32_t total_weight, unique_cut;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t h = blockIdx.y, b0 = p.block_begin + int64_t{blockIdx.x} * entries;
   const int64_t b_end = p.block_begin + p.blocks;  // This launch's blocks end (<= num_blocks).
   const int32_t nb = *p.count;
-  for (int32_t i = tid; i < nb; i += kSelectThreads) bnd[i] = p.boundaries[i];
+  if (!global) {
+    for (int32_t i = tid; i < nb; i += kSelectThreads) bnd_s[i] = p.boundaries[i];
+  }
   if (p.scores == nullptr) {
     for (int i = tid; i < entries * dim; i += kSelectThreads) {
       const int64_t rel = b0 + i / dim;
@@ -107,7 +113,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   // or the precomputed (mass) scores copied in.
   int32_t max_eligible = 0;
   for (int e = 0; e < entries; ++e) max_eligible = max(max_eligible, info[e].eligible);
-  if (p.scores != nullptr) {
+  if (p.scores != nullptr && !global) {
     for (int e = 0; e < entries; ++e) {
       const float* src = p.scores + (h * p.score_blocks + (b0 + e - p.block_begin)) * p.chunk_cap;
       for (int32_t j = tid; j < info[e].eligible; j += kSelectThreads) {
@@ -116,6 +122,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     max_eligible = 0;  // Skips the paper's score loops below.
   }
+  if (global) max_eligible = 0;
   if (kBatched) {
     // The same sums, with more loads in flight: a thread scores two chunks (j and j + threads) at
     // once, loads 32 features of both rows before using them, and reads rho two features a load.
@@ -196,7 +203,9 @@ __global__ void __launch_bounds__(kSelectThreads)
   for (int e = 0; e < entries; ++e) {
     if (!info[e].scored) continue;  // Uniform.
     const int32_t eligible = info[e].eligible, lo = info[e].lo, hi = info[e].hi;
-    const float* sc = scores + e * p.chunk_cap;
+    const float* sc = global
+                          ? p.scores + (h * p.score_blocks + (b0 + e - p.block_begin)) * p.chunk_cap
+                          : scores + e * p.chunk_cap;
     int32_t mine = 0;
     for (int32_t j = tid; j < eligible; j += kSelectThreads) mine += Weight(bnd, j, lo, hi);
     if (tid == 0) total_weight = 0;
@@ -215,14 +224,42 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int shift = 56; shift >= 0; shift -= 8) {
       if (shift == 24) continue;
       const uint64_t high = shift == 56 ? 0 : ~uint64_t{0} << (shift + 8);
-      for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
+      for (int i = tid; i < 256; i += kSelectThreads) {
+        hist[i] = 0;
+        hist_count[i] = 0;
+      }
+      if (tid == 0) unique_cut = 0;
       __syncthreads();
-      for (int32_t j = tid; j < eligible; j += kSelectThreads) {
-        const int32_t w = Weight(bnd, j, lo, hi);
-        if (w == 0) continue;
-        const uint64_t key = RankKey(sc[j], j);
-        if ((key & high) != (prefix & high)) continue;
-        atomicAdd(&hist[(key >> shift) & 255], static_cast<uint32_t>(w));
+      if (p.aggregate) {
+        // Lanes of a warp with the same digit add their tokens first (one atomic a digit a warp:
+        // the top digits gather most chunks in a few bins). Whole warps run every iteration.
+        for (int32_t j0 = 0; j0 < eligible; j0 += kSelectThreads) {
+          const int32_t j = j0 + tid;
+          uint32_t w = 0;
+          int bin = -1;
+          if (j < eligible) {
+            w = static_cast<uint32_t>(Weight(bnd, j, lo, hi));
+            if (w != 0) {
+              const uint64_t key = RankKey(sc[j], j);
+              if ((key & high) == (prefix & high)) bin = static_cast<int>((key >> shift) & 255);
+            }
+          }
+          const unsigned peers = __match_any_sync(0xffffffffu, bin);
+          const uint32_t sum = __reduce_add_sync(peers, w);
+          if (bin >= 0 && lane == __ffs(peers) - 1) {
+            atomicAdd(&hist[bin], sum);
+            atomicAdd(&hist_count[bin], static_cast<uint32_t>(__popc(peers)));
+          }
+        }
+      } else {
+        for (int32_t j = tid; j < eligible; j += kSelectThreads) {
+          const int32_t w = Weight(bnd, j, lo, hi);
+          if (w == 0) continue;
+          const uint64_t key = RankKey(sc[j], j);
+          if ((key & high) != (prefix & high)) continue;
+          atomicAdd(&hist[(key >> shift) & 255], static_cast<uint32_t>(w));
+          if (p.early_exit) atomicAdd(&hist_count[(key >> shift) & 255], 1u);
+        }
       }
       __syncthreads();
       if (warp == 0) {
@@ -248,6 +285,8 @@ __global__ void __launch_bounds__(kSelectThreads)
             if (cum + hist[bin] >= static_cast<uint32_t>(need)) {
               info[e].key = prefix | (uint64_t(bin) << shift);
               info[e].need = need - static_cast<int32_t>(cum);
+              // One chunk left with these digits: it is the cut chunk (found below).
+              unique_cut = p.early_exit && hist_count[bin] == 1;
               break;
             }
             cum += hist[bin];
@@ -257,6 +296,18 @@ __global__ void __launch_bounds__(kSelectThreads)
       __syncthreads();
       prefix = info[e].key;
       need = info[e].need;
+      if (unique_cut) {   // Uniform.
+        __syncthreads();  // Every thread has read the prefix.
+        // The one ranked chunk whose key's digits down to this one are the prefix's.
+        const uint64_t done = ~uint64_t{0} << shift;
+        for (int32_t j = tid; j < eligible; j += kSelectThreads) {
+          if (Weight(bnd, j, lo, hi) == 0) continue;
+          const uint64_t key = RankKey(sc[j], j);
+          if ((key & done) == (prefix & done)) info[e].key = key;
+        }
+        __syncthreads();
+        break;
+      }
       __syncthreads();
     }
     if (tid == 0) info[e].mode = 2;
@@ -277,7 +328,9 @@ __global__ void __launch_bounds__(kSelectThreads)
       }
       return;
     }
-    const float* sc = scores + warp * p.chunk_cap;
+    const float* sc =
+        global ? p.scores + (h * p.score_blocks + (b0 + warp - p.block_begin)) * p.chunk_cap
+               : scores + warp * p.chunk_cap;
     const int32_t items = in.eligible + 2;  // Sink, the eligible chunks, local.
     int32_t carry_end = -1, carry_tokens = 0, carry_spans = 0;
     const uint32_t below = (1u << lane) - 1;
@@ -350,7 +403,8 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 }  // namespace
 
-size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries) {
+size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries, bool global_scores) {
+  if (global_scores) return sizeof(double) * static_cast<size_t>(entries * dim) + 16;
   return sizeof(double) * static_cast<size_t>(entries * dim) +
          sizeof(int32_t) * static_cast<size_t>(chunk_cap + 1) +
          sizeof(float) * static_cast<size_t>(entries * chunk_cap) + 16;
@@ -358,7 +412,8 @@ size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries) {
 
 cudaError_t LaunchSelect(const SelectParams& p, cudaStream_t stream) {
   if (p.blocks <= 0) return cudaSuccess;
-  const size_t smem = SelectSharedBytes(p.chunk_cap, p.dim, p.entries_per_block);
+  const size_t smem = SelectSharedBytes(p.chunk_cap, p.dim, p.entries_per_block,
+                                        p.global_scores && p.scores != nullptr);
   auto kernel = p.batched_scores ? SelectKernel<true> : SelectKernel<false>;
   const cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

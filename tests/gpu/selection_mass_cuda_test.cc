@@ -158,7 +158,7 @@ absl::Status RunDevice(DeviceDhsaSelection& sel, const DeviceBuffer& q, const De
 
 // One variant of the device selection against the reference steps (see the test below).
 void CheckDevice(const MassCase& c, const DhsaConfig& config, const AttentionShape& shape,
-                 int64_t prior_chunks, bool tensor, const DeviceBuffer* dq, const DeviceBuffer* dk,
+                 int64_t prior_chunks, int variant, const DeviceBuffer* dq, const DeviceBuffer* dk,
                  const DeviceBuffer* dv, const Reference& ref);
 
 class MassSelectionCudaTest : public ::testing::TestWithParam<MassCase> {};
@@ -187,20 +187,29 @@ TEST_P(MassSelectionCudaTest, EqualsTheReferenceUpToTies) {
   absl::StatusOr<DeviceBuffer> dk = DeviceBuffer::FromHost(k.data(), k.bytes.size());
   absl::StatusOr<DeviceBuffer> dv = DeviceBuffer::FromHost(v.data(), v.bytes.size());
   ASSERT_TRUE(dq.ok() && dk.ok() && dv.ok());
-  for (const bool tensor : {false, true}) {
-    SCOPED_TRACE(tensor ? "products in 3xTF32 on the tensor cores" : "products in fp32 FMA");
-    CheckDevice(c, config, shape, prior_chunks, tensor, &*dq, &*dk, &*dv, ref);
+  // 0: fp32 FMA products, the cut on shared-memory copies without the early exit; 1: the first
+  // kernel's 3xTF32 products, shared-memory copies with the early exit and per-warp histogram
+  // adds; 2: the defaults (the tiled kernel, the cut on global memory with the early exit); 3: the
+  // tiled kernel with the short split.
+  for (const int variant : {0, 1, 2, 3}) {
+    SCOPED_TRACE(::testing::Message() << "variant " << variant);
+    CheckDevice(c, config, shape, prior_chunks, variant, &*dq, &*dk, &*dv, ref);
   }
 }
 
 void CheckDevice(const MassCase& c, const DhsaConfig& config, const AttentionShape& shape,
-                 int64_t prior_chunks, bool tensor, const DeviceBuffer* dq, const DeviceBuffer* dk,
+                 int64_t prior_chunks, int variant, const DeviceBuffer* dq, const DeviceBuffer* dk,
                  const DeviceBuffer* dv, const Reference& ref) {
   absl::StatusOr<DeviceDhsaSelection> sel =
       DeviceDhsaSelection::Create(config, shape, c.dtype, prior_chunks);
   ASSERT_TRUE(sel.ok()) << sel.status();
   if (c.wave > 0) sel->set_mass_wave_blocks(c.wave);
-  sel->set_mass_tensor_cores(tensor);
+  sel->set_mass_tensor_cores(variant > 0);
+  sel->set_mass_tiled(variant >= 2);
+  sel->set_mass_short_split(variant == 3);
+  sel->set_select_global_scores(variant >= 2);
+  sel->set_select_early_exit(variant > 0);
+  sel->set_select_aggregate(variant == 1);
   DeviceRun got;
   const absl::Status run = RunDevice(*sel, *dq, *dk, c.prior ? &ref.prior : nullptr, &got);
   ASSERT_TRUE(run.ok()) << run;
@@ -221,8 +230,12 @@ void CheckDevice(const MassCase& c, const DhsaConfig& config, const AttentionSha
     for (const Span& s : spans) keys += s.size();
   }
   std::printf("RESULT %-44s %-4s chunks %zu entries %zu keys %lld tie-differing entries %lld\n",
-              c.name, tensor ? "tf32" : "fma", got.boundaries.size() - 1,
-              got.selection.spans.size(), static_cast<long long>(keys),
+              c.name,
+              variant == 0   ? "fma"
+              : variant == 1 ? "tf32"
+              : variant == 2 ? "tile"
+                             : "tils",
+              got.boundaries.size() - 1, got.selection.spans.size(), static_cast<long long>(keys),
               static_cast<long long>(differing));
 
   // A second run (poisoned again) gives the same selection: nothing read that nothing wrote.
