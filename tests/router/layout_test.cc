@@ -39,8 +39,9 @@ void ExpectMatchesReference(const LayerLayout& layout, const LayoutDelta& delta,
   EXPECT_EQ(view.kappa.data, want.data);  // Same arithmetic on the same keys: bit-exact.
 }
 
+// The spec's method (its sqrt chunk summaries, which the layout keeps as sums) with smaller chunks.
 DhsaConfig SmallChunks() {
-  DhsaConfig c;
+  DhsaConfig c = PaperConfig();
   c.chunk_mean = 16;
   c.chunk_min = 4;
   c.chunk_max = 24;
@@ -59,7 +60,7 @@ TEST(LayoutTest, PrefillInTwoCallsMatchesTheReference) {
   auto first = layout.Propose(Rows(keys, 0, 173), /*decode=*/false);
   ASSERT_TRUE(first.ok()) << first.status();
   const std::vector<int64_t> b1 = *SegmentKeysReference(all, 0, 173, config);
-  ExpectMatchesReference(layout, *first, keys, b1, SummaryNorm::kSqrt);
+  ExpectMatchesReference(layout, *first, keys, b1, ChunkSummaryNorm(config));
   EXPECT_EQ(layout.length(), 0);  // Nothing changes before Commit.
   layout.Commit(*std::move(first));
   EXPECT_EQ(layout.length(), 173);
@@ -69,7 +70,7 @@ TEST(LayoutTest, PrefillInTwoCallsMatchesTheReference) {
   auto second = layout.Propose(Rows(keys, 173, 301), false);
   ASSERT_TRUE(second.ok()) << second.status();
   const std::vector<int64_t> b2 = *AppendPrefillBoundariesReference(all, b1, 301, config);
-  ExpectMatchesReference(layout, *second, keys, b2, SummaryNorm::kSqrt);
+  ExpectMatchesReference(layout, *second, keys, b2, ChunkSummaryNorm(config));
   layout.Commit(*std::move(second));
   EXPECT_EQ(layout.boundaries(), b2);
 }
@@ -93,7 +94,7 @@ TEST(LayoutTest, DecodeGrowsAndResegmentsTheTailLikeTheReference) {
       want = *AppendDecodeBoundariesReference(all, want, end, config);
       delta = layout.Propose(Rows(keys, end - 1, end), /*decode=*/true);
       ASSERT_TRUE(delta.ok()) << delta.status();
-      ExpectMatchesReference(layout, *delta, keys, want, SummaryNorm::kSqrt);
+      ExpectMatchesReference(layout, *delta, keys, want, ChunkSummaryNorm(config));
       layout.Commit(*std::move(delta));
       // Only the tail chunk's keys are kept.
       EXPECT_LE(layout.length() - layout.tail_begin(), config.chunk_max + 1);
