@@ -414,7 +414,9 @@ cudaError_t LaunchSelect(const SelectParams& p, cudaStream_t stream) {
   if (p.blocks <= 0) return cudaSuccess;
   const size_t smem = SelectSharedBytes(p.chunk_cap, p.dim, p.entries_per_block,
                                         p.global_scores && p.scores != nullptr);
-  auto kernel = p.batched_scores ? SelectKernel<true> : SelectKernel<false>;
+  // Precomputed (mass) scores skip the score loops: the unbatched kernel, which holds 40
+  // registers a thread to the batched one's 128 (more thread blocks an SM for the cut).
+  auto kernel = p.batched_scores && p.scores == nullptr ? SelectKernel<true> : SelectKernel<false>;
   const cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (error != cudaSuccess) return error;
