@@ -34,6 +34,15 @@ function(_dhsa_ci_instrument)
     endif()
     target_compile_options(${t} PRIVATE
       $<$<COMPILE_LANGUAGE:C,CXX>:${flags};-fno-omit-frame-pointer;-O1;-g1;-UNDEBUG>)
+    # GCC 12 with -fsanitize=address at -O1 reports -Wmaybe-uninitialized inside libstdc++'s own
+    # <regex> (std::function members of a moved _State; GCC PR 105616, a false positive), which
+    # only test code includes. The warning stays, as a warning, for the test targets only; our
+    # libraries and programs keep -Werror for it here, and the -O2 build/ keeps it everywhere.
+    get_target_property(source_dir ${t} SOURCE_DIR)
+    if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND DHSA_SANITIZE MATCHES "address"
+       AND source_dir MATCHES "^${CMAKE_SOURCE_DIR}/tests(/|$)")
+      target_compile_options(${t} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-Wno-error=maybe-uninitialized>)
+    endif()
     math(EXPR count "${count} + 1")
   endforeach()
   message(STATUS "sanitize.cmake: ${count} targets instrumented with ${DHSA_SANITIZE}")
