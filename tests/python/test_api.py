@@ -105,6 +105,25 @@ def test_context_managers_release_and_attach_sees_the_sequence(server, rng):
             seq.release()
 
 
+def test_presets_and_chunk_scores_by_name(server):
+    with dhsa.Client(server.target, timeout=30) as client:
+        with client.create_sequence(**SHAPES) as seq:
+            p = seq.info().params
+            assert (p["chunk_score"], p["q_block"], p["score_rows"]) == ("mass", 16, 8), p
+        with client.create_sequence(preset="paper", **SHAPES) as seq:
+            p = seq.info().params
+            assert (p["chunk_score"], p["q_block"], p["chunk_min"], p["chunk_max"]) == (
+                "paper", 128, 8, 128), p
+        # Explicit parameters override the preset.
+        with client.create_sequence(preset="paper", q_block=64, **SHAPES) as seq:
+            p = seq.info().params
+            assert (p["chunk_score"], p["q_block"]) == ("paper", 64), p
+        with pytest.raises(dhsa.InvalidArgumentError, match="unknown chunk_score"):
+            client.create_sequence(chunk_score="sharp", **SHAPES)
+        with pytest.raises(dhsa.InvalidArgumentError, match="unknown preset"):
+            client.create_sequence(preset="fast", **SHAPES)
+
+
 def test_an_error_inside_the_with_block_is_the_one_raised(server):
     with dhsa.Client(server.target) as client:
         with pytest.raises(KeyError):

@@ -38,7 +38,9 @@ _BOUNDARY_MODES = {
 # DhsaParams fields accepted as keyword arguments of create_sequence.
 PARAMS = ("policy", "budget", "sink", "local", "q_block", "boundary_mode", "chunk_mean",
           "chunk_min", "chunk_max", "boundary_window", "block", "shared_heads", "mean_summaries",
-          "scale")
+          "scale", "chunk_score", "score_rows", "preset")
+_CHUNK_SCORES = {"paper": config_pb2.CHUNK_SCORE_PAPER, "mass": config_pb2.CHUNK_SCORE_MASS}
+_PRESETS = {"default": config_pb2.PRESET_DEFAULT, "paper": config_pb2.PRESET_PAPER}
 
 
 def _params_proto(params):
@@ -59,6 +61,14 @@ def _params_proto(params):
                 raise InvalidArgumentError(
                     f"unknown boundary_mode {value!r}; use 'dynamic' or 'fixed'")
             value = _BOUNDARY_MODES[value]
+        elif key == "chunk_score":
+            if value not in _CHUNK_SCORES:
+                raise InvalidArgumentError(f"unknown chunk_score {value!r}; use 'mass' or 'paper'")
+            value = _CHUNK_SCORES[value]
+        elif key == "preset":
+            if value not in _PRESETS:
+                raise InvalidArgumentError(f"unknown preset {value!r}; use 'default' or 'paper'")
+            value = _PRESETS[value]
         elif key in ("shared_heads", "mean_summaries"):
             value = bool(value)
         elif key == "scale":
@@ -334,6 +344,9 @@ class Sequence:
         params["policy"] = {v: k for k, v in _POLICIES.items()}.get(p.policy, p.policy)
         params["boundary_mode"] = {v: k for k, v in _BOUNDARY_MODES.items()}.get(
             p.boundary_mode, p.boundary_mode)
+        params["chunk_score"] = {v: k for k, v in _CHUNK_SCORES.items()}.get(
+            p.chunk_score, p.chunk_score)
+        params["preset"] = {v: k for k, v in _PRESETS.items()}.get(p.preset, p.preset)
         return SequenceInfo(id=r.sequence_id, num_layers=r.config.num_layers,
                             q_heads=r.config.q_heads, kv_heads=r.config.kv_heads,
                             head_dim=r.config.head_dim,
