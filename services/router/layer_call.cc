@@ -5,7 +5,6 @@
 #include <cstring>
 #include <map>
 #include <set>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -13,6 +12,7 @@
 #include "kernels/common/inputs.h"
 #include "kernels/common/status_macros.h"
 #include "kernels/cpu/merge.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/selection.h"
 #include "kernels/cpu/summaries.h"
 #include "kernels/merge/merge.h"
@@ -93,12 +93,8 @@ std::shared_ptr<transport::PinnedBuffer> CopyToPinned(transport::NcclLink& link,
   // Threads only for copies of at least 16 MiB a thread.
   const int64_t parts = std::clamp<int64_t>(heads * rows * row_bytes >> 24, 1,
                                             std::min<int64_t>(heads, std::max(1, threads)));
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < parts; ++i) {
-    pool.emplace_back(copy, heads * i / parts, heads * (i + 1) / parts);
-  }
-  copy(0, heads / parts);
-  for (std::thread& th : pool) th.join();
+  cpu::ParallelFor(parts, static_cast<int>(parts),
+                   [&](int64_t i, int) { copy(heads * i / parts, heads * (i + 1) / parts); });
   return buffer;
 }
 
@@ -128,10 +124,7 @@ absl::Status CheckFiniteFast(const Tensor& t, const char* name, int threads) {
     }
     if (any) bad = true;
   };
-  std::vector<std::thread> pool;
-  for (int i = 1; i < parts; ++i) pool.emplace_back(scan, n * i / parts, n * (i + 1) / parts);
-  scan(0, n / parts);
-  for (std::thread& th : pool) th.join();
+  cpu::ParallelFor(parts, parts, [&](int64_t i, int) { scan(n * i / parts, n * (i + 1) / parts); });
   return bad ? CheckFinite(view, name) : absl::OkStatus();
 }
 
@@ -150,6 +143,28 @@ struct NcclJoin {
   absl::Status call_status;
   absl::Status nccl_status;
   bool may_have_stored = false;  // StoreKv: as the call reported it.
+
+  // Records the end of one part: an NCCL transfer (its first failure is kept) or the gRPC call
+  // (its status, and `record_call()` run under the lock). True for the last part to end.
+  template <typename RecordCall>
+  bool Arrive(bool nccl_part, const absl::Status& s, RecordCall&& record_call) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (nccl_part) {
+      if (nccl_status.ok() && !s.ok()) nccl_status = s;
+    } else {
+      call_status = s;
+      record_call();
+    }
+    return --left == 0;
+  }
+
+  // Once every part has ended: the call's status, or UNAVAILABLE naming `what` if a transfer
+  // failed.
+  absl::Status Result(const char* what) const {
+    if (nccl_status.ok()) return call_status;
+    return absl::UnavailableError(
+        absl::StrCat("NCCL transfer of ", what, ": ", nccl_status.message()));
+  }
 };
 
 }  // namespace
@@ -338,23 +353,8 @@ absl::Status LayerCall::PlanAndStore() {
       join->left = 3;
       auto finish = [self = shared_from_this(), join, worker = p.worker, used = link.get(),
                      on_done](bool nccl_part, absl::Status s, bool may_have_stored) {
-        bool last;
-        {
-          std::lock_guard<std::mutex> lock(join->mu);
-          if (nccl_part) {
-            if (join->nccl_status.ok() && !s.ok()) join->nccl_status = s;
-          } else {
-            join->call_status = s;
-            join->may_have_stored = may_have_stored;
-          }
-          last = --join->left == 0;
-        }
-        if (!last) return;
-        absl::Status status = join->call_status;
-        if (!join->nccl_status.ok()) {
-          status = absl::UnavailableError(
-              absl::StrCat("NCCL transfer of keys: ", join->nccl_status.message()));
-        }
+        if (!join->Arrive(nccl_part, s, [&] { join->may_have_stored = may_have_stored; })) return;
+        const absl::Status status = join->Result("keys");
         if (!status.ok()) self->core_.pool->ReportNcclFailure(worker, used, status);
         on_done(status, join->may_have_stored);
       };
@@ -486,23 +486,8 @@ void LayerCall::AfterStores() {
       auto finish = [self = shared_from_this(), join, partial_out, o_buf, lse_buf,
                      worker = w.worker, used = link.get(),
                      on_done](bool nccl_part, absl::Status s, PartialResult* partial) {
-        bool last;
-        {
-          std::lock_guard<std::mutex> lock(join->mu);
-          if (nccl_part) {
-            if (join->nccl_status.ok() && !s.ok()) join->nccl_status = s;
-          } else {
-            join->call_status = s;
-            *partial_out = std::move(*partial);
-          }
-          last = --join->left == 0;
-        }
-        if (!last) return;
-        absl::Status status = join->call_status;
-        if (!join->nccl_status.ok()) {
-          status = absl::UnavailableError(
-              absl::StrCat("NCCL transfer of attention tensors: ", join->nccl_status.message()));
-        }
+        if (!join->Arrive(nccl_part, s, [&] { *partial_out = std::move(*partial); })) return;
+        const absl::Status status = join->Result("attention tensors");
         PartialResult result;
         if (status.ok()) {
           result = std::move(*partial_out);
