@@ -142,11 +142,16 @@ struct Row {
   DeviceTiming select, attention, total;
   double boundaries_ms = 0, summaries_ms = 0, choose_ms = 0;  // Steps 1, 2, 3-4 (means).
   double gaps_ms = 0, sort_ms = 0, nms_ms = 0;                // Step 1's parts (means).
-  double legacy_gaps_ms = 0;      // The first gap kernel's time on the same keys (mean).
-  double warp_norms_gaps_ms = 0;  // The windowed kernel with per-warp norms (mean).
+  // Variants, each with the rest at the defaults (means): the first gap kernel; the windowed one
+  // with the block's norm phase; the serial NMS; Steps 3-4 with unbatched scores.
+  double legacy_gaps_ms = 0, block_norms_gaps_ms = 0, serial_nms_ms = 0;
+  // Steps 3-4 with the scores in the cut kernel (batched), with the tiled scores read in place by
+  // the cut, with the query blocks in order, and the scores alone (no cut); the chunk summaries'
+  // part of Step 2 (means).
+  double in_kernel_choose_ms = 0, global_choose_ms = 0, in_order_choose_ms = 0;
+  double scores_only_ms = 0, kappa_ms = 0;
   double serial_select_ms = 0, overlap_select_ms = 0;  // Whole selection, rho on the stream or
                                                        // beside Step 1 (means of the same loop).
-  double batched_choose_ms = 0, both_select_ms = 0;    // Batched scores: Steps 3-4; with overlap.
   double tflops = 0;
   std::string check = "ok";
   bool failed = false;
@@ -440,65 +445,98 @@ absl::Status RunCase(const Workload& w, DeviceInputs& d, const DhsaConfig& confi
   DHSA_ASSIGN_OR_RETURN(row->total, TimeOnDevice(both, stream, 2, reps));
   row->tflops = 4.0 * kDim * double(row->pairs) / (row->attention.median_ms * 1e-3) / 1e12;
 
-  // The selection's steps apart: events after the gap dissimilarities, the sort, the boundaries
-  // and the summaries, mean of 10 runs; then the gaps again with the first (legacy) gap kernel;
-  // then the whole selection with the query-block summaries on a second stream; then Steps 3-4
-  // with the batched scores; then both; then the gaps with per-warp norms.
-  cudaEvent_t marks[6];
+  // The selection's steps apart, with the library defaults: events after the gap
+  // dissimilarities, the sort, the boundaries, the chunk summaries and the query-block summaries,
+  // mean of 10 runs; then one variant at a time, the rest at the defaults: the first (legacy) gap
+  // kernel; the windowed one with the block's norm phase; the serial NMS; the scores in the cut
+  // kernel (the previous path, batched); the query-block summaries beside Step 1 (the whole
+  // selection); the tiled scores read in place by the cut; the query blocks in order (not heavy
+  // first); the scores without the cut (a diagnostic).
+  constexpr int kMarks = 7;
+  cudaEvent_t marks[kMarks];
   for (cudaEvent_t& e : marks) DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&e), "event"));
   SelectionStageEvents stages;
   stages.gaps_done = marks[1];
   stages.sort_done = marks[2];
   stages.boundaries_done = marks[3];
-  stages.summaries_done = marks[4];
+  stages.kappa_done = marks[4];
+  stages.summaries_done = marks[5];
   constexpr int kStageRuns = 10;
-  for (int mode = 0; mode < 6; ++mode) {
-    const bool legacy = mode == 1;
-    selection.set_legacy_gap_kernel(legacy);
-    selection.set_overlap_query_summaries(mode == 2 || mode == 4);
-    selection.set_batched_scores(mode == 3 || mode == 4);
-    selection.set_gap_warp_norms(mode == 5);
+  auto defaults = [&] {  // selection_cuda.h's defaults.
+    selection.set_legacy_gap_kernel(false);
+    selection.set_gap_warp_norms(true);
+    selection.set_parallel_nms(true);
+    selection.set_batched_scores(true);
+    selection.set_overlap_query_summaries(true);
+    selection.set_select_uniform_aggregate(false);
+    selection.set_select_heavy_first(true);
+    selection.set_select_skip_cut(false);
+    selection.set_paper_tiled_scores(true, false);
+  };
+  // Mode 0 (the parts) and the variants run with rho on the caller's stream, so that the events
+  // split the steps; mode 5 is the defaults as they are (rho beside Step 1).
+  for (int mode = 0; mode < 9; ++mode) {
+    defaults();
+    selection.set_overlap_query_summaries(mode == 5);
+    if (mode == 1) selection.set_legacy_gap_kernel(true);
+    if (mode == 2) selection.set_gap_warp_norms(false);
+    if (mode == 3) selection.set_parallel_nms(false);
+    if (mode == 4) selection.set_paper_tiled_scores(false);
+    if (mode == 6) selection.set_paper_tiled_scores(true, true);
+    if (mode == 7) selection.set_select_heavy_first(false);
+    if (mode == 8) selection.set_select_skip_cut(true);
     for (int i = 0; i < kStageRuns; ++i) {
       DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[0], stream), "event"));
       DHSA_RETURN_IF_ERROR(selection.Run(d.q.data(), d.k.data(), stream, nullptr, &stages));
-      DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[5], stream), "event"));
-      DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(marks[5]), "stage timing"));
-      float ms[5] = {0, 0, 0, 0, 0};
-      for (int s = 0; s < 5; ++s) {
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(marks[kMarks - 1], stream), "event"));
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(marks[kMarks - 1]), "stage timing"));
+      float ms[kMarks - 1] = {};
+      double whole = 0;
+      for (int s = 0; s + 1 < kMarks; ++s) {
         DHSA_RETURN_IF_ERROR(
             CudaStatus(cudaEventElapsedTime(&ms[s], marks[s], marks[s + 1]), "elapsed"));
+        whole += ms[s];
       }
-      const double whole = ms[0] + ms[1] + ms[2] + ms[3] + ms[4];
-      if (mode == 2 || mode == 4) {
-        (mode == 2 ? row->overlap_select_ms : row->both_select_ms) += whole / kStageRuns;
-        continue;
+      const double choose = ms[5] / kStageRuns;
+      switch (mode) {
+        case 0:
+          row->serial_select_ms += whole / kStageRuns;
+          row->gaps_ms += ms[0] / kStageRuns;
+          row->sort_ms += ms[1] / kStageRuns;
+          row->nms_ms += ms[2] / kStageRuns;
+          row->boundaries_ms += (ms[0] + ms[1] + ms[2]) / kStageRuns;
+          row->kappa_ms += ms[3] / kStageRuns;
+          row->summaries_ms += (ms[3] + ms[4]) / kStageRuns;
+          row->choose_ms += choose;
+          break;
+        case 1:
+          row->legacy_gaps_ms += ms[0] / kStageRuns;
+          break;
+        case 2:
+          row->block_norms_gaps_ms += ms[0] / kStageRuns;
+          break;
+        case 3:
+          row->serial_nms_ms += ms[2] / kStageRuns;
+          break;
+        case 4:
+          row->in_kernel_choose_ms += choose;
+          break;
+        case 5:
+          row->overlap_select_ms += whole / kStageRuns;
+          break;
+        case 6:
+          row->global_choose_ms += choose;
+          break;
+        case 7:
+          row->in_order_choose_ms += choose;
+          break;
+        default:
+          row->scores_only_ms += choose;
+          break;
       }
-      if (mode == 5) {
-        row->warp_norms_gaps_ms += ms[0] / kStageRuns;
-        continue;
-      }
-      if (mode == 3) {
-        row->batched_choose_ms += ms[4] / kStageRuns;
-        continue;
-      }
-      if (legacy) {
-        row->legacy_gaps_ms += ms[0] / kStageRuns;
-        continue;
-      }
-      row->serial_select_ms += whole / kStageRuns;
-      row->gaps_ms += ms[0] / kStageRuns;
-      row->sort_ms += ms[1] / kStageRuns;
-      row->nms_ms += ms[2] / kStageRuns;
-      row->boundaries_ms += (ms[0] + ms[1] + ms[2]) / kStageRuns;
-      row->summaries_ms += ms[3] / kStageRuns;
-      row->choose_ms += ms[4] / kStageRuns;
     }
   }
-  // Back to the defaults (selection_cuda.h).
-  selection.set_legacy_gap_kernel(false);
-  selection.set_overlap_query_summaries(false);
-  selection.set_batched_scores(true);
-  selection.set_gap_warp_norms(true);
+  defaults();
   for (cudaEvent_t e : marks) cudaEventDestroy(e);
   return absl::OkStatus();
 }
@@ -618,27 +656,34 @@ int Main(int argc, char** argv) {
         share, speedup, r.check.c_str());
   }
   std::printf(
-      "\nStep 1 apart (ms): gap dissimilarities (windowed kernel; with per-warp norms; first "
-      "kernel) + sort + NMS and split\n");
+      "\nStep 1 apart (ms, means of 10, library defaults, rho on the stream): gap dissimilarities "
+      "+ "
+      "sort + NMS and "
+      "split; beside them the variants (first gap kernel, block norm phase, serial NMS)\n");
   for (const Row& r : rows) {
     if (r.skipped) continue;
     std::printf(
-        "%-8s %-7lld %-6lld gaps %6.3f (warp norms %6.3f, first kernel %6.3f) + sort %6.3f + nms "
-        "%6.3f "
-        "= %6.3f\n",
+        "%-8s %-7lld %-6lld gaps %6.3f + sort %6.3f + nms %6.3f = %6.3f | first kernel %6.3f, "
+        "block norms %6.3f, serial nms %6.3f\n",
         r.config.c_str(), static_cast<long long>(r.len), static_cast<long long>(r.budget),
-        r.gaps_ms, r.warp_norms_gaps_ms, r.legacy_gaps_ms, r.sort_ms, r.nms_ms, r.boundaries_ms);
+        r.gaps_ms, r.sort_ms, r.nms_ms, r.boundaries_ms, r.legacy_gaps_ms, r.block_norms_gaps_ms,
+        r.serial_nms_ms);
   }
   std::printf(
-      "\nSelection variants (ms, means of 10): choose (Steps 3-4) with the batched scores; the "
-      "whole selection serial, with rho beside Step 1, with both\n");
+      "\nSteps 2-4 apart (ms, means of 10; rho on the stream): summaries = kappa + rho; choose "
+      "(Steps 3-4) at the defaults (tiled scores, then the cut on shared copies), with the scores "
+      "in the cut kernel (before), with the cut reading the tiled scores in place, query blocks "
+      "in order (not heavy first), scores alone (no cut); the whole selection as summed by the "
+      "events with rho on the stream, and with rho beside Step 1 (the default)\n");
   for (const Row& r : rows) {
     if (r.skipped) continue;
     std::printf(
-        "%-8s %-7lld %-6lld choose %6.3f batched %6.3f | whole %6.3f overlapped %6.3f both %6.3f\n",
+        "%-8s %-7lld %-6lld summ %6.3f = kappa %6.3f + rho %6.3f | choose %6.3f in kernel %6.3f "
+        "in place %6.3f in order %6.3f scores %6.3f | whole %6.3f overlapped %6.3f\n",
         r.config.c_str(), static_cast<long long>(r.len), static_cast<long long>(r.budget),
-        r.choose_ms, r.batched_choose_ms, r.serial_select_ms, r.overlap_select_ms,
-        r.both_select_ms);
+        r.summaries_ms, r.kappa_ms, r.summaries_ms - r.kappa_ms, r.choose_ms, r.in_kernel_choose_ms,
+        r.global_choose_ms, r.in_order_choose_ms, r.scores_only_ms, r.serial_select_ms,
+        r.overlap_select_ms);
   }
   if (!options.compare.empty()) {
     std::printf(

@@ -168,12 +168,13 @@ absl::StatusOr<DeviceDhsaSelection> DeviceDhsaSelection::Create(const DhsaConfig
   s.first_block_ = shape.t0() / config.q_block;
   s.num_blocks_ = (shape.lk - 1) / config.q_block - s.first_block_ + 1;
   s.span_cap_ = SpanCapacity(config, shape, prior_chunks, s.chunk_cap_);
+  // Scores of a wave of query blocks (the mass score; the paper score's tiled product).
+  const size_t per_block = sizeof(float) * static_cast<size_t>(shape.hkv * s.chunk_cap_);
+  s.score_blocks_ = std::max<int64_t>(
+      1, std::min<int64_t>(s.num_blocks_, static_cast<int64_t>(kMassScoreBytes / per_block)));
+  s.score_capacity_ = s.score_blocks_;
   if (MassScore(config)) {
     s.pieces_ = (shape.lk - 1) / config.score_rows - shape.t0() / config.score_rows + 1;
-    const size_t per_block = sizeof(float) * static_cast<size_t>(shape.hkv * s.chunk_cap_);
-    s.score_blocks_ = std::max<int64_t>(
-        1, std::min<int64_t>(s.num_blocks_, static_cast<int64_t>(kMassScoreBytes / per_block)));
-    s.score_capacity_ = s.score_blocks_;
     // A wave of whole rounds of the tiled kernel (two thread blocks an SM, each
     // MassTiledBlocks query blocks of one KV head): the last round of a wave is not left part
     // idle before the wave's cut.
@@ -205,15 +206,16 @@ absl::StatusOr<DeviceDhsaSelection> DeviceDhsaSelection::Create(const DhsaConfig
   DHSA_RETURN_IF_ERROR(allocate(&s.gap_pos_, sizeof(int32_t) * gaps));
   DHSA_RETURN_IF_ERROR(allocate(&s.gap_pos_sorted_, sizeof(int32_t) * gaps));
   DHSA_RETURN_IF_ERROR(allocate(&s.nms_, sizeof(int32_t) * (s.chunk_cap_ + 2)));
+  DHSA_RETURN_IF_ERROR(allocate(&s.nms_rank_, sizeof(int32_t) * gaps));
+  DHSA_RETURN_IF_ERROR(allocate(&s.nms_state_, static_cast<size_t>(gaps)));
+  DHSA_RETURN_IF_ERROR(allocate(&s.nms_sorted_state_, static_cast<size_t>(CeilDiv(gaps, 16) * 16)));
   DHSA_RETURN_IF_ERROR(allocate(&s.sort_temp_, std::max<size_t>(16, s.sort_bytes_)));
   DHSA_RETURN_IF_ERROR(allocate(&s.kappa_, sizeof(float) * shape.hkv * s.chunk_cap_ * shape.dim));
   DHSA_RETURN_IF_ERROR(allocate(
       &s.rho_, sizeof(float) * (MassScore(config) ? shape.hq * s.pieces_ : entries) * shape.dim));
-  if (MassScore(config)) {
-    DHSA_RETURN_IF_ERROR(allocate(
-        &s.scores_,
-        sizeof(float) * static_cast<size_t>(shape.hkv * s.score_capacity_ * s.chunk_cap_)));
-  }
+  DHSA_RETURN_IF_ERROR(
+      allocate(&s.scores_,
+               sizeof(float) * static_cast<size_t>(shape.hkv * s.score_capacity_ * s.chunk_cap_)));
   DHSA_RETURN_IF_ERROR(allocate(&s.spans_, sizeof(CudaSpan) * entries * s.span_cap_));
   DHSA_RETURN_IF_ERROR(allocate(&s.starts_, sizeof(int32_t) * entries * s.span_cap_));
   DHSA_RETURN_IF_ERROR(allocate(&s.counts_, sizeof(int32_t) * entries));
@@ -279,6 +281,10 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
                           c.q_block, first_block_, num_blocks_, sqrt_norm, rho_.as<float>(), on),
                       "query block summaries");
   };
+  // The query summaries on the second stream (overlap_rho_): it waits for what the caller's stream
+  // holds before Step 1, and the summaries are enqueued on it after the last segment's gap kernel,
+  // so that the gap kernel's thread blocks are dispatched first and the summaries fill the SMs
+  // beside it, as it drains, and during the sort and the NMS.
   if (overlap_rho_) {
     if (aux_stream_ == nullptr) {
       cudaStream_t aux = nullptr;
@@ -296,9 +302,14 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
     DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(fork_.get(), stream), "fork"));
     DHSA_RETURN_IF_ERROR(
         CudaStatus(cudaStreamWaitEvent(aux_stream_.get(), fork_.get(), 0), "fork wait"));
-    DHSA_RETURN_IF_ERROR(query_summaries(aux_stream_.get()));
-    DHSA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(join_.get(), aux_stream_.get()), "join"));
   }
+  bool forked = false;
+  auto fork_rho = [&]() -> absl::Status {
+    if (!overlap_rho_ || forked) return absl::OkStatus();
+    forked = true;
+    DHSA_RETURN_IF_ERROR(query_summaries(aux_stream_.get()));
+    return CudaStatus(cudaEventRecord(join_.get(), aux_stream_.get()), "join");
+  };
   for (const Segment& seg : Segments(shape_, have_prior)) {
     const int32_t begin = static_cast<int32_t>(seg.begin), end = static_cast<int32_t>(seg.end);
     if (c.boundary_mode == BoundaryMode::kFixed) {
@@ -315,6 +326,7 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
                                        gap_pos_.as<int32_t>(), legacy_gaps_, gap_warp_norms_,
                                        stream),
         "gap dissimilarity"));
+    if (seg.end == shape_.lk) DHSA_RETURN_IF_ERROR(fork_rho());
     if (events != nullptr && events->gaps_done != nullptr) {
       DHSA_RETURN_IF_ERROR(
           CudaStatus(cudaEventRecord(events->gaps_done, stream), "cudaEventRecord"));
@@ -329,14 +341,21 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
           CudaStatus(cudaEventRecord(events->sort_done, stream), "cudaEventRecord"));
     }
     const int64_t wanted = CeilDiv(n, c.chunk_mean) - 1;
+    kernel::NmsWorkspace parallel;
+    parallel.rank = nms_rank_.as<int32_t>();
+    parallel.state = nms_state_.as<uint8_t>();
+    parallel.sorted_state = nms_sorted_state_.as<uint8_t>();
+    parallel.max_rounds = nms_max_rounds_;
     DHSA_RETURN_IF_ERROR(CudaStatus(
         kernel::LaunchNmsAndSplit(
             gap_pos_sorted_.as<int32_t>(), static_cast<int32_t>(std::max<int64_t>(0, gaps)), begin,
             end, static_cast<int32_t>(c.chunk_min), static_cast<int32_t>(c.chunk_max),
-            static_cast<int32_t>(wanted), nms_.as<int32_t>(), list, count, stream),
+            static_cast<int32_t>(wanted), parallel_nms_ ? &parallel : nullptr, nms_.as<int32_t>(),
+            list, count, stream),
         "boundary NMS"));
   }
 
+  DHSA_RETURN_IF_ERROR(fork_rho());  // Fixed boundaries: no gap kernel.
   if (events != nullptr && events->boundaries_done != nullptr) {
     DHSA_RETURN_IF_ERROR(
         CudaStatus(cudaEventRecord(events->boundaries_done, stream), "cudaEventRecord"));
@@ -345,6 +364,10 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
       kernel::LaunchChunkSummaries(dtype_, k, shape_.hkv, shape_.lk, shape_.dim, list, count,
                                    chunk_cap_, sqrt_norm, kappa_.as<float>(), stream),
       "chunk summaries"));
+  if (events != nullptr && events->kappa_done != nullptr) {
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(cudaEventRecord(events->kappa_done, stream), "cudaEventRecord"));
+  }
   if (overlap_rho_) {
     DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(stream, join_.get(), 0), "join wait"));
   } else {
@@ -374,14 +397,44 @@ absl::Status DeviceDhsaSelection::Run(const void* q, const void* k, cudaStream_t
   p.batched_scores = batched_scores_;
   p.early_exit = select_early_exit_;
   p.aggregate = select_aggregate_;
+  p.uniform_aggregate = select_uniform_aggregate_;
+  p.heavy_first = select_heavy_first_;
+  p.skip_cut = select_skip_cut_;
   p.spans = spans_.as<CudaSpan>();
   p.span_starts = starts_.as<int32_t>();
   p.counts = counts_.as<int32_t>();
   p.span_cap = span_cap_;
-  if (!mass) {
+  if (!mass && !paper_tiled_scores_) {
     p.block_begin = 0;
     p.blocks = num_blocks_;
     return CudaStatus(kernel::LaunchSelect(p, stream), "chunk selection");
+  }
+  if (!mass) {
+    // Wave after wave of query blocks: their scores by the tiled product, then their selection.
+    kernel::PaperScoreParams ps;
+    ps.boundaries = list;
+    ps.count = count;
+    ps.kappa = kappa_.as<float>();
+    ps.rho = rho_.as<float>();
+    ps.hkv = static_cast<int32_t>(shape_.hkv);
+    ps.dim = static_cast<int32_t>(shape_.dim);
+    ps.chunk_cap = chunk_cap_;
+    ps.first_block = first_block_;
+    ps.num_blocks = num_blocks_;
+    ps.q_block = c.q_block;
+    ps.scores = scores_.as<float>();
+    ps.score_blocks = score_blocks_;
+    p.scores = scores_.as<float>();
+    p.score_blocks = score_blocks_;
+    p.global_scores = paper_global_scores_;
+    if (p.global_scores) p.entries_per_block = kernel::kMaxEntriesPerBlock;
+    for (int64_t begin = 0; begin < num_blocks_; begin += score_blocks_) {
+      ps.block_begin = p.block_begin = begin;
+      ps.blocks = p.blocks = std::min(score_blocks_, num_blocks_ - begin);
+      DHSA_RETURN_IF_ERROR(CudaStatus(kernel::LaunchPaperScores(ps, stream), "chunk scores"));
+      DHSA_RETURN_IF_ERROR(CudaStatus(kernel::LaunchSelect(p, stream), "chunk selection"));
+    }
+    return absl::OkStatus();
   }
   kernel::MassParams m;
   m.boundaries = list;

@@ -7,7 +7,9 @@
 // approximation of it:
 // - gap dissimilarities in fp64 (each gap computed from its own window only, so equal windows give
 //   equal values and ties break as the reference's stable sort does: lower position first);
-// - greedy NMS in priority order (radix-sorted gaps, one warp accepting in order);
+// - greedy NMS in priority order (radix-sorted gaps; each gap's greedy decision found by parallel
+//   rounds of local decisions, the stop at the wanted-th accepted gap by a count in priority order,
+//   and one warp deciding in order whatever the rounds left undecided before that stop);
 // - summaries summed in fp64 and rounded once to fp32, as the reference;
 // - the paper's scores rho . kappa as fp64 sums in the reference's order (multiply and add rounded
 //   separately, no fused multiply-add), rounded to fp32;
@@ -57,6 +59,7 @@ absl::Status DeviceSelectionSupported(const DhsaConfig& config, const AttentionS
 struct SelectionStageEvents {
   cudaEvent_t boundaries_done = nullptr;
   cudaEvent_t summaries_done = nullptr;
+  cudaEvent_t kappa_done = nullptr;  // After the chunk summaries (before the query-block ones).
   cudaEvent_t gaps_done = nullptr;
   cudaEvent_t sort_done = nullptr;
 };
@@ -91,10 +94,21 @@ class DeviceDhsaSelection {
   // bench/results/2026-11-28-h200-selection-variants.md).
   void set_gap_warp_norms(bool warp_norms) { gap_warp_norms_ = warp_norms; }
 
+  // With `parallel` (min_chunk up to kernel::kMaxParallelNmsMinChunk), the boundary NMS decides
+  // the gaps in parallel rounds and leaves the serial warp only what they leave undecided before
+  // the stop; without, one warp decides every gap in priority order. The same boundaries. On by
+  // default. `max_rounds` (tests) bounds the rounds (0: the serial warp decides everything).
+  void set_parallel_nms(bool parallel, int32_t max_rounds = 64) {
+    parallel_nms_ = parallel;
+    nms_max_rounds_ = max_rounds;
+  }
+
   // With `overlap`, Run computes the query-block summaries (rho: a read of all of q, which does
-  // not depend on the boundaries) on a second stream of its own, forked from and joined back into
-  // the caller's stream by events, so that they run beside Step 1 (whose NMS keeps one SM busy);
-  // the results are the same.
+  // not depend on the boundaries) on a second stream of its own, forked from the caller's stream
+  // after the last gap kernel is enqueued and joined back by events, so that they run beside the
+  // rest of Step 1 and the chunk summaries; the results are the same. On by default (H200, 128K,
+  // budget 4096: whole selection 2.527 -> 2.398 ms by the events;
+  // bench/results/2026-11-29-h200-selection-nms.md).
   void set_overlap_query_summaries(bool overlap) { overlap_rho_ = overlap; }
 
   // With `batched`, the scores (Step 3) are computed two chunks a thread with 32 features of kappa
@@ -102,6 +116,15 @@ class DeviceDhsaSelection {
   // default (H200, 128K, budget 4096: choose 1.541 -> 1.278 ms, same results).
   void set_batched_scores(bool batched) { batched_scores_ = batched; }
 
+  // With `tiled` (the paper's score), the scores (Step 3) are computed first, for a wave of query
+  // blocks at a time, by a register-tiled fp64 product (each chunk's features read once per tile
+  // of 128 query blocks, not once per thread block of 4), then the cut reads them (shared-memory
+  // copies, or in place with `global`); without, SelectKernel computes each thread block's scores
+  // itself. The same fused multiply-add chains: the same scores and selection.
+  void set_paper_tiled_scores(bool tiled, bool global = false) {
+    paper_tiled_scores_ = tiled;
+    paper_global_scores_ = global;
+  }
   // With `only`, Run with the mass score stops after the scores (no selection is written), for
   // benchmarks that time the scores apart from the cut.
   void set_mass_scores_only(bool only) { mass_scores_only_ = only; }
@@ -131,6 +154,17 @@ class DeviceDhsaSelection {
   // on the same bin; the same histograms). Off by default: slower on an H200 (128K/4096: cut
   // about 10.7 -> 15.9 ms; bench/results/2026-11-28-h200-mass-selection.md).
   void set_select_aggregate(bool aggregate) { select_aggregate_ = aggregate; }
+  // With `uniform`, the cut's histogram adds are summed per warp when a warp's chunks all fall in
+  // one bin (one atomic; else one a chunk): the same histograms, without __match_any_sync. Off by
+  // default: no gain measured (H200, 128K, budget 4096, paper score: choose 1.250 -> 1.242 ms).
+  void set_select_uniform_aggregate(bool uniform) { select_uniform_aggregate_ = uniform; }
+  // With `heavy_first`, the selection's thread blocks take the query blocks last to first (the
+  // ones with the most eligible chunks start first). The same results. On by default (H200,
+  // 128K, budget 4096: choose 1.250 -> 1.117 ms; bench/results/2026-11-29-h200-selection-nms.md).
+  void set_select_heavy_first(bool heavy_first) { select_heavy_first_ = heavy_first; }
+  // Diagnostic for benchmarks: with `skip`, Steps 3-4 compute the scores but make no cut (every
+  // entry keeps its sink and local window only: not the selection), to time the scores apart.
+  void set_select_skip_cut(bool skip) { select_skip_cut_ = skip; }
   // Mass score: query blocks per wave (scores of a wave are written, then its selection), at most
   // what Create sized the scores buffer for (256 MiB of scores); tests use small waves.
   void set_mass_wave_blocks(int64_t blocks) {
@@ -167,8 +201,12 @@ class DeviceDhsaSelection {
   size_t sort_bytes_ = 0;
   bool legacy_gaps_ = false;
   bool gap_warp_norms_ = true;
-  bool overlap_rho_ = false;
+  bool parallel_nms_ = true;
+  int32_t nms_max_rounds_ = 64;
+  bool overlap_rho_ = true;
   bool batched_scores_ = true;
+  bool paper_tiled_scores_ = true;
+  bool paper_global_scores_ = false;
   bool mass_scores_only_ = false;
   bool mass_tensor_cores_ = true;
   bool mass_tiled_ = true;
@@ -176,6 +214,9 @@ class DeviceDhsaSelection {
   bool select_global_scores_ = true;
   bool select_early_exit_ = true;
   bool select_aggregate_ = false;
+  bool select_uniform_aggregate_ = false;
+  bool select_heavy_first_ = true;
+  bool select_skip_cut_ = false;
   int64_t pieces_ = 0;          // Mass score: score_rows-row pieces of the queries.
   int64_t score_blocks_ = 0;    // Mass score: query blocks a wave scores.
   int64_t score_capacity_ = 0;  // Mass score: query blocks the scores buffer holds.
@@ -190,9 +231,10 @@ class DeviceDhsaSelection {
   size_t workspace_bytes_ = 0;
   DeviceBuffer boundaries_;  // int32 [chunk_cap + 1], then int32 count (number of boundaries).
   DeviceBuffer delta_, delta_sorted_, gap_pos_, gap_pos_sorted_, nms_, sort_temp_;
-  DeviceBuffer kappa_;   // float [hkv, chunk_cap, d]
+  DeviceBuffer nms_rank_, nms_state_, nms_sorted_state_;  // The parallel NMS's workspace.
+  DeviceBuffer kappa_;                                    // float [hkv, chunk_cap, d]
   DeviceBuffer rho_;     // float [hkv, num_blocks, d]; mass: [hq, pieces, d]
-  DeviceBuffer scores_;  // Mass: float [hkv, score_blocks, chunk_cap]
+  DeviceBuffer scores_;  // float [hkv, score_blocks, chunk_cap]: a wave's scores
   DeviceBuffer spans_;   // CudaSpan [hkv * num_blocks, span_cap]
   DeviceBuffer starts_;  // int32, same shape: packed offset of each span within its entry
   DeviceBuffer counts_;  // int32 [hkv * num_blocks]: spans per entry

@@ -39,13 +39,34 @@ size_t SortGapsTempBytes(int64_t n);
 cudaError_t SortGaps(void* temp, size_t temp_bytes, const double* delta, double* delta_sorted,
                      const int32_t* pos, int32_t* pos_sorted, int64_t n, cudaStream_t stream);
 
+// Workspace of the parallel NMS: rank and state hold n_gaps entries, sorted_state n_gaps rounded
+// up to a multiple of 16 (it is read 16 bytes a load; 16-byte aligned).
+struct NmsWorkspace {
+  int32_t* rank = nullptr;
+  uint8_t* state = nullptr;
+  uint8_t* sorted_state = nullptr;
+  // Rounds of local decisions before the serial warp takes what is left (0: all of it; tests
+  // use small counts to send most gaps to the serial warp).
+  int32_t max_rounds = 64;
+};
+// The parallel NMS serves min_chunk 1 .. kMaxParallelNmsMinChunk (its work grows with min_chunk);
+// wider ones take the serial warp alone.
+inline constexpr int32_t kMaxParallelNmsMinChunk = 33;
+bool NmsParallelSupported(int32_t min_chunk);
+
 // Greedy NMS over the sorted gaps of [begin, end) then the split of chunks longer than max_chunk;
 // appends the boundaries after `begin` (which must be the list's last) to the list. `scratch`
-// holds wanted + 2 int32. One thread block; shared memory (end - begin) / 8 + 4 bytes.
+// holds wanted + 2 int32. Without `parallel` (or with a min_chunk it does not serve) one warp
+// decides the gaps in priority order, 32 at a time; with it, rounds of local decisions over the
+// whole segment (each gap's exact greedy decision: accepted iff eligible and every higher-priority
+// gap within min_chunk - 1 is rejected), a count in priority order to stop at the wanted-th
+// accepted gap, and the serial warp only from the first undecided gap before that stop. The same
+// boundaries either way. The last kernel is one thread block with shared memory
+// (end - begin) / 8 + 4 bytes.
 cudaError_t LaunchNmsAndSplit(const int32_t* sorted_pos, int32_t n_gaps, int32_t begin, int32_t end,
                               int32_t min_chunk, int32_t max_chunk, int32_t wanted,
-                              int32_t* scratch, int32_t* boundaries, int32_t* count,
-                              cudaStream_t stream);
+                              const NmsWorkspace* parallel, int32_t* scratch, int32_t* boundaries,
+                              int32_t* count, cudaStream_t stream);
 // Shared memory LaunchNmsAndSplit needs for a segment of `len` keys.
 size_t NmsSharedBytes(int64_t len);
 
@@ -100,6 +121,14 @@ struct SelectParams {
   // The cut's histograms take one atomic add per digit per warp (lanes with the same digit
   // summed first, __match_any_sync and __reduce_add_sync); the same histograms.
   bool aggregate = false;
+  // The cut's histograms take one atomic add per bin a warp when all of a warp's chunks share the
+  // bin (__reduce_add_sync; no __match_any_sync), else one per chunk; the same histograms.
+  bool uniform_aggregate = false;
+  // The thread blocks take the query blocks from the last (most eligible chunks) to the first: the
+  // longest ones do not start last. The same results.
+  bool heavy_first = false;
+  // Diagnostic (benchmarks only): no cut; every scored entry keeps only its sink and local window.
+  bool skip_cut = false;
   CudaSpan* spans = nullptr;  // [hkv * num_blocks, span_cap]
   int32_t* span_starts = nullptr;
   int32_t* counts = nullptr;  // [hkv * num_blocks]
@@ -153,6 +182,29 @@ bool MassTiledSupported(int64_t dim);
 int MassTiledBlocks(int64_t group, int64_t q_block, int64_t score_rows);
 size_t MassTiledSharedBytes(int64_t dim);
 cudaError_t LaunchMassScores(const MassParams& params, cudaStream_t stream);
+
+// The paper's chunk scores (Step 3: rho . kappa, fp64 fused multiply-adds over the features in
+// order, rounded to fp32, as SelectKernel computes them) of the query blocks [block_begin,
+// block_begin + blocks) (relative to first_block) of every KV head, written where
+// SelectParams::scores reads them: scores[(h * score_blocks + i - block_begin) * chunk_cap + j].
+// Chunks a block does not score may be written too (never read). A register-tiled product.
+struct PaperScoreParams {
+  const int32_t* boundaries = nullptr;
+  const int32_t* count = nullptr;
+  const float* kappa = nullptr;  // [hkv, chunk_cap, dim]
+  const float* rho = nullptr;    // [hkv, num_blocks, dim]
+  int32_t hkv = 0;
+  int32_t dim = 0;
+  int64_t chunk_cap = 0;
+  int64_t first_block = 0;
+  int64_t num_blocks = 0;
+  int64_t q_block = 0;
+  int64_t block_begin = 0;
+  int64_t blocks = 0;
+  float* scores = nullptr;
+  int64_t score_blocks = 0;
+};
+cudaError_t LaunchPaperScores(const PaperScoreParams& params, cudaStream_t stream);
 
 // Shared memory of LaunchSelect for `entries` entries per block.
 size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries, bool global_scores = false);

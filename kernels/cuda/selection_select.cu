@@ -64,7 +64,9 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ int32_t total_weight, unique_cut;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t h = blockIdx.y, b0 = p.block_begin + int64_t{blockIdx.x} * entries;
+  // heavy_first: the last query blocks (the most eligible chunks) go to the first thread blocks.
+  const int64_t slot = p.heavy_first ? int64_t{gridDim.x} - 1 - blockIdx.x : int64_t{blockIdx.x};
+  const int64_t h = blockIdx.y, b0 = p.block_begin + slot * entries;
   const int64_t b_end = p.block_begin + p.blocks;  // This launch's blocks end (<= num_blocks).
   const int32_t nb = *p.count;
   if (!global) {
@@ -201,7 +203,7 @@ __global__ void __launch_bounds__(kSelectThreads)
 
   // Step 4: the cut, entry by entry.
   for (int e = 0; e < entries; ++e) {
-    if (!info[e].scored) continue;  // Uniform.
+    if (!info[e].scored || p.skip_cut) continue;  // Uniform.
     const int32_t eligible = info[e].eligible, lo = info[e].lo, hi = info[e].hi;
     const float* sc = global
                           ? p.scores + (h * p.score_blocks + (b0 + e - p.block_begin)) * p.chunk_cap
@@ -249,6 +251,36 @@ __global__ void __launch_bounds__(kSelectThreads)
           if (bin >= 0 && lane == __ffs(peers) - 1) {
             atomicAdd(&hist[bin], sum);
             atomicAdd(&hist_count[bin], static_cast<uint32_t>(__popc(peers)));
+          }
+        }
+      } else if (p.uniform_aggregate) {
+        // A warp whose chunks all fall in one bin (the top digits: a few bins hold most chunks)
+        // adds their tokens and count in one atomic each; other warps add lane by lane. The
+        // same histograms. Whole warps run every iteration.
+        for (int32_t j0 = 0; j0 < eligible; j0 += kSelectThreads) {
+          const int32_t j = j0 + tid;
+          uint32_t w = 0;
+          int bin = -1;
+          if (j < eligible) {
+            w = static_cast<uint32_t>(Weight(bnd, j, lo, hi));
+            if (w != 0) {
+              const uint64_t key = RankKey(sc[j], j);
+              if ((key & high) == (prefix & high)) bin = static_cast<int>((key >> shift) & 255);
+            }
+          }
+          const unsigned valid = __ballot_sync(0xffffffffu, bin >= 0);
+          if (valid == 0) continue;  // Uniform.
+          const int lead = __ffs(valid) - 1;
+          const int lead_bin = __shfl_sync(0xffffffffu, bin, lead);
+          if (__all_sync(0xffffffffu, bin < 0 || bin == lead_bin)) {
+            const uint32_t sum = __reduce_add_sync(0xffffffffu, bin >= 0 ? w : 0u);
+            if (lane == lead) {
+              atomicAdd(&hist[lead_bin], sum);
+              atomicAdd(&hist_count[lead_bin], static_cast<uint32_t>(__popc(valid)));
+            }
+          } else if (bin >= 0) {
+            atomicAdd(&hist[bin], w);
+            atomicAdd(&hist_count[bin], 1u);
           }
         }
       } else {
@@ -401,7 +433,90 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
+// The paper's scores rho . kappa as a register-tiled product: a thread block computes a tile of
+// kScoreRows query blocks by kScoreCols chunks of one KV head, each thread kScoreRows / 16 by
+// kScoreCols / 16 of them (rows ty + 16 r, columns tx + 16 c), features staged kScoreK at a time
+// in shared memory as fp64. Each score is the same fused multiply-add chain as SelectKernel's:
+// acc = fma(rho_c, kappa_c, acc) for c = 0, 1, ..., dim - 1 from +0, rounded once to fp32. Tiles
+// whose first chunk no query block of the tile may score (it ends after the tile's last block's
+// first row) are skipped; scores of chunks a block may not score are written but never read.
+constexpr int kScoreRows = 128, kScoreCols = 64, kScoreK = 16, kScoreThreads = 256;
+constexpr int kScoreR = kScoreRows / 16, kScoreC = kScoreCols / 16;
+
+__global__ void __launch_bounds__(kScoreThreads)
+    PaperScoresKernel(const __grid_constant__ PaperScoreParams p) {
+  __shared__ double a_s[kScoreK][kScoreRows];  // rho, feature-major.
+  __shared__ double b_s[kScoreK][kScoreCols];  // kappa, feature-major.
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t h = blockIdx.z;
+  const int64_t i0 = p.block_begin + int64_t{blockIdx.y} * kScoreRows;  // Relative query block.
+  const int64_t i_end = min(i0 + kScoreRows, p.block_begin + p.blocks);
+  const int32_t j0 = static_cast<int32_t>(blockIdx.x) * kScoreCols;
+  const int32_t chunks = *p.count - 1;
+  if (j0 >= chunks || i0 >= i_end) return;
+  // Chunk j0 is scored by block i when it ends at or before the block's first row.
+  if (p.boundaries[j0 + 1] > (p.first_block + i_end - 1) * p.q_block) return;
+  const int dim = p.dim;
+  double acc[kScoreR][kScoreC];
+#pragma unroll
+  for (int r = 0; r < kScoreR; ++r) {
+#pragma unroll
+    for (int c = 0; c < kScoreC; ++c) acc[r][c] = 0.0;
+  }
+  for (int k0 = 0; k0 < dim; k0 += kScoreK) {
+    const int kn = min(kScoreK, dim - k0);
+    for (int x = tid; x < kScoreRows * kScoreK; x += kScoreThreads) {
+      const int row = x / kScoreK, kk = x % kScoreK;
+      const int64_t i = i0 + row;
+      a_s[kk][row] = i < i_end && kk < kn
+                         ? static_cast<double>(p.rho[(h * p.num_blocks + i) * dim + k0 + kk])
+                         : 0.0;
+    }
+    for (int x = tid; x < kScoreCols * kScoreK; x += kScoreThreads) {
+      const int col = x / kScoreK, kk = x % kScoreK;
+      const int32_t j = j0 + col;
+      b_s[kk][col] = j < chunks && kk < kn
+                         ? static_cast<double>(p.kappa[(h * p.chunk_cap + j) * dim + k0 + kk])
+                         : 0.0;
+    }
+    __syncthreads();
+    for (int kk = 0; kk < kn; ++kk) {
+      double a[kScoreR], b[kScoreC];
+#pragma unroll
+      for (int r = 0; r < kScoreR; ++r) a[r] = a_s[kk][ty + 16 * r];
+#pragma unroll
+      for (int c = 0; c < kScoreC; ++c) b[c] = b_s[kk][tx + 16 * c];
+#pragma unroll
+      for (int r = 0; r < kScoreR; ++r) {
+#pragma unroll
+        for (int c = 0; c < kScoreC; ++c) acc[r][c] = __fma_rn(a[r], b[c], acc[r][c]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < kScoreR; ++r) {
+    const int64_t i = i0 + ty + 16 * r;
+    if (i >= i_end) continue;
+    float* out = p.scores + (h * p.score_blocks + (i - p.block_begin)) * p.chunk_cap;
+#pragma unroll
+    for (int c = 0; c < kScoreC; ++c) {
+      const int32_t j = j0 + tx + 16 * c;
+      if (j < chunks) out[j] = __double2float_rn(acc[r][c]);
+    }
+  }
+}
+
 }  // namespace
+
+cudaError_t LaunchPaperScores(const PaperScoreParams& p, cudaStream_t stream) {
+  if (p.blocks <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((p.chunk_cap + kScoreCols - 1) / kScoreCols),
+                  static_cast<unsigned>((p.blocks + kScoreRows - 1) / kScoreRows),
+                  static_cast<unsigned>(p.hkv));
+  PaperScoresKernel<<<grid, kScoreThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 size_t SelectSharedBytes(int64_t chunk_cap, int64_t dim, int entries, bool global_scores) {
   if (global_scores) return sizeof(double) * static_cast<size_t>(entries * dim) + 16;

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "kernels/cuda/selection_cuda_launch.h"
@@ -45,7 +46,20 @@ __device__ void SumRows(int64_t rows, int dim, RowAt row_at, double div, float* 
   const int groups = kSumThreads / lanes;
   const int tid = threadIdx.x, lane = tid % lanes, group = tid / lanes;
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t r = group; r < rows; r += groups) {
+  // kAhead rows' loads in flight before they are added (in the same order: rows group,
+  // group + groups, ...).
+  constexpr int kAhead = 8;
+  int64_t r = group;
+  for (; r + (kAhead - 1) * groups < rows; r += kAhead * groups) {
+    uint4 raw[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      raw[u] = *reinterpret_cast<const uint4*>(row_at(r + u * groups) + lane * 8);
+    }
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) AddEight(acc, raw[u], T());
+  }
+  for (; r < rows; r += groups) {
     const uint4 raw = *reinterpret_cast<const uint4*>(row_at(r) + lane * 8);
     AddEight(acc, raw, T());
   }
@@ -85,10 +99,24 @@ __global__ void __launch_bounds__(kSumThreads)
   const int64_t b = (block + 1) * q_block < lk ? (block + 1) * q_block : lk;
   const int64_t rows = b - a;  // Per head; rows of the group: head-major.
   const double n = static_cast<double>(rows);
-  SumRows<T>(
-      group * rows, dim,
-      [&](int64_t r) { return q + ((h * group + r / rows) * lq + (a - t0) + r % rows) * dim; },
-      static_cast<double>(group) * (sqrt_norm ? sqrt(n) : n), rho + (h * num_blocks + i) * dim);
+  const double div = static_cast<double>(group) * (sqrt_norm ? sqrt(n) : n);
+  float* out = rho + (h * num_blocks + i) * dim;
+  if (group * rows <= INT32_MAX) {  // 32-bit division: row r is row r % rows of head r / rows.
+    const uint32_t urows = static_cast<uint32_t>(rows);
+    SumRows<T>(
+        group * rows, dim,
+        [&](int64_t r) {
+          const uint32_t head = static_cast<uint32_t>(r) / urows;
+          const uint32_t row = static_cast<uint32_t>(r) - head * urows;
+          return q + ((h * group + head) * lq + (a - t0) + row) * dim;
+        },
+        div, out);
+  } else {
+    SumRows<T>(
+        group * rows, dim,
+        [&](int64_t r) { return q + ((h * group + r / rows) * lq + (a - t0) + r % rows) * dim; },
+        div, out);
+  }
 }
 
 }  // namespace

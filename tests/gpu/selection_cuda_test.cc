@@ -59,6 +59,12 @@ struct SelectionCase {
   bool overlap = false;      // Query-block summaries on the selection's second stream.
   bool batched = false;      // Batched scores.
   bool warp_norms = false;   // The windowed gap kernel with per-warp norms.
+  int nms_rounds = -1;       // -1: the default NMS; 0: the serial warp alone; else parallel rounds.
+  bool cut_variants = false;  // The cut with uniform per-warp histogram adds, heavy blocks first.
+  // Scores: 0 the defaults (tiled product, cut on shared copies), 1 tiled with the cut reading
+  // them in place, 2 tiled in waves of 3 query blocks. `batched` (or 3) computes them in the cut
+  // kernel (the previous path).
+  int scores = 0;
 };
 
 void PrintTo(const SelectionCase& c, std::ostream* os) { *os << c.name; }
@@ -175,6 +181,15 @@ TEST_P(SelectionCudaTest, EqualsTheReferenceSteps) {
   sel->set_overlap_query_summaries(c.overlap);
   sel->set_batched_scores(c.batched);
   sel->set_gap_warp_norms(c.warp_norms);
+  if (c.nms_rounds == 0) sel->set_parallel_nms(false);
+  if (c.nms_rounds > 0) sel->set_parallel_nms(true, c.nms_rounds);
+  if (c.batched || c.scores == 3) sel->set_paper_tiled_scores(false);
+  if (c.scores == 1) sel->set_paper_tiled_scores(true, true);
+  if (c.scores == 2) sel->set_mass_wave_blocks(3);
+  if (c.cut_variants) {
+    sel->set_select_uniform_aggregate(true);
+    sel->set_select_heavy_first(true);
+  }
   absl::StatusOr<DeviceBuffer> dq = DeviceBuffer::FromHost(q.data(), q.bytes.size());
   absl::StatusOr<DeviceBuffer> dk = DeviceBuffer::FromHost(k.data(), k.bytes.size());
   absl::StatusOr<DeviceBuffer> dv = DeviceBuffer::FromHost(v.data(), v.bytes.size());
@@ -327,7 +342,122 @@ INSTANTIATE_TEST_SUITE_P(
         SelectionCase{"seg_1025_g2_d16_f16_batched", 4, 2, 1025, 1025, 16, kF16, kSeg, 256, false,
                       BoundaryMode::kDynamic, 64, 4, false, false, true},
         SelectionCase{"chunked_4099_t0_2000_g4_d128_bf16_batched", 8, 2, 2099, 4099, 128, kBF16,
-                      kSeg, 512, false, BoundaryMode::kDynamic, 128, 4, false, false, true}),
+                      kSeg, 512, false, BoundaryMode::kDynamic, 128, 4, false, false, true},
+        SelectionCase{"rep_4099_g4_d128_bf16_serial_nms", 8, 2, 4099, 4099, 128, kBF16, kRep, 512,
+                      false, BoundaryMode::kDynamic, 128, 4, false, false, false, false, 0},
+        SelectionCase{"chunked_prior_4099_t0_1111_g2_d64_f16_nms_rounds_1", 4, 2, 2988, 4099, 64,
+                      kF16, kSeg, 512, true, BoundaryMode::kDynamic, 128, 4, false, false, false,
+                      false, 1},
+        SelectionCase{"chunked_4099_t0_2000_g4_d128_bf16_nms_rounds_2", 8, 2, 2099, 4099, 128,
+                      kBF16, kSeg, 512, false, BoundaryMode::kDynamic, 128, 4, false, false, false,
+                      true, 2},
+        SelectionCase{"rep_4099_g4_d128_bf16_cut_variants", 8, 2, 4099, 4099, 128, kBF16, kRep, 512,
+                      false, BoundaryMode::kDynamic, 128, 4, false, false, true, true, -1, true},
+        SelectionCase{"seg_32771_g2_d64_f16_cut_variants", 4, 2, 32771, 32771, 64, kF16, kSeg, 2048,
+                      false, BoundaryMode::kDynamic, 128, 4, false, false, true, true, -1, true},
+        SelectionCase{"chunked_prior_4099_t0_1111_g2_d64_f16_cut_variants_overlap", 4, 2, 2988,
+                      4099, 64, kF16, kSeg, 512, true, BoundaryMode::kDynamic, 128, 4, false, true,
+                      false, false, -1, true},
+        SelectionCase{"rand_4099_g4_d128_bf16_scores_in_place",
+                      8,
+                      2,
+                      4099,
+                      4099,
+                      128,
+                      kBF16,
+                      kRand,
+                      512,
+                      false,
+                      BoundaryMode::kDynamic,
+                      128,
+                      4,
+                      false,
+                      false,
+                      false,
+                      false,
+                      -1,
+                      false,
+                      1},
+        SelectionCase{"chunked_prior_4099_t0_1111_g2_d64_f16_scores_waves",
+                      4,
+                      2,
+                      2988,
+                      4099,
+                      64,
+                      kF16,
+                      kSeg,
+                      512,
+                      true,
+                      BoundaryMode::kDynamic,
+                      64,
+                      4,
+                      false,
+                      false,
+                      false,
+                      false,
+                      -1,
+                      false,
+                      2},
+        SelectionCase{"rep_4099_g4_d128_bf16_scores_in_kernel",
+                      8,
+                      2,
+                      4099,
+                      4099,
+                      128,
+                      kBF16,
+                      kRep,
+                      512,
+                      false,
+                      BoundaryMode::kDynamic,
+                      128,
+                      4,
+                      false,
+                      false,
+                      false,
+                      false,
+                      -1,
+                      false,
+                      3},
+        SelectionCase{"seg_1025_g2_d16_f16_scores_waves",
+                      4,
+                      2,
+                      1025,
+                      1025,
+                      16,
+                      kF16,
+                      kSeg,
+                      256,
+                      false,
+                      BoundaryMode::kDynamic,
+                      64,
+                      4,
+                      false,
+                      false,
+                      false,
+                      false,
+                      -1,
+                      false,
+                      2},
+        SelectionCase{"seg_32771_g4_d128_bf16_spec_scores_in_place",
+                      8,
+                      2,
+                      32771,
+                      32771,
+                      128,
+                      kBF16,
+                      kSeg,
+                      0,
+                      false,
+                      BoundaryMode::kDynamic,
+                      128,
+                      4,
+                      false,
+                      false,
+                      false,
+                      true,
+                      -1,
+                      true,
+                      1}),
     [](const ::testing::TestParamInfo<SelectionCase>& info) {
       return std::string(info.param.name);
     });
