@@ -188,8 +188,11 @@ inline void ExpectSameUpToTies(const Selection& got, const Selection& want,
       std::vector<int> in_got(static_cast<size_t>(e), 0), in_want(static_cast<size_t>(e), 0);
       for (const Span& s : got.At(h, b)) std::fill(&in_got[s.begin], &in_got[0] + s.end, 1);
       for (const Span& s : want.At(h, b)) std::fill(&in_want[s.begin], &in_want[0] + s.end, 1);
+      // The cut: the lowest score of a chunk the reference took keys of for the budget (keys of
+      // the sink and the local window are kept whatever their chunk's score).
+      const int64_t chunk_lo = std::min(c.sink, e), chunk_hi = std::max<int64_t>(0, e - c.local);
       float cut = INFINITY, largest = 0;
-      for (int64_t t = 0; t < e; ++t) {
+      for (int64_t t = chunk_lo; t < chunk_hi; ++t) {
         const int64_t j = chunk_of(t);
         if (in_want[t] && j < static_cast<int64_t>(scores.size())) cut = std::min(cut, scores[j]);
       }
