@@ -4,6 +4,7 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <utility>
@@ -17,6 +18,7 @@
 #include "services/common/shared_region.h"
 #include "services/common/status.h"
 #include "services/common/wire.h"
+#include "services/transport/shm_copy.h"
 
 namespace dhsa {
 namespace client_internal {
@@ -26,6 +28,7 @@ struct Region {
   std::string id;
   std::unique_ptr<SharedRegion> memory;
   bool busy = false;  // A call is using it.
+  int64_t uses = 0;   // Calls that used it (the first copies through the kernel: shm_copy.h).
 };
 
 struct Connection {
@@ -204,27 +207,37 @@ absl::StatusOr<PrefillOutput> Sequence::Prefill(int layer, const Tensor& q, cons
   if (!connection_->options.shared_memory || in_bytes < (int64_t{1} << 20)) {
     return PrefillStreamed(layer, q, k, v, want_lse);
   }
-  // Layout in the region: q, k, v, o, lse, each at a 64-byte boundary.
+  // Layout in the region: q, k, v, then lse, each at a 64-byte boundary; o from offset 0 over
+  // q, k and v when it fits there (the router reads the inputs before the call starts and writes
+  // o at its end), else after v. A smaller region: fewer fresh pages to map on both sides.
   const auto aligned = [](int64_t n) { return (n + 63) / 64 * 64; };
   const int64_t rows = q.shape[0] * q.shape[1];
   const int64_t o_bytes = rows * q.shape[2] * static_cast<int64_t>(sizeof(float));
   const int64_t lse_bytes = want_lse ? rows * static_cast<int64_t>(sizeof(float)) : 0;
   int64_t offsets[5];
-  int64_t end = 0;
-  const int64_t sizes[5] = {static_cast<int64_t>(q.bytes.size()),
-                            static_cast<int64_t>(k.bytes.size()),
-                            static_cast<int64_t>(v.bytes.size()), o_bytes, lse_bytes};
-  for (int i = 0; i < 5; ++i) {
-    offsets[i] = end;
-    end += aligned(sizes[i]);
-  }
+  offsets[0] = 0;
+  offsets[1] = aligned(static_cast<int64_t>(q.bytes.size()));
+  offsets[2] = offsets[1] + aligned(static_cast<int64_t>(k.bytes.size()));
+  const int64_t in_end = offsets[2] + aligned(static_cast<int64_t>(v.bytes.size()));
+  offsets[3] = aligned(o_bytes) <= in_end ? 0 : in_end;
+  offsets[4] = std::max(in_end, offsets[3] + aligned(o_bytes));
+  const int64_t end = offsets[4] + aligned(lse_bytes);
   client_internal::Region* region = connection_->AcquireRegion(end);
   if (region == nullptr) return PrefillStreamed(layer, q, k, v, want_lse);
 
   uint8_t* base = region->memory->data();
-  std::memcpy(base + offsets[0], q.bytes.data(), q.bytes.size());
-  std::memcpy(base + offsets[1], k.bytes.data(), k.bytes.size());
-  std::memcpy(base + offsets[2], v.bytes.data(), v.bytes.size());
+  // A fresh region's pages are not touched here yet: its first call copies through the kernel.
+  const bool untouched = region->uses++ == 0;
+  const auto copy_in = [untouched](void* dst, const void* src, size_t n) {
+    if (untouched) {
+      transport::CopyIntoUntouched(dst, src, n);
+    } else {
+      std::memcpy(dst, src, n);
+    }
+  };
+  copy_in(base + offsets[0], q.bytes.data(), q.bytes.size());
+  copy_in(base + offsets[1], k.bytes.data(), k.bytes.size());
+  copy_in(base + offsets[2], v.bytes.data(), v.bytes.size());
   auto context = connection_->Context();
   auto stream = connection_->stub->Prefill(context.get());
   v1::PrefillRequest request;
@@ -258,21 +271,31 @@ absl::StatusOr<PrefillOutput> Sequence::Prefill(int layer, const Tensor& q, cons
     connection_->DropRegion(region);
     return PrefillStreamed(layer, q, k, v, want_lse);
   }
-  if (status.ok() && !have_result) {
-    connection_->ReleaseRegion(region);
+  if (!status.ok() || !have_result) {
+    // The router may still be writing the answer of this call into the region (a deadline or a
+    // cancellation ends the call here first): the region is never used again, so that no later
+    // call reads inputs or outputs overwritten by this one.
+    const std::string id = region->id;
+    connection_->DropRegion(region);
+    connection_->CloseAtRouter(id);
+    if (!status.ok()) return status;
     return absl::InternalError("the Prefill answer has no result");
   }
-  if (status.ok()) {
-    out.o = Tensor::Uninitialized(DType::kF32, {q.shape[0], q.shape[1], q.shape[2]});
-    std::memcpy(out.o.bytes.data(), base + offsets[3], static_cast<size_t>(o_bytes));
-    if (want_lse) {
-      out.lse = Tensor::Uninitialized(DType::kF32, {q.shape[0], q.shape[1]});
-      std::memcpy(out.lse.bytes.data(), base + offsets[4], static_cast<size_t>(lse_bytes));
+  const auto copy_out = [untouched](void* dst, const void* src, size_t n) {
+    if (untouched) {
+      transport::CopyFromUntouched(dst, src, n);
+    } else {
+      std::memcpy(dst, src, n);
     }
-    out.shared_memory = true;
+  };
+  out.o = Tensor::Uninitialized(DType::kF32, {q.shape[0], q.shape[1], q.shape[2]});
+  copy_out(out.o.bytes.data(), base + offsets[3], static_cast<size_t>(o_bytes));
+  if (want_lse) {
+    out.lse = Tensor::Uninitialized(DType::kF32, {q.shape[0], q.shape[1]});
+    copy_out(out.lse.bytes.data(), base + offsets[4], static_cast<size_t>(lse_bytes));
   }
+  out.shared_memory = true;
   connection_->ReleaseRegion(region);
-  if (!status.ok()) return status;
   return out;
 }
 

@@ -1,12 +1,16 @@
 // Prefill through same-host shared memory (OpenSharedMemory, PrefillHeader.shared): the region
 // itself (sealed, nonce-checked, bounds), the SDK's use of it (same answers as the stream and the
-// reference, fallback when the router has it off), and the router's checks on hostile headers.
+// reference, fallback when the router has it off, the same bytes on a region's first call and on
+// later ones, a failed call's region retired), and the router's checks on hostile headers (o over
+// the inputs and at unaligned offsets written whole).
 #include <fcntl.h>
 #include <grpcpp/create_channel.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "services/common/server.h"
@@ -156,6 +160,68 @@ TEST(SharedMemoryPrefillTest, RouterWithSharedMemoryOffIsStreamedTransparently) 
   ExpectMatches(*got, *want, true, "streamed");
 }
 
+// The first call through a region copies through the kernel, later ones by memcpy with the merge
+// writing into the region in place: the same bytes every time, for every policy.
+TEST(SharedMemoryPrefillTest, FirstAndLaterCallsOfARegionGiveTheSameBytes) {
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  Harness h = Harness::Start(2, /*stripe_tokens=*/512);
+  ASSERT_NE(h.client, nullptr);
+  for (Policy policy : {Policy::kDhsa, Policy::kBlockTopk, Policy::kStreaming, Policy::kDense}) {
+    SCOPED_TRACE(PolicyName(policy));
+    const DhsaConfig config = SmallConfig(policy);
+    const Inputs in = MakeInputs(rng, kHq, kHkv, kLen, kDim);
+    Sequence seq = h.Create(config, /*layers=*/3, kHq, kHkv, kDim);
+    std::vector<AttentionOutput> outs;
+    for (int layer = 0; layer < 3; ++layer) {
+      auto got = seq.Prefill(layer, in.q, in.k, in.v, /*want_lse=*/layer != 1);
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_TRUE(got->shared_memory);
+      outs.push_back(*std::move(got));
+    }
+    auto want = AttendReference(in.q, in.k, in.v, config);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ExpectMatches(outs[0], *want, /*with_lse=*/true, "first call of the region");
+    EXPECT_EQ(outs[1].o.bytes, outs[0].o.bytes);
+    EXPECT_TRUE(outs[1].lse.bytes.empty());
+    EXPECT_EQ(outs[2].o.bytes, outs[0].o.bytes);
+    EXPECT_EQ(outs[2].lse.bytes, outs[0].lse.bytes);
+    ASSERT_TRUE(seq.Release().ok());
+  }
+}
+
+// A failed call may leave the router writing into its region (a deadline ends the call at the
+// client first): the SDK closes that region and the next call gets a new one, with right answers.
+TEST(SharedMemoryPrefillTest, FailedCallRetiresItsRegion) {
+  std::mt19937_64 rng(FreshSeed());
+  Harness h = Harness::Start(1, /*stripe_tokens=*/512);
+  ASSERT_NE(h.client, nullptr);
+  const router::SharedRegions& regions = h.service->router().service().shared_regions();
+  const DhsaConfig config = SmallConfig(Policy::kDhsa);
+  Sequence seq = h.Create(config, /*layers=*/2, kHq, kHkv, kDim);
+  const Inputs in = MakeInputs(rng, kHq, kHkv, kLen, kDim);
+  auto first = seq.Prefill(0, in.q, in.k, in.v, true);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(first->shared_memory);
+  EXPECT_GT(regions.held_bytes(), 0);
+
+  // NaN in k: refused inside the layer call, after the router took the region.
+  Inputs bad = MakeInputs(rng, kHq, kHkv, kLen, kDim);
+  static_cast<float*>(bad.k.data())[12345] = std::nanf("");
+  auto failed = seq.Prefill(1, bad.q, bad.k, bad.v, true);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kInvalidArgument) << failed.status();
+  EXPECT_EQ(regions.held_bytes(), 0);  // Closed at the router, not reused.
+
+  auto again = seq.Prefill(1, in.q, in.k, in.v, true);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->shared_memory);
+  EXPECT_GT(regions.held_bytes(), 0);
+  EXPECT_EQ(again->o.bytes, first->o.bytes);
+  EXPECT_EQ(again->lse.bytes, first->lse.bytes);
+}
+
 // The raw API: what a hostile or buggy client can send.
 class SharedMemoryApiTest : public ::testing::Test {
  protected:
@@ -193,13 +259,14 @@ class SharedMemoryApiTest : public ::testing::Test {
   }
 
   // A Prefill of `n` tokens naming `shared`; the status it ends with.
-  grpc::Status Prefill(int64_t n, const v1::SharedTensors& shared) {
+  grpc::Status Prefill(int64_t n, const v1::SharedTensors& shared, bool want_lse = false) {
     grpc::ClientContext context;
     auto stream = stub_->Prefill(&context);
     v1::PrefillRequest request;
     v1::PrefillHeader* header = request.mutable_header();
     header->set_sequence_id(sequence_);
     header->set_num_tokens(n);
+    header->set_want_lse(want_lse);
     *header->mutable_shared() = shared;
     if (stream->Write(request)) stream->WritesDone();
     v1::PrefillResponse response;
@@ -285,6 +352,53 @@ TEST_F(SharedMemoryApiTest, BadRegionsAndRangesAreRefusedAndNothingIsStored) {
     EXPECT_TRUE(stub_->CloseSharedMemory(&context, close, &closed).ok());
   }
   EXPECT_EQ(Prefill(100, good).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// o may lie over the inputs (the router reads them before the call starts) or at an offset the
+// merge cannot write in place (not 64-byte aligned): every element of o and lse is written, on the
+// region's first call (copies through the kernel) and on later ones (merge in place, memcpy).
+TEST_F(SharedMemoryApiTest, OutputOverTheInputsAndUnalignedOutputsAreWrittenWhole) {
+  v1::OpenSharedMemoryResponse opened;
+  ASSERT_TRUE(Open(1 << 20, &opened).ok());
+  absl::StatusOr<std::unique_ptr<SharedRegion>> region =
+      SharedRegion::Open(opened.path(), opened.nonce(), opened.bytes());
+  ASSERT_TRUE(region.ok()) << region.status();
+  uint8_t* base = (*region)->data();
+  // 100 tokens: q 6400 bytes at 0, k and v 3200 at 6400 and 9600; lse 800 bytes.
+  const auto fill_inputs = [&] {
+    float* q = reinterpret_cast<float*>(base);
+    for (int i = 0; i < 1600; ++i) q[i] = 0.5f;
+    float* kv = reinterpret_cast<float*>(base + 6400);
+    for (int i = 0; i < 1600; ++i) kv[i] = 0.25f;
+  };
+  struct Case {
+    int64_t o_offset, lse_offset;
+  };
+  // Over q, aligned (twice: the first call of the region, then a later one); then unaligned.
+  const Case cases[] = {{0, 12800}, {0, 12800}, {13700, 20100}};
+  int64_t stored = 0;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "o at " << c.o_offset << ", lse at " << c.lse_offset);
+    std::memset(base + c.o_offset, 0x7F, 6400);  // Not a value the answer has.
+    std::memset(base + c.lse_offset, 0x7F, 800);
+    fill_inputs();  // Over o where o lies over q (q is 0.5: not the answer either).
+    v1::SharedTensors where;
+    where.set_region_id(opened.region_id());
+    where.set_q_offset(0);
+    where.set_k_offset(6400);
+    where.set_v_offset(9600);
+    where.set_o_offset(c.o_offset);
+    where.set_lse_offset(c.lse_offset);
+    const grpc::Status s = Prefill(100, where, /*want_lse=*/true);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    stored += 100;
+    EXPECT_EQ(StoredLength(), stored);
+    float o[1600], lse[200];
+    std::memcpy(o, base + c.o_offset, sizeof(o));
+    std::memcpy(lse, base + c.lse_offset, sizeof(lse));
+    for (int i = 0; i < 1600; ++i) ASSERT_FLOAT_EQ(o[i], 0.25f) << i;  // Uniform v: o equals it.
+    for (int i = 0; i < 200; ++i) ASSERT_TRUE(std::isfinite(lse[i])) << i << ": " << lse[i];
+  }
 }
 
 TEST_F(SharedMemoryApiTest, PerClientLimitIsResourceExhausted) {
