@@ -119,9 +119,9 @@ absl::StatusOr<AttendResult> AttendThroughService(const AttendFlags& f, const Te
     bar.Update(bytes_earlier / bytes_total,
                absl::StrCat("prefill of ", q.shape[1], " queries (",
                             FormatBytes(bytes_total - bytes_earlier), " up), attention"));
-    out =
-        seq.Prefill(0, q, t0 > 0 ? SliceTokens(k, t0, lk) : k, t0 > 0 ? SliceTokens(v, t0, lk) : v,
-                    /*want_lse=*/true);
+    // Not `t0 > 0 ? SliceTokens(k, t0, lk) : k`: that copies k and v when t0 is 0.
+    out = t0 > 0 ? seq.Prefill(0, q, SliceTokens(k, t0, lk), SliceTokens(v, t0, lk), true)
+                 : seq.Prefill(0, q, k, v, /*want_lse=*/true);
   }
   const absl::Status released = seq.Release().status();
   if (!out.ok()) return out.status();
