@@ -120,8 +120,12 @@ class DeviceDhsaSelection {
   // blocks at a time, by a register-tiled fp64 product (each chunk's features read once per tile
   // of 128 query blocks, not once per thread block of 4), then the cut reads them (shared-memory
   // copies, or in place with `global`); without, SelectKernel computes each thread block's scores
-  // itself. The same fused multiply-add chains: the same scores and selection.
-  void set_paper_tiled_scores(bool tiled, bool global = false) {
+  // itself. The same fused multiply-add chains: the same scores and selection. Tiled, read in
+  // place, by default: H200, 128K, budget 4096, choose (Steps 3-4) 1.115 ms in the cut kernel,
+  // 0.989 tiled with shared-memory copies, 0.815 tiled in place (64K: 0.386 / 0.306 / 0.284; 8K:
+  // 0.032 / 0.064 / 0.065); bench/results/2026-11-29-h200-selection-nms.md, call 3, whose main
+  // table ran the shared-memory copies (the default then).
+  void set_paper_tiled_scores(bool tiled, bool global = true) {
     paper_tiled_scores_ = tiled;
     paper_global_scores_ = global;
   }
@@ -206,7 +210,7 @@ class DeviceDhsaSelection {
   bool overlap_rho_ = true;
   bool batched_scores_ = true;
   bool paper_tiled_scores_ = true;
-  bool paper_global_scores_ = false;
+  bool paper_global_scores_ = true;
   bool mass_scores_only_ = false;
   bool mass_tensor_cores_ = true;
   bool mass_tiled_ = true;

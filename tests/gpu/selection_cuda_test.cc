@@ -61,9 +61,9 @@ struct SelectionCase {
   bool warp_norms = false;   // The windowed gap kernel with per-warp norms.
   int nms_rounds = -1;       // -1: the default NMS; 0: the serial warp alone; else parallel rounds.
   bool cut_variants = false;  // The cut with uniform per-warp histogram adds, heavy blocks first.
-  // Scores: 0 the defaults (tiled product, cut on shared copies), 1 tiled with the cut reading
-  // them in place, 2 tiled in waves of 3 query blocks. `batched` (or 3) computes them in the cut
-  // kernel (the previous path).
+  // Scores: 0 the defaults (tiled product read in place by the cut), 1 tiled with shared-memory
+  // copies in the cut, 2 tiled in waves of 3 query blocks. `batched` (or 3) computes them in the
+  // cut kernel (the previous path).
   int scores = 0;
 };
 
@@ -184,7 +184,7 @@ TEST_P(SelectionCudaTest, EqualsTheReferenceSteps) {
   if (c.nms_rounds == 0) sel->set_parallel_nms(false);
   if (c.nms_rounds > 0) sel->set_parallel_nms(true, c.nms_rounds);
   if (c.batched || c.scores == 3) sel->set_paper_tiled_scores(false);
-  if (c.scores == 1) sel->set_paper_tiled_scores(true, true);
+  if (c.scores == 1) sel->set_paper_tiled_scores(true, false);
   if (c.scores == 2) sel->set_mass_wave_blocks(3);
   if (c.cut_variants) {
     sel->set_select_uniform_aggregate(true);
@@ -358,7 +358,7 @@ INSTANTIATE_TEST_SUITE_P(
         SelectionCase{"chunked_prior_4099_t0_1111_g2_d64_f16_cut_variants_overlap", 4, 2, 2988,
                       4099, 64, kF16, kSeg, 512, true, BoundaryMode::kDynamic, 128, 4, false, true,
                       false, false, -1, true},
-        SelectionCase{"rand_4099_g4_d128_bf16_scores_in_place",
+        SelectionCase{"rand_4099_g4_d128_bf16_scores_copies",
                       8,
                       2,
                       4099,
@@ -438,7 +438,7 @@ INSTANTIATE_TEST_SUITE_P(
                       -1,
                       false,
                       2},
-        SelectionCase{"seg_32771_g4_d128_bf16_spec_scores_in_place",
+        SelectionCase{"seg_32771_g4_d128_bf16_spec_scores_copies",
                       8,
                       2,
                       32771,
