@@ -20,6 +20,8 @@ struct Variant {
 using sparse_attention_hopper::kBoxEights;
 using sparse_attention_hopper::kBoxSixteens;
 using sparse_attention_hopper::kStreaming;
+using sparse_attention_hopper::kWarpEmpty;
+using sparse_attention_hopper::kWarpFull;
 using sparse_attention_hopper::Launch;
 using sparse_attention_hopper::LaunchWs;
 
@@ -50,6 +52,14 @@ constexpr Variant kVariants[] = {
     {"ws_tma_pp_cs", &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kStreaming>},
     {"ws_tma_pp_h2cs",
      &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kStreaming>},
+    // ws_tma_pp_h2 with one arrival per warp instead of per thread: on the full barriers
+    // (producer warps, kWarpFull), on the empty barriers (consumer warps, kWarpEmpty), on both.
+    {"ws_tma_pp_h2wf",
+     &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kWarpFull>},
+    {"ws_tma_pp_h2we",
+     &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kWarpEmpty>},
+    {"ws_tma_pp_h2w",
+     &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kWarpFull | kWarpEmpty>},
     // ws_tma_pp with runs of up to 16 keys in one box (kBoxSixteens).
     {"ws_tma_pp_h16", &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxSixteens>},
     // ws_tma in clusters of 2 CTAs (row tiles of one selection block) sharing each K/V tile by

@@ -112,6 +112,12 @@ inline constexpr int kBoxSixteens = 4;
 // kStreaming: Q loaded and O, LSE stored with the L2 evict-first policy (read or written once), so
 // that they push fewer K/V lines (read by every row tile of a selection block) out of L2.
 inline constexpr int kStreaming = 2;
+// kWarpFull (with kTma): one arrival per producer warp on the full barriers (the warp's bytes
+// summed, announced before any of its copies), instead of one per producer thread.
+inline constexpr int kWarpFull = 8;
+// kWarpEmpty (without kCluster): one arrival per consumer warp on the empty barriers, instead of
+// one per consumer thread.
+inline constexpr int kWarpEmpty = 16;
 
 // Box heights of a box set: index i < BoxCount.
 template <int kOptions>
@@ -215,6 +221,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   constexpr int kChunks = kDim / 8;  // 16-byte pieces per row.
   constexpr int kS = kKeyTile / 2;   // S accumulators per thread (64 x kKeyTile per warpgroup).
   constexpr int kO = kDim / 2;       // O accumulators per thread (64 x kDim per warpgroup).
+  constexpr bool kWarpFullArrivals = kTma && (kOptions & kWarpFull) != 0;
+  constexpr bool kWarpEmptyArrivals = kCluster == 1 && (kOptions & kWarpEmpty) != 0;
   const float kNegInf = -INFINITY;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -288,12 +296,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     entry[2] = lo_span;
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      BarrierInit(full_k + 8 * s, 128);  // Every producer thread, once its copies landed.
-      BarrierInit(full_v + 8 * s, 128);
+      // Every producer thread (with kTma and kWarpFull: warp), once its copies landed.
+      BarrierInit(full_k + 8 * s, kWarpFullArrivals ? 4 : 128);
+      BarrierInit(full_v + 8 * s, kWarpFullArrivals ? 4 : 128);
       // Every consumer thread once done with the stage; with kCluster, every consumer warp of
-      // every CTA of the cluster.
-      BarrierInit(empty_k + 8 * s, kCluster > 1 ? 8 * kCluster : 256);
-      BarrierInit(empty_v + 8 * s, kCluster > 1 ? 8 * kCluster : 256);
+      // every CTA of the cluster; with kWarpEmpty, every consumer warp.
+      BarrierInit(empty_k + 8 * s, kCluster > 1 ? 8 * kCluster : (kWarpEmptyArrivals ? 8 : 256));
+      BarrierInit(empty_v + 8 * s, kCluster > 1 ? 8 * kCluster : (kWarpEmptyArrivals ? 8 : 256));
     }
   }
   // The range and the initialised barriers are visible (with kCluster, to the whole cluster).
@@ -400,24 +409,40 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           CopyAsyncWait<0>();  // Q has landed.
         }
         if (tile == 0 || pos == kNoKey) FenceProxyAsync();  // Q and zeros, visible to wgmma.
-        if (run > 0) {
-          BarrierArriveExpectTx(full_k + 8 * stage, run * kRowBytes);
-          copy_run(k_smem, args.k_maps, full_k + 8 * stage, k_owner);
-        } else {
-          BarrierArrive(full_k + 8 * stage);
-        }
+        // This thread's (kWarpFullArrivals: its warp's) arrival, announcing the bytes of its
+        // copies before it issues them. With kWarpFullArrivals the warp's plain stores and fences
+        // above are ordered before lane 0's arrival by __syncwarp.
+        auto arrive_and_copy = [&](uint32_t tile_smem, const CUtensorMap* maps, uint32_t bar,
+                                   int owner, int copy) {
+          if constexpr (kWarpFullArrivals) {
+            __syncwarp();
+            const uint32_t bytes =
+                __reduce_add_sync(0xffffffffu, static_cast<uint32_t>(copy) * kRowBytes);
+            if (lane == 0) {
+              if (bytes > 0) {
+                BarrierArriveExpectTx(bar, bytes);
+              } else {
+                BarrierArrive(bar);
+              }
+            }
+            __syncwarp();
+            if (copy > 0) copy_run(tile_smem, maps, bar, owner);
+          } else if (copy > 0) {
+            BarrierArriveExpectTx(bar, copy * kRowBytes);
+            copy_run(tile_smem, maps, bar, owner);
+          } else {
+            BarrierArrive(bar);
+          }
+        };
+        arrive_and_copy(k_smem, args.k_maps, full_k + 8 * stage, k_owner, run);
         // V: the stage's V released (O += P V of tile - kStages done).
         if (tile >= kStages) BarrierWait(empty_v + 8 * stage, parity);
         if (pos == kNoKey) {
           zero_row(Layout::kV);
           FenceProxyAsync();
         }
-        if (run > 0 && (kLoads || tile == 0)) {
-          BarrierArriveExpectTx(full_v + 8 * stage, run * kRowBytes);
-          copy_run(v_smem, args.v_maps, full_v + 8 * stage, v_owner);
-        } else {
-          BarrierArrive(full_v + 8 * stage);
-        }
+        arrive_and_copy(v_smem, args.v_maps, full_v + 8 * stage, v_owner,
+                        kLoads || tile == 0 ? run : 0);
       }
     }
     for (int tile = 0; !kTma && tile < num_tiles; ++tile) {
@@ -559,6 +584,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
           for (int r = 0; r < kCluster; ++r) BarrierArriveCluster(bar, r);
         }
+      } else if constexpr (kWarpEmptyArrivals) {
+        __syncwarp();
+        if (lane == 0) BarrierArrive(bar);
       } else {
         BarrierArrive(bar);
       }
