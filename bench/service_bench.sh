@@ -6,6 +6,11 @@
 # processes, e.g. DHSA_WORKER_FLAGS="--threads 1" DHSA_ROUTER_FLAGS="--transport grpc"). After the
 # demo it prints the CPU seconds the router and each worker used (user + system, from /proc), the
 # load-independent share of the service's cost that the demo's wall times do not show.
+# RUNS (default 2): the demo runs that many times against the same processes. Run 1 is the
+# processes' first call (every arena, region and buffer is touched for the first time, which on the
+# development VM costs about 3 ms per MiB and process); run 2 is the service as it runs after its
+# first call. Each demo is a new client (its own shared-memory region) and runs its in-process
+# part after the service part, in the same process.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build="${DHSA_BUILD:-$root/build}"
@@ -36,10 +41,14 @@ echo "router $router, workers $workers (separate processes)"
 cpu() {  # CPU seconds (user + system) of process $1 so far.
   awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"
 }
-before=(); for p in "${pids[@]}"; do before+=("$(cpu "$p")"); done
-"$build/dhsa" demo --target "$router" --layers 1 --decode 16 "$@"
-after=(); for p in "${pids[@]}"; do after+=("$(cpu "$p")"); done
-used() { awk -v a="${after[$1]}" -v b="${before[$1]}" 'BEGIN {printf "%.2f", a - b}'; }
-echo "CPU seconds during the demo (prefill + decode): router $(used 2), worker 0 $(used 0)," \
-  "worker 1 $(used 1)" \
-  "(startup before it: router ${before[2]}, workers ${before[0]} and ${before[1]})"
+startup=(); for p in "${pids[@]}"; do startup+=("$(cpu "$p")"); done
+for run in $(seq "${RUNS:-2}"); do
+  echo "== run $run of ${RUNS:-2} against these processes ($([[ $run == 1 ]] && echo "their first call" || echo "warm")); $(uptime | sed 's/.*load/load/')"
+  before=(); for p in "${pids[@]}"; do before+=("$(cpu "$p")"); done
+  "$build/dhsa" demo --target "$router" --layers 1 --decode 16 "$@"
+  after=(); for p in "${pids[@]}"; do after+=("$(cpu "$p")"); done
+  used() { awk -v a="${after[$1]}" -v b="${before[$1]}" 'BEGIN {printf "%.2f", a - b}'; }
+  echo "CPU seconds during the demo (prefill + decode): router $(used 2), worker 0 $(used 0)," \
+    "worker 1 $(used 1)" \
+    "(startup before the first: router ${startup[2]}, workers ${startup[0]} and ${startup[1]})"
+done
