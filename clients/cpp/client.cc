@@ -28,7 +28,6 @@ struct Region {
   std::string id;
   std::unique_ptr<SharedRegion> memory;
   bool busy = false;  // A call is using it.
-  int64_t uses = 0;   // Calls that used it (the first copies through the kernel: shm_copy.h).
 };
 
 struct Connection {
@@ -226,18 +225,10 @@ absl::StatusOr<PrefillOutput> Sequence::Prefill(int layer, const Tensor& q, cons
   if (region == nullptr) return PrefillStreamed(layer, q, k, v, want_lse);
 
   uint8_t* base = region->memory->data();
-  // A fresh region's pages are not touched here yet: its first call copies through the kernel.
-  const bool untouched = region->uses++ == 0;
-  const auto copy_in = [untouched](void* dst, const void* src, size_t n) {
-    if (untouched) {
-      transport::CopyIntoUntouched(dst, src, n);
-    } else {
-      std::memcpy(dst, src, n);
-    }
-  };
-  copy_in(base + offsets[0], q.bytes.data(), q.bytes.size());
-  copy_in(base + offsets[1], k.bytes.data(), k.bytes.size());
-  copy_in(base + offsets[2], v.bytes.data(), v.bytes.size());
+  // Through the kernel: see services/transport/shm_copy.h.
+  transport::CopyIntoShared(base + offsets[0], q.bytes.data(), q.bytes.size());
+  transport::CopyIntoShared(base + offsets[1], k.bytes.data(), k.bytes.size());
+  transport::CopyIntoShared(base + offsets[2], v.bytes.data(), v.bytes.size());
   auto context = connection_->Context();
   auto stream = connection_->stub->Prefill(context.get());
   v1::PrefillRequest request;
@@ -281,18 +272,12 @@ absl::StatusOr<PrefillOutput> Sequence::Prefill(int layer, const Tensor& q, cons
     if (!status.ok()) return status;
     return absl::InternalError("the Prefill answer has no result");
   }
-  const auto copy_out = [untouched](void* dst, const void* src, size_t n) {
-    if (untouched) {
-      transport::CopyFromUntouched(dst, src, n);
-    } else {
-      std::memcpy(dst, src, n);
-    }
-  };
   out.o = Tensor::Uninitialized(DType::kF32, {q.shape[0], q.shape[1], q.shape[2]});
-  copy_out(out.o.bytes.data(), base + offsets[3], static_cast<size_t>(o_bytes));
+  transport::CopyFromShared(out.o.bytes.data(), base + offsets[3], static_cast<size_t>(o_bytes));
   if (want_lse) {
     out.lse = Tensor::Uninitialized(DType::kF32, {q.shape[0], q.shape[1]});
-    copy_out(out.lse.bytes.data(), base + offsets[4], static_cast<size_t>(lse_bytes));
+    transport::CopyFromShared(out.lse.bytes.data(), base + offsets[4],
+                              static_cast<size_t>(lse_bytes));
   }
   out.shared_memory = true;
   connection_->ReleaseRegion(region);

@@ -44,13 +44,9 @@ std::unique_ptr<transport::ShmRegion> CopyToArena(transport::ShmArena& arena, co
   if (region == nullptr) return nullptr;
   const uint8_t* src = static_cast<const uint8_t*>(t.data());
   for (int64_t h = 0; h < heads; ++h) {
-    uint8_t* dst = region->data() + h * rows * row_bytes;
-    const uint8_t* from = src + (h * len + row_begin) * row_bytes;
-    if (region->first_use()) {  // Pages this process has not touched: through the kernel.
-      transport::CopyIntoUntouched(dst, from, static_cast<size_t>(rows * row_bytes));
-    } else {
-      std::memcpy(dst, from, static_cast<size_t>(rows * row_bytes));
-    }
+    transport::CopyIntoShared(region->data() + h * rows * row_bytes,
+                              src + (h * len + row_begin) * row_bytes,
+                              static_cast<size_t>(rows * row_bytes));
   }
   desc->set_name(name);
   desc->set_dtype(ToProtoDType(t.dtype));
@@ -181,7 +177,7 @@ std::shared_ptr<LayerCall> LayerCall::Start(const RouterCore& core,
                                             std::shared_ptr<const Tensor> k,
                                             std::shared_ptr<const Tensor> v, bool decode,
                                             const grpc::CallbackServerContext* server_context,
-                                            Done done, OutputTarget target) {
+                                            Done done) {
   std::shared_ptr<LayerCall> call(new LayerCall);
   call->core_ = core;
   call->seq_ = std::move(seq);
@@ -192,7 +188,6 @@ std::shared_ptr<LayerCall> LayerCall::Start(const RouterCore& core,
   call->decode_ = decode;
   call->server_context_ = server_context;
   call->done_ = std::move(done);
-  call->target_ = std::move(target);
   call->start_ = Clock::now();
   core.executor->Submit([call] {
     absl::Status status = call->PlanAndStore();
@@ -577,23 +572,11 @@ absl::StatusOr<LayerCallOutput> LayerCall::MergeAndCommit() {
     out_.stats.set_worker_kernel_seconds(
         std::max(out_.stats.worker_kernel_seconds(), p.result.attention_seconds()));
   }
-  // Every row is merged below (from no part at all: o = 0, lse = -inf), into the target when the
-  // call has one (no fresh [Hq, Lq, d] tensor and no copy of it afterwards).
-  float* o = target_.o;
-  float* lse = target_.lse;
-  Tensor lse_scratch;  // The merge's lse when the target takes o alone.
-  if (o == nullptr) {
-    out_.o = Tensor::Uninitialized(DType::kF32, {hq_, lq, dim_});
-    out_.lse = Tensor::Uninitialized(DType::kF32, {hq_, lq});
-    o = static_cast<float*>(out_.o.data());
-    lse = static_cast<float*>(out_.lse.data());
-  } else {
-    out_.in_target = true;
-    if (lse == nullptr) {
-      lse_scratch = Tensor::Uninitialized(DType::kF32, {hq_, lq});
-      lse = static_cast<float*>(lse_scratch.data());
-    }
-  }
+  // Every row is merged below (from no part at all: o = 0, lse = -inf).
+  out_.o = Tensor::Uninitialized(DType::kF32, {hq_, lq, dim_});
+  out_.lse = Tensor::Uninitialized(DType::kF32, {hq_, lq});
+  float* o = static_cast<float*>(out_.o.data());
+  float* lse = static_cast<float*>(out_.lse.data());
   // Rows where the set of workers with an answer changes cut the queries into segments.
   std::set<int64_t> edges = {t0_, lk_};
   for (const WorkerWork& w : works_) {
@@ -763,7 +746,6 @@ void LayerCall::MarkBroken(const std::vector<size_t>& pieces, const std::string&
 
 void LayerCall::Finish(absl::StatusOr<LayerCallOutput> result) {
   EndLayerCall(*seq_, layer_);
-  target_ = OutputTarget();  // Nothing writes there any more.
   Done done = std::move(done_);
   done(std::move(result));
 }

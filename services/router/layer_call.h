@@ -49,21 +49,10 @@ struct RouterCore {
 };
 
 struct LayerCallOutput {
-  Tensor o;            // [Hq, Lq, d] float32 (empty when merged into an OutputTarget).
-  Tensor lse;          // [Hq, Lq] float32 (empty when merged into an OutputTarget).
+  Tensor o;            // [Hq, Lq, d] float32.
+  Tensor lse;          // [Hq, Lq] float32.
   int64_t length = 0;  // Tokens in the layer after the call.
   v1::CallStats stats;
-  bool in_target = false;  // o (and lse, if asked) were merged into the call's OutputTarget.
-};
-
-// Where the merge writes the answer instead of fresh tensors (a client's shared-memory region):
-// o [Hq, Lq, d] and, when not null, lse [Hq, Lq], both float32. `keep` holds the memory until the
-// call is done. The merge writes every element once; nothing else reads or writes there. On a
-// failed call the contents are unspecified (partly merged).
-struct OutputTarget {
-  float* o = nullptr;
-  float* lse = nullptr;
-  std::shared_ptr<const void> keep;
 };
 
 class LayerCall : public std::enable_shared_from_this<LayerCall> {
@@ -74,15 +63,14 @@ class LayerCall : public std::enable_shared_from_this<LayerCall> {
   // layer (BeginLayerCall) and checked the shapes: q [Hq, Lq, d], k and v [Hkv, Lq, d] in the
   // sequence's dtype. Worker calls inherit the deadline and cancellation of `server_context` (may
   // be null), which must stay alive until `done`; without a client deadline each worker call gets
-  // core.worker_call_timeout. With `target.o` set, the merge writes the answer there (see
-  // OutputTarget) and the output's o and lse stay empty.
+  // core.worker_call_timeout.
   static std::shared_ptr<LayerCall> Start(const RouterCore& core,
                                           std::shared_ptr<SequenceState> seq, int layer,
                                           std::shared_ptr<const Tensor> q,
                                           std::shared_ptr<const Tensor> k,
                                           std::shared_ptr<const Tensor> v, bool decode,
                                           const grpc::CallbackServerContext* server_context,
-                                          Done done, OutputTarget target = {});
+                                          Done done);
 
   // The client went away: worker calls are cancelled and `done` gets CANCELLED soon.
   void Cancel();
@@ -116,7 +104,6 @@ class LayerCall : public std::enable_shared_from_this<LayerCall> {
   bool decode_ = false;
   const grpc::CallbackServerContext* server_context_ = nullptr;
   Done done_;
-  OutputTarget target_;
 
   // Shapes of the call: queries [t0_, lk_).
   int64_t hq_ = 0, hkv_ = 0, dim_ = 0, t0_ = 0, lk_ = 0;

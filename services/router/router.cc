@@ -168,25 +168,18 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   // region while the call runs; the copy is what gets checked and used), and the output ranges
   // checked. They are read here, before the call starts, so the output may overlap them (the SDK
   // puts o where q was: a smaller region). The client writes the region again only after the
-  // answer, or after a failed call, when the SDK replaces the region. On the region's first call
-  // the router has not touched its pages: the copies in and out go through the kernel.
+  // answer, or after a failed call, when the SDK replaces the region. The copies in and out go
+  // through the kernel (services/transport/shm_copy.h).
   absl::Status ReadShared(const v1::SharedTensors& where) {
-    int64_t earlier_uses = 0;
-    DHSA_ASSIGN_OR_RETURN(
-        shared_, service_->shared_regions().Use(client_, where.region_id(), &earlier_uses));
-    shared_untouched_ = earlier_uses == 0;
+    DHSA_ASSIGN_OR_RETURN(shared_, service_->shared_regions().Use(client_, where.region_id()));
     const int64_t offsets[3] = {where.q_offset(), where.k_offset(), where.v_offset()};
     for (int i = 0; i < 3; ++i) {
       DHSA_ASSIGN_OR_RETURN(const int64_t bytes,
                             TensorByteSize(shapes_[i], seq_->dtype, kNames[i]));
       DHSA_RETURN_IF_ERROR(shared_->CheckRange(offsets[i], bytes, kNames[i]));
       Tensor t = Tensor::Uninitialized(seq_->dtype, shapes_[i]);
-      if (shared_untouched_) {
-        transport::CopyFromUntouched(t.bytes.data(), shared_->data() + offsets[i],
-                                     static_cast<size_t>(bytes));
-      } else {
-        std::memcpy(t.bytes.data(), shared_->data() + offsets[i], static_cast<size_t>(bytes));
-      }
+      transport::CopyFromShared(t.bytes.data(), shared_->data() + offsets[i],
+                                static_cast<size_t>(bytes));
       tensors_[i] = std::make_shared<const Tensor>(std::move(t));
     }
     const int64_t rows = shapes_[0][0] * shapes_[0][1];
@@ -225,37 +218,21 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
 
   void Run() {
     // The undo of an earlier failed call on the layer, when a worker has not confirmed it yet.
-    RetryPendingUndo(
-        service_->pool(), seq_, layer_, UndoTimeout(service_->core(), *context_),
-        [this](absl::Status undone) {
-          if (!undone.ok()) {
-            Fail(undone);
-            return;
-          }
-          std::shared_ptr<LayerCall> call = LayerCall::Start(
-              service_->core(), seq_, layer_, tensors_[0], tensors_[1], tensors_[2],
-              /*decode=*/false, context_,
-              [this](absl::StatusOr<LayerCallOutput> out) { OnCallDone(std::move(out)); },
-              SharedTarget());
-          std::lock_guard<std::mutex> lock(mu_);
-          call_ = std::move(call);
-          started_ = true;
-        });
-  }
-
-  // The merge writes the answer straight into the client's region when the router has touched
-  // the region before (a later call of the client) and its offsets are aligned (the SDK's are): no
-  // output tensor and no copy of it. Otherwise OnCallDone copies.
-  OutputTarget SharedTarget() const {
-    OutputTarget target;
-    if (shared_ == nullptr || shared_untouched_ || o_offset_ % 64 != 0 ||
-        (want_lse_ && lse_offset_ % 64 != 0)) {
-      return target;
-    }
-    target.o = reinterpret_cast<float*>(shared_->data() + o_offset_);
-    if (want_lse_) target.lse = reinterpret_cast<float*>(shared_->data() + lse_offset_);
-    target.keep = shared_;
-    return target;
+    RetryPendingUndo(service_->pool(), seq_, layer_, UndoTimeout(service_->core(), *context_),
+                     [this](absl::Status undone) {
+                       if (!undone.ok()) {
+                         Fail(undone);
+                         return;
+                       }
+                       std::shared_ptr<LayerCall> call = LayerCall::Start(
+                           service_->core(), seq_, layer_, tensors_[0], tensors_[1], tensors_[2],
+                           /*decode=*/false, context_, [this](absl::StatusOr<LayerCallOutput> out) {
+                             OnCallDone(std::move(out));
+                           });
+                       std::lock_guard<std::mutex> lock(mu_);
+                       call_ = std::move(call);
+                       started_ = true;
+                     });
   }
 
   void OnCallDone(absl::StatusOr<LayerCallOutput> out) {
@@ -273,13 +250,6 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
     }
     output_ = *std::move(out);
     metrics::ObserveLayerCall(/*decode=*/false, seq_->dhsa.policy, shapes_[0][1], output_.stats);
-    if (shared_ != nullptr && output_.in_target) {
-      // The merge wrote the answer into the client's region; the result message follows alone.
-      shared_.reset();
-      result_sent_ = true;
-      WriteResult();
-      return;
-    }
     if (shared_ != nullptr) {
       // The answer goes into the client's region; the result message follows alone.
       if (static_cast<int64_t>(output_.o.bytes.size()) != o_bytes_ ||
@@ -287,16 +257,11 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
         Fail(absl::InternalError("the layer call's output does not have the announced shape"));
         return;
       }
-      const auto copy = [this](void* dst, const void* src, size_t n) {
-        if (shared_untouched_) {
-          transport::CopyIntoUntouched(dst, src, n);
-        } else {
-          std::memcpy(dst, src, n);
-        }
-      };
-      copy(shared_->data() + o_offset_, output_.o.bytes.data(), output_.o.bytes.size());
+      transport::CopyIntoShared(shared_->data() + o_offset_, output_.o.bytes.data(),
+                                output_.o.bytes.size());
       if (want_lse_) {
-        copy(shared_->data() + lse_offset_, output_.lse.bytes.data(), output_.lse.bytes.size());
+        transport::CopyIntoShared(shared_->data() + lse_offset_, output_.lse.bytes.data(),
+                                  output_.lse.bytes.size());
       }
       output_.o = Tensor();
       output_.lse = Tensor();
@@ -392,7 +357,6 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   // Shared memory (PrefillHeader.shared): the client's region and where the answer goes.
   std::shared_ptr<SharedRegion> shared_;
   int64_t o_bytes_ = 0, lse_bytes_ = 0, o_offset_ = 0, lse_offset_ = 0;
-  bool shared_untouched_ = false;  // The region's first call: copies through the kernel.
   bool result_sent_ = false;
 
   std::mutex mu_;

@@ -61,8 +61,7 @@ absl::Status SharedRegions::Close(const std::string& client, const std::string& 
 }
 
 absl::StatusOr<std::shared_ptr<SharedRegion>> SharedRegions::Use(const std::string& client,
-                                                                 const std::string& id,
-                                                                 int64_t* earlier_uses) {
+                                                                 const std::string& id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = regions_.find(id);
   if (it == regions_.end() || it->second.client != client) {
@@ -71,8 +70,6 @@ absl::StatusOr<std::shared_ptr<SharedRegion>> SharedRegions::Use(const std::stri
                                             "or opened by another client)"));
   }
   it->second.last_used = absl::Now();
-  if (earlier_uses != nullptr) *earlier_uses = it->second.uses;
-  ++it->second.uses;
   it->second.region->CloseDescriptor();
   return it->second.region;
 }

@@ -29,12 +29,9 @@ class SharedRegions {
   absl::StatusOr<v1::OpenSharedMemoryResponse> Open(const std::string& client, int64_t bytes);
   absl::Status Close(const std::string& client, const std::string& id);
   // The region `id` of `client` for a call (NotFound otherwise). Its descriptor is closed now:
-  // the client has mapped it before naming it, and nobody may open it after. `earlier_uses` (may
-  // be null) gets how many calls used it before this one: on the first, the router has not touched
-  // its pages yet (see services/transport/shm_copy.h).
+  // the client has mapped it before naming it, and nobody may open it after.
   absl::StatusOr<std::shared_ptr<SharedRegion>> Use(const std::string& client,
-                                                    const std::string& id,
-                                                    int64_t* earlier_uses = nullptr);
+                                                    const std::string& id);
 
   int64_t held_bytes() const;
 
@@ -43,7 +40,6 @@ class SharedRegions {
     std::string client;
     std::shared_ptr<SharedRegion> region;  // Calls using it hold it past a Close.
     absl::Time last_used;
-    int64_t uses = 0;  // Calls that named it.
   };
   void ReapIdleLocked(absl::Time now);
 

@@ -226,7 +226,6 @@ std::unique_ptr<ShmRegion> ShmArena::Allocate(int64_t bytes) {
   const int64_t span = RoundUp(kShmLeaseBytes + bytes, kShmAlignBytes);
   int64_t start = -1;
   uint64_t lease = 0;
-  bool first_use = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!quarantine_.empty()) ReclaimLocked();
@@ -251,12 +250,9 @@ std::unique_ptr<ShmRegion> ShmArena::Allocate(int64_t bytes) {
     used_ += span;
     ++regions_;
     ++allocations_;
-    first_use = start + span > used_end_;
-    used_end_ = std::max(used_end_, start + span);
     LeaseWord(start)->store(lease << 1, std::memory_order_release);
   }
-  return std::unique_ptr<ShmRegion>(
-      new ShmRegion(shared_from_this(), start, span, bytes, lease, first_use));
+  return std::unique_ptr<ShmRegion>(new ShmRegion(shared_from_this(), start, span, bytes, lease));
 }
 
 void ShmArena::Free(int64_t start, int64_t span, uint64_t lease) {

@@ -102,27 +102,18 @@ class ShmRegion {
   int64_t bytes() const { return bytes_; }
   // The descriptor the peer receives.
   void Describe(v1::ShmRegion* out) const;
-  // Part of it lies past every region the arena handed out before: the router has not touched
-  // those pages yet (a first write is cheaper through the kernel: shm_copy.h).
-  bool first_use() const { return first_use_; }
 
  private:
   friend class ShmArena;
   ShmRegion(std::shared_ptr<ShmArena> arena, int64_t start, int64_t span, int64_t bytes,
-            uint64_t lease, bool first_use)
-      : arena_(std::move(arena)),
-        start_(start),
-        span_(span),
-        bytes_(bytes),
-        lease_(lease),
-        first_use_(first_use) {}
+            uint64_t lease)
+      : arena_(std::move(arena)), start_(start), span_(span), bytes_(bytes), lease_(lease) {}
 
   std::shared_ptr<ShmArena> arena_;
   int64_t start_;  // Of the lease word; data at start_ + kShmLeaseBytes.
   int64_t span_;
   int64_t bytes_;
   uint64_t lease_;
-  bool first_use_;
 };
 
 struct ShmArenaStats {
@@ -168,7 +159,6 @@ class ShmArena : public std::enable_shared_from_this<ShmArena> {
   std::vector<Quarantined> quarantine_;  // Guarded by mu_.
   uint64_t next_lease_ = 1;              // Guarded by mu_.
   int64_t used_ = 0;                     // Guarded by mu_.
-  int64_t used_end_ = 0;                 // Guarded by mu_: end of the highest region so far.
   int64_t regions_ = 0;                  // Guarded by mu_.
   int64_t allocations_ = 0;              // Guarded by mu_.
   int64_t failed_ = 0;                   // Guarded by mu_.

@@ -1,13 +1,14 @@
-// Copies into and out of shared memory this process has mapped but not yet touched itself.
+// Bulk copies into and out of shared memory (the client regions, the router's arenas), through
+// the kernel: process_vm_writev/readv on this very process.
 //
-// On some hosts the first access of a process to each 4 KiB page of a mapping is expensive even
-// when the page is already allocated and mapped (MAP_POPULATE): in the guests of hypervisors with
-// shadow page tables every such page costs an exit to the host. On the 2-core development VM,
-// memcpy of 128 MiB into a freshly mapped shared-memory region took 0.61-0.69 s, the same bytes
-// through process_vm_writev on this very process 0.05-0.07 s (the kernel reaches the pages through
-// its own mapping), and a second memcpy into the same pages 0.01 s
-// (bench/results/2026-11-29-service-cpu.md). So the first transfer through a region goes through
-// the kernel, later ones (the pages are then worth touching) by memcpy.
+// On the development VM (a guest with shadow page tables) the first access of a process to each
+// 4 KiB page of a mapping costs an exit to the host, even when the page is allocated and mapped
+// (MAP_POPULATE): memcpy of 128 MiB into a freshly mapped shared-memory region took 0.61-0.69 s,
+// the same bytes through process_vm_writev 0.05-0.07 s (the kernel reaches the pages through its
+// own mapping), and later copies into the same pages 0.017-0.025 s by memcpy against 0.025-0.042 s
+// through the kernel (bench/results/2026-11-29-service-cpu.md). The kernel's copy costs about the
+// same once the pages are warm and never pays the first touch, which every new client's region and
+// every arena range a call reaches for the first time would pay.
 //
 // process_vm_readv/writev on one's own pid needs no privilege; where the system refuses them (a
 // seccomp filter, an old kernel) the copy falls back to memcpy, same bytes.
@@ -68,14 +69,14 @@ inline void Copy(void* local, void* remote, size_t n, bool write) {
 
 }  // namespace shm_copy_internal
 
-// memcpy(dst, src, n) where this process has not touched `dst` (shared memory) yet.
-inline void CopyIntoUntouched(void* dst, const void* src, size_t n) {
+// memcpy(dst, src, n) into shared memory `dst`.
+inline void CopyIntoShared(void* dst, const void* src, size_t n) {
   if (n == 0) return;
   shm_copy_internal::Copy(const_cast<void*>(src), dst, n, /*write=*/true);
 }
 
-// memcpy(dst, src, n) where this process has not touched `src` (shared memory) yet.
-inline void CopyFromUntouched(void* dst, const void* src, size_t n) {
+// memcpy(dst, src, n) out of shared memory `src`.
+inline void CopyFromShared(void* dst, const void* src, size_t n) {
   if (n == 0) return;
   shm_copy_internal::Copy(dst, const_cast<void*>(src), n, /*write=*/false);
 }

@@ -1,8 +1,8 @@
 // Prefill through same-host shared memory (OpenSharedMemory, PrefillHeader.shared): the region
 // itself (sealed, nonce-checked, bounds), the SDK's use of it (same answers as the stream and the
-// reference, fallback when the router has it off, the same bytes on a region's first call and on
-// later ones, a failed call's region retired), and the router's checks on hostile headers (o over
-// the inputs and at unaligned offsets written whole).
+// reference, fallback when the router has it off, the same bytes when a region is reused, a failed
+// call's region retired), and the router's checks on hostile headers (o over the inputs and at
+// unaligned offsets written whole).
 #include <fcntl.h>
 #include <grpcpp/create_channel.h>
 #include <sys/mman.h>
@@ -160,9 +160,9 @@ TEST(SharedMemoryPrefillTest, RouterWithSharedMemoryOffIsStreamedTransparently) 
   ExpectMatches(*got, *want, true, "streamed");
 }
 
-// The first call through a region copies through the kernel, later ones by memcpy with the merge
-// writing into the region in place: the same bytes every time, for every policy.
-TEST(SharedMemoryPrefillTest, FirstAndLaterCallsOfARegionGiveTheSameBytes) {
+// Calls reusing the SDK's region (a new one, then the same one twice, with and without lse): the
+// same bytes every time, for every policy.
+TEST(SharedMemoryPrefillTest, ReusedRegionGivesTheSameBytes) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
@@ -354,9 +354,8 @@ TEST_F(SharedMemoryApiTest, BadRegionsAndRangesAreRefusedAndNothingIsStored) {
   EXPECT_EQ(Prefill(100, good).error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
-// o may lie over the inputs (the router reads them before the call starts) or at an offset the
-// merge cannot write in place (not 64-byte aligned): every element of o and lse is written, on the
-// region's first call (copies through the kernel) and on later ones (merge in place, memcpy).
+// o may lie over the inputs (the router reads them before the call starts) or off a 64-byte
+// boundary: every element of o and lse is written, on the region's first call and on later ones.
 TEST_F(SharedMemoryApiTest, OutputOverTheInputsAndUnalignedOutputsAreWrittenWhole) {
   v1::OpenSharedMemoryResponse opened;
   ASSERT_TRUE(Open(1 << 20, &opened).ok());

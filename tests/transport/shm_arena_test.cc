@@ -1,7 +1,7 @@
 // The shared-memory arena (services/transport/shm_arena.h) on its own: creation and mapping by
 // name, the unlinked name, the allocator (fit, coalescing, exhaustion, odd sizes), leases (pins,
-// quarantine of a region freed while pinned, a pin after the free), descriptor checks, which
-// regions are a first use, and the copies through the kernel (shm_copy.h).
+// quarantine of a region freed while pinned, a pin after the free), descriptor checks, and the
+// copies through the kernel (shm_copy.h).
 #include "services/transport/shm_arena.h"
 
 #include <dirent.h>
@@ -156,32 +156,8 @@ TEST(ShmArenaTest, AllocatorFitsCoalescesAndAnswersNullWhenFull) {
   EXPECT_EQ((*arena)->Stats().used_bytes, 0);
 }
 
-TEST(ShmArenaTest, FirstUseMarksOnlyRegionsPastEveryEarlierOne) {
-  absl::StatusOr<std::shared_ptr<ShmArena>> arena = ShmArena::Create("f", 8 * kMiB);
-  ASSERT_TRUE(arena.ok()) << arena.status();
-  std::unique_ptr<ShmRegion> a = (*arena)->Allocate(kMiB);
-  ASSERT_NE(a, nullptr);
-  EXPECT_TRUE(a->first_use());
-  std::unique_ptr<ShmRegion> b = (*arena)->Allocate(kMiB);
-  ASSERT_NE(b, nullptr);
-  EXPECT_TRUE(b->first_use());
-  // The same places again: touched before.
-  a.reset();
-  b.reset();
-  std::unique_ptr<ShmRegion> c = (*arena)->Allocate(kMiB);
-  ASSERT_NE(c, nullptr);
-  EXPECT_FALSE(c->first_use());
-  std::unique_ptr<ShmRegion> d = (*arena)->Allocate(kMiB / 2);
-  ASSERT_NE(d, nullptr);
-  EXPECT_FALSE(d->first_use());
-  // Reaching past the highest end so far: first use, even though it starts in used pages.
-  std::unique_ptr<ShmRegion> e = (*arena)->Allocate(kMiB);
-  ASSERT_NE(e, nullptr);
-  EXPECT_TRUE(e->first_use());
-}
-
-// The copies through the kernel (shm_copy.h) move the same bytes as memcpy, into and out of a
-// freshly mapped arena, at odd sizes and offsets, and across a 4 KiB page edge.
+// The copies through the kernel (shm_copy.h) move the same bytes as memcpy, into and out of an
+// arena, at odd sizes and offsets, and across 4 KiB page edges.
 TEST(ShmCopyTest, CopiesThroughTheKernelEqualMemcpy) {
   std::mt19937_64 rng(0x5eed);
   absl::StatusOr<std::shared_ptr<ShmArena>> arena = ShmArena::Create("g", 32 * kMiB);
@@ -195,7 +171,7 @@ TEST(ShmCopyTest, CopiesThroughTheKernelEqualMemcpy) {
     std::vector<uint8_t> src(n + 1), back(n + 2, 0xAB);
     for (uint8_t& x : src) x = static_cast<uint8_t>(rng());
     std::memset(region->data(), 0x5A, static_cast<size_t>(region->bytes()));
-    CopyIntoUntouched(region->data() + at, src.data() + 1, n);  // Unaligned source too.
+    CopyIntoShared(region->data() + at, src.data() + 1, n);  // Unaligned source too.
     EXPECT_EQ(std::memcmp(region->data() + at, src.data() + 1, n), 0);
     if (at > 0) {  // Nothing before or after.
       EXPECT_EQ(region->data()[at - 1], 0x5A);
@@ -203,7 +179,7 @@ TEST(ShmCopyTest, CopiesThroughTheKernelEqualMemcpy) {
     if (at + n < static_cast<size_t>(region->bytes())) {
       EXPECT_EQ(region->data()[at + n], 0x5A);
     }
-    CopyFromUntouched(back.data() + 1, region->data() + at, n);
+    CopyFromShared(back.data() + 1, region->data() + at, n);
     EXPECT_EQ(std::memcmp(back.data() + 1, src.data() + 1, n), 0);
     EXPECT_EQ(back[0], 0xAB);
     EXPECT_EQ(back[n + 1], 0xAB);
