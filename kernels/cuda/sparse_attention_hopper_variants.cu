@@ -19,8 +19,10 @@ struct Variant {
 #if defined(DHSA_CUDA_HOPPER_KERNELS)
 using sparse_attention_hopper::kBoxEights;
 using sparse_attention_hopper::kBoxSixteens;
+using sparse_attention_hopper::kEarlyK;
 using sparse_attention_hopper::kStreaming;
 using sparse_attention_hopper::kWarpEmpty;
+using sparse_attention_hopper::kWarpEntry;
 using sparse_attention_hopper::kWarpFull;
 using sparse_attention_hopper::Launch;
 using sparse_attention_hopper::LaunchWs;
@@ -60,6 +62,13 @@ constexpr Variant kVariants[] = {
      &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kWarpEmpty>},
     {"ws_tma_pp_h2w",
      &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kWarpFull | kWarpEmpty>},
+    // ws_tma_pp_h2 with the CTA's key range found by a warp (kWarpEntry), with tile 0's K copied
+    // before Q has landed (kEarlyK), with both.
+    {"ws_tma_pp_h2e",
+     &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kWarpEntry>},
+    {"ws_tma_pp_h2k", &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kEarlyK>},
+    {"ws_tma_pp_h2ek",
+     &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxEights | kWarpEntry | kEarlyK>},
     // ws_tma_pp with runs of up to 16 keys in one box (kBoxSixteens).
     {"ws_tma_pp_h16", &LaunchWs<__nv_bfloat16, 128, true, 24, true, true, 1, kBoxSixteens>},
     // ws_tma in clusters of 2 CTAs (row tiles of one selection block) sharing each K/V tile by

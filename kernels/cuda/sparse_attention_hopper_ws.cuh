@@ -118,6 +118,13 @@ inline constexpr int kWarpFull = 8;
 // kWarpEmpty (without kCluster): one arrival per consumer warp on the empty barriers, instead of
 // one per consumer thread.
 inline constexpr int kWarpEmpty = 16;
+// kWarpEntry: the CTA's packed key range is found by warp 0 probing 32 spans at a time (2 dependent
+// loads for up to 1024 spans) instead of thread 0's binary search (~log2(spans) dependent loads),
+// which every CTA waits for before its first copy.
+inline constexpr int kWarpEntry = 32;
+// kEarlyK (with kTma): tile 0's K copies are issued before Q's cp.async copies have landed (the
+// bytes announced by mbarrier.expect_tx first, the arrival once Q is in), not after.
+inline constexpr int kEarlyK = 64;
 
 // Box heights of a box set: index i < BoxCount.
 template <int kOptions>
@@ -195,6 +202,11 @@ __device__ __forceinline__ void ClusterSync() {
           : "memory");
 }
 // This thread's arrival on `bar`, announcing `bytes` of copies that complete on it.
+// Adds `bytes` to the transaction count of the barrier's current phase, without arriving.
+__device__ __forceinline__ void BarrierExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
 __device__ __forceinline__ void BarrierArriveExpectTx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
@@ -223,6 +235,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   constexpr int kO = kDim / 2;       // O accumulators per thread (64 x kDim per warpgroup).
   constexpr bool kWarpFullArrivals = kTma && (kOptions & kWarpFull) != 0;
   constexpr bool kWarpEmptyArrivals = kCluster == 1 && (kOptions & kWarpEmpty) != 0;
+  constexpr bool kEarlyFirstK =
+      kTma && kCluster == 1 && !kWarpFullArrivals && (kOptions & kEarlyK) != 0;
   const float kNegInf = -INFINITY;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -266,15 +280,38 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       p.entry_counts != nullptr ? entry_index * p.span_stride : p.entry_offsets[entry_index];
   const int64_t end_span = p.entry_counts != nullptr ? first_span + p.entry_counts[entry_index]
                                                      : p.entry_offsets[entry_index + 1];
-  if (tid == 0) {
+  constexpr bool kWarpEntrySearch = (kOptions & kWarpEntry) != 0;
+  if (kWarpEntrySearch ? tid < 32 : tid == 0) {
     // Keys k_offset <= key < min(k_offset + lk, row_end): held, and not after the last row.
     const int64_t key_lo = p.k_offset, key_hi = Min64(p.k_offset + p.lk, keys_row_end);
     const int64_t total = end_span > first_span
                               ? p.span_starts[end_span - 1] +
                                     (p.spans[end_span - 1].end - p.spans[end_span - 1].begin)
                               : 0;
+    // The first span in [first_span, end_span) that ends after `key` (end_span if none).
     auto span_after = [&](int64_t key) {
       int64_t lo = first_span, hi = end_span;
+      if constexpr (kWarpEntrySearch) {
+        // Span ends increase, so "ends after key" is false then true over [lo, hi): each round
+        // probes 32 evenly spaced spans and keeps the stretch where it turns true.
+        while (hi > lo) {
+          const int64_t stride = (hi - lo + 31) / 32;
+          const int64_t probe = lo + lane * stride;
+          const bool after = probe < hi && p.spans[probe].end > key;
+          const uint32_t mask = __ballot_sync(0xffffffffu, after);
+          if (mask == 0) {
+            // False at every probe: the answer is after the last probe inside [lo, hi).
+            lo = Min64(hi, lo + ((hi - lo - 1) / stride) * stride + 1);
+          } else {
+            const int first = __ffs(mask) - 1;
+            if (first == 0 || stride == 1) return lo + first * stride;
+            hi = lo + first * stride;  // True there (the answer if nothing before it is).
+            lo = lo + (first - 1) * stride + 1;
+            if (hi == lo) return hi;
+          }
+        }
+        return lo;
+      }
       while (lo < hi) {
         const int64_t mid = (lo + hi) / 2;
         if (p.spans[mid].end > key) {
@@ -291,11 +328,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     };
     const int64_t lo_span = span_after(key_lo);
     const int64_t begin = packed_below(lo_span, key_lo);
-    entry[0] = begin;
-    entry[1] = key_hi > key_lo ? Max64(begin, packed_below(span_after(key_hi), key_hi)) : begin;
-    entry[2] = lo_span;
+    const int64_t end =
+        key_hi > key_lo ? Max64(begin, packed_below(span_after(key_hi), key_hi)) : begin;
+    if (!kWarpEntrySearch || lane == 0) {
+      entry[0] = begin;
+      entry[1] = end;
+      entry[2] = lo_span;
+    }
 #pragma unroll
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < kStages && (!kWarpEntrySearch || lane == 0); ++s) {
       // Every producer thread (with kTma and kWarpFull: warp), once its copies landed.
       BarrierInit(full_k + 8 * s, kWarpFullArrivals ? 4 : 128);
       BarrierInit(full_v + 8 * s, kWarpFullArrivals ? 4 : 128);
@@ -404,11 +445,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         if (tile >= kStages) BarrierWait(empty_k + 8 * stage, parity);
         key_pos[stage * kKeyTile + tid] = pos;
         if (pos == kNoKey) zero_row(Layout::kK);
-        if (tile == 0) {
+        const bool wait_q = tile == 0 && !kEarlyFirstK;  // kEarlyFirstK: after the K copies.
+        if (wait_q) {
           CopyAsyncCommit();
           CopyAsyncWait<0>();  // Q has landed.
         }
-        if (tile == 0 || pos == kNoKey) FenceProxyAsync();  // Q and zeros, visible to wgmma.
+        if (wait_q || pos == kNoKey) FenceProxyAsync();  // Q and zeros, visible to wgmma.
         // This thread's (kWarpFullArrivals: its warp's) arrival, announcing the bytes of its
         // copies before it issues them. With kWarpFullArrivals the warp's plain stores and fences
         // above are ordered before lane 0's arrival by __syncwarp.
@@ -434,7 +476,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             BarrierArrive(bar);
           }
         };
-        arrive_and_copy(k_smem, args.k_maps, full_k + 8 * stage, k_owner, run);
+        if (kEarlyFirstK && tile == 0) {
+          // The K copies first (their bytes announced before they are issued), then Q; the
+          // arrival once Q has landed.
+          if (run > 0) {
+            BarrierExpectTx(full_k, run * kRowBytes);
+            copy_run(k_smem, args.k_maps, full_k, k_owner);
+          }
+          CopyAsyncCommit();
+          CopyAsyncWait<0>();  // Q has landed.
+          FenceProxyAsync();   // Q, visible to wgmma.
+          BarrierArrive(full_k);
+        } else {
+          arrive_and_copy(k_smem, args.k_maps, full_k + 8 * stage, k_owner, run);
+        }
         // V: the stage's V released (O += P V of tile - kStages done).
         if (tile >= kStages) BarrierWait(empty_v + 8 * stage, parity);
         if (pos == kNoKey) {
@@ -773,11 +828,13 @@ cudaError_t LaunchWs(const SparseAttentionCudaParams& p, cudaStream_t stream) {
 }
 
 // The Hopper kernel that kHopper runs: warp-specialized with the TMA producer (at most 2 boxes a
-// run) and the consumers' ping-pong (variant ws_tma_pp_h2), or the lock-step `early` kernel
+// run), the consumers' ping-pong, the key range found by a warp and tile 0's K copied before Q has
+// landed (variant ws_tma_pp_h2ek), or the lock-step `early` kernel
 // (sparse_attention_hopper.cuh) where the tensor maps cannot be encoded.
 template <typename T, int kDim>
 cudaError_t LaunchDefault(const SparseAttentionCudaParams& p, cudaStream_t stream) {
-  const cudaError_t error = LaunchWs<T, kDim, true, 24, true, true, 1, kBoxEights>(p, stream);
+  const cudaError_t error =
+      LaunchWs<T, kDim, true, 24, true, true, 1, kBoxEights | kWarpEntry | kEarlyK>(p, stream);
   if (error != cudaErrorNotSupported) return error;
   return Launch<T, kDim, true, true>(p, stream);
 }
