@@ -462,6 +462,10 @@ INSTANTIATE_TEST_SUITE_P(
                       true, true, 128, 1000},
         AttentionCase{"long_dhsa_32771_g4_d128_bf16", 4, 1, 32771, 32771, 128, kBf16, Policy::kDhsa,
                       true, false},
+        // Issue 5's longest odd length, every kernel against the fp64 reference (2 heads keep the
+        // CPU reference to seconds).
+        AttentionCase{"long_dhsa_131071_g2_d128_bf16", 2, 1, 131071, 131071, 128, kBf16,
+                      Policy::kDhsa, true},
         AttentionCase{"long_streaming_32771_t0_g4_d64_f16", 4, 1, 2051, 32771, 64, kF16,
                       Policy::kStreaming, true, false},
         AttentionCase{"long_dense_32771_t0_g4_d64_f16", 4, 1, 257, 32771, 64, kF16, Policy::kDense},
