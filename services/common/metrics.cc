@@ -24,6 +24,7 @@
 #include "prometheus/metric_family.h"
 #include "prometheus/registry.h"
 #include "prometheus/text_serializer.h"
+#include "services/common/tsan_annotations.h"
 
 #ifdef DHSA_METRICS_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -410,8 +411,10 @@ class RpcInterceptor final : public grpc::experimental::Interceptor {
  public:
   explicit RpcInterceptor(MethodMetrics* m) : m_(m), start_(std::chrono::steady_clock::now()) {
     m_->inflight->Increment();
+    DHSA_HAPPENS_BEFORE(this);  // gRPC runs the hooks and deletes the interceptor on its threads.
   }
   ~RpcInterceptor() override {
+    DHSA_HAPPENS_AFTER(this);
     m_->inflight->Decrement();
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
@@ -419,10 +422,12 @@ class RpcInterceptor final : public grpc::experimental::Interceptor {
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    DHSA_HAPPENS_AFTER(this);
     if (methods->QueryInterceptionHookPoint(
             grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
       code_ = static_cast<int>(methods->GetSendStatus().error_code());
     }
+    DHSA_HAPPENS_BEFORE(this);
     methods->Proceed();
   }
 

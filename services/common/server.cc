@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "services/common/metrics.h"
+#include "services/common/tsan_annotations.h"
 
 namespace dhsa {
 namespace {
@@ -70,12 +71,15 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ReadTokenFile(
 class TokenChecker : public grpc::AuthMetadataProcessor {
  public:
   explicit TokenChecker(std::vector<std::pair<std::string, std::string>> tokens)
-      : tokens_(std::move(tokens)) {}
+      : tokens_(std::move(tokens)) {
+    DHSA_HAPPENS_BEFORE(this);  // Process runs on gRPC's threads.
+  }
 
   bool IsBlocking() const override { return false; }
 
   grpc::Status Process(const InputMetadata& auth_metadata, grpc::AuthContext* context,
                        OutputMetadata* consumed, OutputMetadata* /*response*/) override {
+    DHSA_HAPPENS_AFTER(this);
     auto it = auth_metadata.find("authorization");
     if (it == auth_metadata.end()) {
       return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,

@@ -17,6 +17,7 @@
 #include "services/common/metrics.h"
 #include "services/common/server.h"
 #include "services/common/status.h"
+#include "services/common/tsan_annotations.h"
 #include "services/common/wire.h"
 #include "services/transport/shm_copy.h"
 
@@ -75,10 +76,12 @@ absl::Status CheckTensor(const Tensor& t, absl::string_view name, DType dtype,
 }
 
 // One Prefill stream: header, "q", "k", "v" pieces in; "o" (and "lse") pieces and the result out.
-class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::PrefillResponse> {
+class PrefillReactor
+    : public GrpcHandover<grpc::ServerBidiReactor<v1::PrefillRequest, v1::PrefillResponse>> {
  public:
   PrefillReactor(RouterService* service, grpc::CallbackServerContext* context)
       : service_(service), context_(context) {
+    DHSA_GRPC_BOUND(this);
     absl::Status admitted = service_->BeginRequest();
     counted_ = admitted.ok();
     if (!admitted.ok()) {
@@ -89,6 +92,7 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   }
 
   void OnReadDone(bool ok) override {
+    DHSA_GRPC_READ_DONE(this);
     if (!ok) {
       Fail(absl::InvalidArgumentError(
           absl::StrCat("the Prefill stream ended before ", claimed_ ? "tensor '" : "the header",
@@ -108,6 +112,7 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   }
 
   void OnWriteDone(bool ok) override {
+    DHSA_GRPC_WRITE_DONE(this);
     if (!ok) {
       FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
       return;
@@ -116,6 +121,7 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   }
 
   void OnCancel() override {
+    DHSA_GRPC_CANCELLED(this);
     std::shared_ptr<LayerCall> call;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -125,6 +131,7 @@ class PrefillReactor : public grpc::ServerBidiReactor<v1::PrefillRequest, v1::Pr
   }
 
   void OnDone() override {
+    DHSA_GRPC_DONE(this);
     ReleaseKvReservation();
     if (counted_) service_->EndRequest();
     delete this;
@@ -425,6 +432,7 @@ RouterService::RouterService(const RouterOptions& options)
 RouterService::~RouterService() {
   metrics::RemoveSource(this);
   executor_.reset();
+  std::lock_guard<std::mutex> lock(mu_);  // After the handlers' writes (gRPC's Shutdown waited).
 }
 
 absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const RouterOptions& options) {

@@ -25,6 +25,8 @@ class SharedRegions {
     absl::Duration idle = absl::Minutes(10);  // Unused this long: closed.
   };
   explicit SharedRegions(Options options) : options_(options) {}
+  // Takes mu_ once, so that the handlers' last writes are ordered before the members go.
+  ~SharedRegions() { std::lock_guard<std::mutex> lock(mu_); }
 
   absl::StatusOr<v1::OpenSharedMemoryResponse> Open(const std::string& client, int64_t bytes);
   absl::Status Close(const std::string& client, const std::string& id);

@@ -47,10 +47,12 @@ void StoreKvCall::WriteNext() {
 }
 
 void StoreKvCall::OnWriteDone(bool ok) {
+  DHSA_GRPC_WRITE_DONE(this);
   if (ok) WriteNext();  // Otherwise the stream is broken; OnDone brings the status.
 }
 
 void StoreKvCall::OnDone(const grpc::Status& grpc_status) {
+  DHSA_GRPC_DONE(this);
   absl::Status status = FromGrpcStatus(grpc_status);
   bool may_have_stored = status.ok();
   if (!status.ok() && half_closed_) {
@@ -123,6 +125,7 @@ void AttendCall::WriteNext() {
 }
 
 void AttendCall::OnWriteDone(bool ok) {
+  DHSA_GRPC_WRITE_DONE(this);
   if (ok) WriteNext();
 }
 
@@ -135,6 +138,7 @@ void AttendCall::Fail(absl::Status status) {
 }
 
 void AttendCall::OnReadDone(bool ok) {
+  DHSA_GRPC_READ_DONE(this);
   if (!ok) return;  // The worker finished; OnDone follows.
   absl::Status status;
   if (response_.has_piece()) {
@@ -156,6 +160,7 @@ void AttendCall::OnReadDone(bool ok) {
 }
 
 void AttendCall::OnDone(const grpc::Status& grpc_status) {
+  DHSA_GRPC_DONE(this);
   absl::Status status;
   {
     std::lock_guard<std::mutex> lock(mu_);

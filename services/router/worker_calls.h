@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "kernels/common/tensor.h"
+#include "services/common/tsan_annotations.h"
 #include "services/common/wire.h"
 #include "services/router/pieces.h"
 #include "services/router/sequence.h"
@@ -36,7 +37,7 @@ using Regions = std::vector<std::unique_ptr<transport::ShmRegion>>;
 // StoreKv: the header, then "k" and "v" rows [row_begin, row_end) of the call's new keys and
 // values; or, when the header describes them (StoreKvHeader.tensors: in `regions`, or sent over
 // NCCL by the caller), the header alone.
-class StoreKvCall : public grpc::ClientWriteReactor<v1::StoreKvRequest> {
+class StoreKvCall : public GrpcHandover<grpc::ClientWriteReactor<v1::StoreKvRequest>> {
  public:
   // `may_have_stored`: true when the call succeeded, or failed in a way that leaves its outcome
   // unknown (every byte and the half-close went out, so the worker may have committed, and the
@@ -102,7 +103,8 @@ struct PartialResult {
 // "lse" and the result (the result alone when the header's o_tensor and lse_tensor describe them:
 // `o_region` and `lse_region`, or received over NCCL by the caller, which then fills the
 // PartialResult's data).
-class AttendCall : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendResponse> {
+class AttendCall
+    : public GrpcHandover<grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendResponse>> {
  public:
   using Done = std::function<void(absl::Status, PartialResult)>;
   static void Start(v1::Worker::Stub* stub, grpc::ClientContext* context,

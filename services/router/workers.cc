@@ -417,7 +417,9 @@ void WorkerPool::ProbeNow() {
     probes.push_back(std::make_unique<Probe>());
     Probe* p = probes.back().get();
     p->context.set_deadline(std::chrono::system_clock::now() + options_.probe_timeout);
+    DHSA_HAPPENS_BEFORE(p);
     stub->async()->Stats(&p->context, &p->request, &p->response, [&, p](grpc::Status s) {
+      DHSA_HAPPENS_AFTER(p);
       std::lock_guard<std::mutex> lock(done_mu);
       p->status = std::move(s);
       if (--remaining == 0) done_cv.notify_all();

@@ -27,6 +27,7 @@
 #include "absl/status/statusor.h"
 #include "dhsa/v1/worker.grpc.pb.h"
 #include "services/common/status.h"
+#include "services/common/tsan_annotations.h"
 #include "services/router/placement.h"
 #include "services/transport/data_plane.h"
 #include "services/transport/nccl_link.h"
@@ -106,8 +107,10 @@ void BackgroundCalls::Start(Request request, std::chrono::system_clock::time_poi
          state->response);
     return;
   }
+  DHSA_HAPPENS_BEFORE(state.get());
   start(&state->context, &state->request, &state->response,
         [this, state, done = std::move(done)](grpc::Status s) mutable {
+          DHSA_HAPPENS_AFTER(state.get());
           Remove(&state->context);
           done(FromGrpcStatus(s), state->response);
           done = nullptr;

@@ -16,6 +16,7 @@
 #include "services/common/config.h"
 #include "services/common/metrics.h"
 #include "services/common/status.h"
+#include "services/common/tsan_annotations.h"
 #include "services/common/wire.h"
 #include "services/transport/nccl_link.h"
 #include "services/transport/shm_copy.h"
@@ -127,7 +128,8 @@ class WorkerService::BufferPool {
 
 // StoreKv: header (checked and capacity reserved at once), then "k" and "v" pieces; the tokens are
 // committed when the client half-closes, so an aborted stream stores nothing.
-class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::StoreKvRequest> {
+class WorkerService::StoreKvReactor final
+    : public GrpcHandover<grpc::ServerReadReactor<v1::StoreKvRequest>> {
  public:
   StoreKvReactor(grpc::CallbackServerContext* context, v1::StoreKvResponse* response,
                  KvStore* store, const WorkerBackend* backend, transport::ShmPeerArenas* arenas,
@@ -142,6 +144,7 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
   }
 
   void OnReadDone(bool ok) override {
+    DHSA_GRPC_READ_DONE(this);
     if (!ok) {
       {
         // Over NCCL the commit waits for both receives (the last one commits).
@@ -162,6 +165,7 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
   }
 
   void OnDone() override {
+    DHSA_GRPC_DONE(this);
     {
       std::lock_guard<std::mutex> lock(nccl_mu_);
       done_ = true;
@@ -330,7 +334,7 @@ class WorkerService::StoreKvReactor final : public grpc::ServerReadReactor<v1::S
 // "q" is complete the attention runs on the executor and the reactor writes "o" and "lse" pieces
 // and the AttendResult, one message at a time.
 class WorkerService::AttendReactor final
-    : public grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse> {
+    : public GrpcHandover<grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>> {
  public:
   AttendReactor(grpc::CallbackServerContext* context, const WorkerService::Options& options,
                 KvStore* store, WorkerBackend* backend, Executor* executor,
@@ -348,6 +352,7 @@ class WorkerService::AttendReactor final
   }
 
   void OnReadDone(bool ok) override {
+    DHSA_GRPC_READ_DONE(this);
     if (!ok) {
       Finish(ToGrpcStatus(EndedEarly()));
       return;
@@ -378,6 +383,7 @@ class WorkerService::AttendReactor final
   }
 
   void OnWriteDone(bool ok) override {
+    DHSA_GRPC_WRITE_DONE(this);
     if (!ok) {
       Finish(grpc::Status(grpc::StatusCode::CANCELLED, "Attend client went away during the reply"));
       return;
@@ -390,7 +396,10 @@ class WorkerService::AttendReactor final
     StartWrite(&responses_.front());
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    DHSA_GRPC_DONE(this);
+    delete this;
+  }
 
  private:
   absl::Status Handle() {

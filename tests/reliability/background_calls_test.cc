@@ -86,12 +86,19 @@ class HoldingWorker final : public v1::Worker::CallbackService {
  private:
   class Held final : public grpc::ServerUnaryReactor {
    public:
-    Held(HoldingWorker* owner, std::string what) : owner_(owner), what_(std::move(what)) {}
+    Held(HoldingWorker* owner, std::string what) : owner_(owner), what_(std::move(what)) {
+      DHSA_HAPPENS_BEFORE(this);  // gRPC binds the reactor before any reaction.
+    }
     void OnCancel() override {
+      DHSA_HAPPENS_AFTER(this);
       owner_->Ended(what_);
+      DHSA_HAPPENS_BEFORE(this);
       Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while held"));
     }
-    void OnDone() override { delete this; }
+    void OnDone() override {
+      DHSA_HAPPENS_AFTER(this);
+      delete this;
+    }
 
    private:
     HoldingWorker* owner_;

@@ -17,6 +17,7 @@
 #include "clients/cpp/client.h"
 #include "gtest/gtest.h"
 #include "kernels/dhsa.h"
+#include "services/common/tsan_annotations.h"
 #include "services/router/embedded.h"
 #include "tests/kernels/test_util.h"
 
@@ -134,8 +135,12 @@ inline int HealthStatus(const std::shared_ptr<grpc::Channel>& channel, const std
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   std::promise<grpc::Status> done;
+  DHSA_HAPPENS_BEFORE(&done);  // gRPC runs the callback on its thread.
   stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
-                 [&](grpc::Status s) { done.set_value(std::move(s)); });
+                 [&](grpc::Status s) {
+                   DHSA_HAPPENS_AFTER(&done);
+                   done.set_value(std::move(s));
+                 });
   if (!done.get_future().get().ok()) return -1;
   std::vector<grpc::Slice> slices;
   if (!response.Dump(&slices).ok()) return -1;

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "services/common/config.h"
 #include "services/common/server.h"
+#include "services/common/tsan_annotations.h"
 #include "services/worker/backend.h"
 #include "services/worker/worker_server.h"
 #include "tests/services/worker_client.h"
@@ -527,8 +528,12 @@ TEST_F(WorkerTest, HealthAndInProcessChannel) {
     grpc::ByteBuffer in(&slice, 1), out;
     grpc::ClientContext context;
     std::promise<grpc::Status> done;
+    DHSA_HAPPENS_BEFORE(&done);  // gRPC runs the callback on its thread.
     generic.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &in, &out,
-                      [&](grpc::Status s) { done.set_value(s); });
+                      [&](grpc::Status s) {
+                        DHSA_HAPPENS_AFTER(&done);
+                        done.set_value(s);
+                      });
     const grpc::Status s = done.get_future().get();
     std::vector<grpc::Slice> slices;
     std::string bytes;
