@@ -70,7 +70,25 @@ run_one() {  # dir binary-path: runs it, output to <dir>/<name>.log
   # Fuzz targets without libFuzzer replay their checked-in corpus (tests/fuzz/CMakeLists.txt).
   [[ "$name" == fuzz_* ]] && args=("$root/tests/fuzz/corpus/${name#fuzz_}") || args=(--gtest_brief=1)
   t0=$SECONDS
-  if "$dir/$bin" "${args[@]}" >"$dir/$name.log" 2>&1; then
+  local rc=0
+  "$dir/$bin" "${args[@]}" >"$dir/$name.log" 2>&1 || rc=$?
+  # TSan (exit code 66) whose one report has no stack for the earlier access: TSan lost it (its
+  # history is bounded; busy gRPC threads overrun it), so the report can be attributed neither to
+  # our code nor to a library, and the suppressions cannot match it. Seen for gRPC's own callback
+  # tags (the read in CallbackWithSuccessTag::Run of a tag whose Set is lost), about one run in
+  # four of shm_service_test and reliability_load_test. Such a binary runs once more; the report
+  # is printed either way, and a second report of any kind fails it.
+  if ((rc == 66)) && [[ "$kind" == tsan ]] &&
+    (($(grep -c 'WARNING: ThreadSanitizer' "$dir/$name.log") == 1)) &&
+    grep -q 'failed to restore the stack' "$dir/$name.log"; then
+    mv "$dir/$name.log" "$dir/$name.unattributed.log"
+    echo "-- $name: a TSan report without the earlier access's stack (not attributable); it," \
+      "then one more run:"
+    sed -n '/WARNING: ThreadSanitizer/,/SUMMARY/p' "$dir/$name.unattributed.log" | head -40
+    rc=0
+    "$dir/$bin" "${args[@]}" >"$dir/$name.log" 2>&1 || rc=$?
+  fi
+  if ((rc == 0)); then
     echo "-- $name: passed in $((SECONDS - t0)) s"
   else
     echo "-- $name: FAILED in $((SECONDS - t0)) s; the end of $dir/$name.log:"
