@@ -5,7 +5,8 @@
 #               observability, CLI, and the fuzz corpora replayed) under AddressSanitizer +
 #               UndefinedBehaviorSanitizer (LeakSanitizer on);
 #   build-tsan: the service tests (tests/services, router, transport, reliability, observability,
-#               nccl: every binary there but router_logic_test, whose code runs on one thread)
+#               nccl: every binary there but router_logic_test and service_common_test, whose
+#               code runs on one thread)
 #               under ThreadSanitizer;
 #   build-fuzz: the libFuzzer targets (clang, ASan + UBSan), 10 s each (tests/fuzz/run_fuzzers.sh;
 #               not run by .ci/run: it needs clang).
@@ -31,9 +32,10 @@ kinds=("$@")
 # tests/deploy/check_deploy.py).
 asan_skip=(deploy_facts)
 # TSan: the service test areas; router_logic_test's code (layout, placement, plans) has no threads
-# but OpenMP's, which TSan cannot see (below).
+# but OpenMP's, which TSan cannot see (below), and service_common_test's (config, status and wire
+# conversions) none at all: neither is built for TSan (ASan covers both).
 tsan_areas=(services router transport reliability observability nccl)
-tsan_skip=(router_logic_test)
+tsan_skip=(router_logic_test service_common_test)
 # Run first, so that the slowest binaries do not start last (measured order, slowest first); the
 # others follow in name order.
 slow_first=(cpu_test reliability_load_test router_service_test kernels_test reliability_stall_test
