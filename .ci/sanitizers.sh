@@ -8,8 +8,8 @@
 #               nccl: every binary there but router_logic_test and service_common_test, whose
 #               code runs on one thread)
 #               under ThreadSanitizer;
-#   build-fuzz: the libFuzzer targets (clang, ASan + UBSan), 10 s each (tests/fuzz/run_fuzzers.sh;
-#               not run by .ci/run: it needs clang).
+#   build-fuzz: the libFuzzer targets (clang, ASan + UBSan), DHSA_FUZZ_SECONDS (10) each
+#               (tests/fuzz/run_fuzzers.sh; .ci/run installs clang and libclang-rt-14-dev for it).
 # The binaries are found in the build (every executable under tests/), so a new test is covered
 # without editing this file. Any report fails the run (halt_on_error, no recovery). Our code is
 # never suppressed; the only suppressions are for third-party code, in .ci/*.supp, each with the

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages that dhsa's build and tests need. Idempotent: when everything is
-# installed already it only checks (a second or two) and installs nothing.
+# Installs the Debian 12 packages that dhsa's build and tests need, plus any named as arguments
+# (.ci/run adds clang and libFuzzer's runtime for its fuzzing stage). Idempotent: when everything
+# is installed already it only checks (a second or two) and installs nothing.
 set -euo pipefail
 
 packages=(
@@ -12,6 +13,7 @@ packages=(
   clang-format
   prometheus python3-yaml
   openssl
+  "$@"
 )
 
 missing=()
