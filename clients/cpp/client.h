@@ -7,6 +7,11 @@
 //   absl::StatusOr<dhsa::Sequence> seq = client->CreateSequence({.num_layers = 32, ...});
 //   absl::StatusOr<dhsa::PrefillOutput> out = seq->Prefill(0, q, k, v, /*want_lse=*/false);
 //
+// Or on the caller's own buffers (plain pointers; nothing allocated or copied into tensors):
+//
+//   dhsa::TensorSpan q{dhsa::DType::kBF16, {32, n, 128}, q_ptr};  // k, v likewise.
+//   absl::StatusOr<dhsa::CallResult> r = seq->PrefillInto(0, q, k, v, o_ptr);  // o: float32.
+//
 // Client and Sequence are cheap to copy (they share one channel) and safe to use from several
 // threads; calls on one layer of one sequence must not overlap (FAILED_PRECONDITION).
 #ifndef DHSA_CLIENTS_CPP_CLIENT_H_
@@ -19,6 +24,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "dhsa/v1/attention.grpc.pb.h"
@@ -61,6 +68,29 @@ struct SequenceOptions {
   std::optional<DhsaConfig> config;
 };
 
+// A caller's tensor, read in place by PrefillInto and DecodeInto (nothing is copied into a
+// dhsa::Tensor first): its dtype, its shape ([Hq, n, d] for q, [Hkv, n, d] for k and v) and the
+// address of its product(shape) x DTypeSize(dtype) bytes, contiguous, row-major. A dhsa::Tensor
+// converts to one (a view of its bytes); the memory must stay valid for the call.
+struct TensorSpan {
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+
+  TensorSpan() = default;
+  TensorSpan(DType dtype_in, std::vector<int64_t> shape_in, const void* data_in)
+      : dtype(dtype_in), shape(std::move(shape_in)), data(data_in) {}
+  TensorSpan(const Tensor& t)  // NOLINT(google-explicit-constructor): a view, as std::span.
+      : dtype(t.dtype), shape(t.shape), data(t.data()) {}
+};
+
+// What PrefillInto and DecodeInto return besides the outputs they write.
+struct CallResult {
+  int64_t length = 0;  // Tokens stored in the layer after the call.
+  v1::CallStats stats;
+  bool shared_memory = false;  // The tensors went through shared memory (else gRPC messages).
+};
+
 // What one Prefill or Decode returns.
 struct AttentionOutput {
   Tensor o;            // [Hq, n, d] float32.
@@ -88,6 +118,16 @@ class Sequence {
   // Appends one token (q [Hq, 1, d], k and v [Hkv, 1, d]).
   absl::StatusOr<DecodeOutput> Decode(int layer, const Tensor& q, const Tensor& k, const Tensor& v,
                                       bool want_lse = false) const;
+
+  // Prefill and Decode on the caller's buffers: q, k and v are read where they are, and o (float32
+  // [Hq, n, d]: Hq x n x d floats) and, when `lse` is not null, lse (float32 [Hq, n]) are written
+  // into the caller's memory, only when the call succeeds (on an error they are left as they
+  // were). The same calls and results as Prefill and Decode, without their tensor copies and
+  // allocations: for an engine that keeps its own activation buffers.
+  absl::StatusOr<CallResult> PrefillInto(int layer, const TensorSpan& q, const TensorSpan& k,
+                                         const TensorSpan& v, float* o, float* lse = nullptr) const;
+  absl::StatusOr<CallResult> DecodeInto(int layer, const TensorSpan& q, const TensorSpan& k,
+                                        const TensorSpan& v, float* o, float* lse = nullptr) const;
   absl::StatusOr<v1::SequenceInfo> Info() const;
   // Frees the KV cache; returns the bytes freed.
   absl::StatusOr<int64_t> Release() const;
@@ -98,8 +138,8 @@ class Sequence {
            int64_t capacity_tokens)
       : connection_(std::move(connection)), id_(std::move(id)), capacity_tokens_(capacity_tokens) {}
 
-  absl::StatusOr<PrefillOutput> PrefillStreamed(int layer, const Tensor& q, const Tensor& k,
-                                                const Tensor& v, bool want_lse) const;
+  absl::StatusOr<CallResult> PrefillStreamed(int layer, const TensorSpan& q, const TensorSpan& k,
+                                             const TensorSpan& v, float* o, float* lse) const;
 
   std::shared_ptr<client_internal::Connection> connection_;
   std::string id_;

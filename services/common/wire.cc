@@ -99,22 +99,29 @@ void TensorToProto(const Tensor& tensor, v1::Tensor* proto) {
 absl::Status SendTensorPieces(const Tensor& tensor, const std::string& name,
                               int64_t max_piece_bytes,
                               const std::function<bool(v1::TensorPiece&&)>& send) {
+  return SendTensorPieces(tensor.dtype, tensor.shape, tensor.bytes.data(),
+                          static_cast<int64_t>(tensor.bytes.size()), name, max_piece_bytes, send);
+}
+
+absl::Status SendTensorPieces(DType dtype, const std::vector<int64_t>& shape, const uint8_t* data,
+                              int64_t bytes, const std::string& name, int64_t max_piece_bytes,
+                              const std::function<bool(v1::TensorPiece&&)>& send) {
   if (max_piece_bytes <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("piece size for tensor '", name, "' must be positive; got ", max_piece_bytes));
   }
-  const int64_t total = static_cast<int64_t>(tensor.bytes.size());
+  const int64_t total = bytes;
   int64_t offset = 0;
   do {
     const int64_t n = std::min(max_piece_bytes, total - offset);
     v1::TensorPiece piece;
     piece.set_name(name);
     if (offset == 0) {
-      piece.set_dtype(ToProtoDType(tensor.dtype));
-      piece.mutable_shape()->Assign(tensor.shape.begin(), tensor.shape.end());
+      piece.set_dtype(ToProtoDType(dtype));
+      piece.mutable_shape()->Assign(shape.begin(), shape.end());
     }
     piece.set_offset(offset);
-    piece.set_data(tensor.bytes.data() + offset, static_cast<size_t>(n));
+    piece.set_data(data + offset, static_cast<size_t>(n));
     if (!send(std::move(piece))) {
       return absl::UnavailableError(absl::StrCat("stream closed while sending tensor '", name,
                                                  "' (", offset, " of ", total, " bytes sent)"));

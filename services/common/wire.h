@@ -36,6 +36,10 @@ void TensorToProto(const Tensor& tensor, v1::Tensor* proto);
 absl::Status SendTensorPieces(const Tensor& tensor, const std::string& name,
                               int64_t max_piece_bytes,
                               const std::function<bool(v1::TensorPiece&&)>& send);
+// The same for `bytes` bytes at `data` (not copied) holding a tensor of `dtype` and `shape`.
+absl::Status SendTensorPieces(DType dtype, const std::vector<int64_t>& shape, const uint8_t* data,
+                              int64_t bytes, const std::string& name, int64_t max_piece_bytes,
+                              const std::function<bool(v1::TensorPiece&&)>& send);
 
 // Data bytes per piece for a stream whose messages may not exceed `max_message_bytes`: the limit
 // less room for the piece's other fields and the enclosing message (at least 1).

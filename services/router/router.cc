@@ -180,6 +180,20 @@ class PrefillReactor
   absl::Status ReadShared(const v1::SharedTensors& where) {
     DHSA_ASSIGN_OR_RETURN(shared_, service_->shared_regions().Use(client_, where.region_id()));
     const int64_t offsets[3] = {where.q_offset(), where.k_offset(), where.v_offset()};
+    const google::protobuf::RepeatedField<int64_t>* declared_shapes[3] = {
+        &where.q_shape(), &where.k_shape(), &where.v_shape()};
+    for (int i = 0; i < 3; ++i) {
+      // The client's word on what lies there, checked as a streamed tensor's first piece is.
+      Tensor declared;
+      absl::StatusOr<DType> dtype = FromProtoDType(where.dtype());
+      if (!dtype.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "shared tensors: the dtype of q, k and v is missing or unknown (", where.dtype(), ")"));
+      }
+      declared.dtype = *dtype;
+      declared.shape.assign(declared_shapes[i]->begin(), declared_shapes[i]->end());
+      DHSA_RETURN_IF_ERROR(CheckTensor(declared, kNames[i], seq_->dtype, shapes_[i]));
+    }
     for (int i = 0; i < 3; ++i) {
       DHSA_ASSIGN_OR_RETURN(const int64_t bytes,
                             TensorByteSize(shapes_[i], seq_->dtype, kNames[i]));

@@ -275,6 +275,18 @@ class SharedMemoryApiTest : public ::testing::Test {
     return stream->Finish();
   }
 
+  // `where` with what a client must declare for `n` tokens of this sequence: float32, q [2, n, 8],
+  // k and v [1, n, 8].
+  static v1::SharedTensors Declared(v1::SharedTensors where, int64_t n) {
+    where.set_dtype(v1::DTYPE_FLOAT32);
+    for (int64_t d : {int64_t{2}, n, int64_t{8}}) where.add_q_shape(d);
+    for (int64_t d : {int64_t{1}, n, int64_t{8}}) {
+      where.add_k_shape(d);
+      where.add_v_shape(d);
+    }
+    return where;
+  }
+
   int64_t StoredLength() {
     grpc::ClientContext context;
     v1::GetSequenceInfoRequest request;
@@ -307,6 +319,7 @@ TEST_F(SharedMemoryApiTest, BadRegionsAndRangesAreRefusedAndNothingIsStored) {
   good.set_k_offset(6400);
   good.set_v_offset(9600);
   good.set_o_offset(12800);
+  good = Declared(good, 100);
 
   v1::SharedTensors unknown = good;
   unknown.set_region_id("shm-12345");
@@ -323,6 +336,30 @@ TEST_F(SharedMemoryApiTest, BadRegionsAndRangesAreRefusedAndNothingIsStored) {
   negative.set_o_offset(-64);
   s = Prefill(100, negative);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_EQ(StoredLength(), 0);
+
+  // What lies there must be declared, and be what the sequence holds: no dtype, another dtype, a
+  // k of other tokens, a q of other heads.
+  v1::SharedTensors undeclared = good;
+  undeclared.clear_dtype();
+  s = Prefill(100, undeclared);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find("dtype"), std::string::npos) << s.error_message();
+  v1::SharedTensors half = good;
+  half.set_dtype(v1::DTYPE_FLOAT16);
+  s = Prefill(100, half);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find("float16"), std::string::npos) << s.error_message();
+  v1::SharedTensors short_k = good;
+  short_k.set_k_shape(1, 99);
+  s = Prefill(100, short_k);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find("'k'"), std::string::npos) << s.error_message();
+  v1::SharedTensors more_heads = good;
+  more_heads.set_q_shape(0, 4);
+  s = Prefill(100, more_heads);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find("'q'"), std::string::npos) << s.error_message();
   EXPECT_EQ(StoredLength(), 0);
 
   // NaN in q through shared memory: refused like a streamed NaN, nothing stored.
@@ -388,7 +425,7 @@ TEST_F(SharedMemoryApiTest, OutputOverTheInputsAndUnalignedOutputsAreWrittenWhol
     where.set_v_offset(9600);
     where.set_o_offset(c.o_offset);
     where.set_lse_offset(c.lse_offset);
-    const grpc::Status s = Prefill(100, where, /*want_lse=*/true);
+    const grpc::Status s = Prefill(100, Declared(where, 100), /*want_lse=*/true);
     ASSERT_TRUE(s.ok()) << s.error_message();
     stored += 100;
     EXPECT_EQ(StoredLength(), stored);
