@@ -271,6 +271,21 @@ class PrefaultWhileWaiting {
   std::thread thread_;
 };
 
+// A dhsa::Tensor passed as input holds the bytes its shape says (its fields are public: a span of
+// it must not promise more than there is).
+absl::Status CheckTensorBytes(const Tensor& t, const char* name) {
+  DHSA_ASSIGN_OR_RETURN(const int64_t bytes, TensorByteSize(t.shape, t.dtype, name));
+  if (bytes == static_cast<int64_t>(t.bytes.size())) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(name, " of shape ", ShapeString(t.shape),
+                                                 " holds ", t.bytes.size(),
+                                                 " bytes; its shape needs ", bytes));
+}
+absl::Status CheckTensorBytes(const Tensor& q, const Tensor& k, const Tensor& v) {
+  DHSA_RETURN_IF_ERROR(CheckTensorBytes(q, "q"));
+  DHSA_RETURN_IF_ERROR(CheckTensorBytes(k, "k"));
+  return CheckTensorBytes(v, "v");
+}
+
 // The [Hq, n, d] o and (want_lse) [Hq, n] lse tensors a call on `q` fills.
 void AllocateOutputs(const Tensor& q, bool want_lse, AttentionOutput* out) {
   if (q.shape.size() != 3) return;  // PrefillInto names the problem.
@@ -293,6 +308,7 @@ absl::Status CheckAnswer(const Tensor& t, const char* name, const std::vector<in
 
 absl::StatusOr<PrefillOutput> Sequence::Prefill(int layer, const Tensor& q, const Tensor& k,
                                                 const Tensor& v, bool want_lse) const {
+  DHSA_RETURN_IF_ERROR(CheckTensorBytes(q, k, v));
   PrefillOutput out;
   AllocateOutputs(q, want_lse, &out);
   absl::StatusOr<CallResult> result;
@@ -466,6 +482,7 @@ absl::StatusOr<CallResult> Sequence::PrefillStreamed(int layer, const TensorSpan
 
 absl::StatusOr<DecodeOutput> Sequence::Decode(int layer, const Tensor& q, const Tensor& k,
                                               const Tensor& v, bool want_lse) const {
+  DHSA_RETURN_IF_ERROR(CheckTensorBytes(q, k, v));
   DecodeOutput out;
   AllocateOutputs(q, want_lse, &out);
   DHSA_ASSIGN_OR_RETURN(CallResult result, DecodeInto(layer, q, k, v, FloatsOf(out.o),

@@ -123,6 +123,14 @@ TEST(ClientSpansTest, BadSpansAreRefusedAndAFailedCallLeavesTheOutputAlone) {
                       o.data()),
       "negative");
   expect_invalid(seq.PrefillInto(0, in.q, in.k, in.v, nullptr), "o (the output) is null");
+  Tensor short_v = in.v;  // Tensors whose bytes fall short of their shape.
+  short_v.bytes.resize(short_v.bytes.size() - 4);
+  EXPECT_EQ(seq.Prefill(0, in.q, in.k, short_v).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  Tensor short_q = Rows(in.q, 0, 1);
+  short_q.bytes.resize(short_q.bytes.size() - 1);
+  EXPECT_EQ(seq.Decode(0, short_q, Rows(in.k, 0, 1), Rows(in.v, 0, 1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
   expect_invalid(seq.PrefillInto(0, in.q, in.k.ConvertTo(DType::kBF16), in.v, o.data()),
                  "must have one dtype");
   expect_invalid(seq.DecodeInto(0, Rows(in.q, 0, 1), Rows(in.k, 0, 1), Rows(in.v, 0, 1), nullptr),
