@@ -39,6 +39,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedService>> EmbeddedService::Start(
   router_options.probe_interval = options.probe_interval;
   router_options.data_plane = options.data_plane;
   router_options.client_shm_bytes = options.client_shm_bytes;
+  router_options.selection_device = options.selection_device;
   DHSA_ASSIGN_OR_RETURN(service->router_, router::RouterServer::Start(router_options));
   std::string host = options.listen_address.substr(0, options.listen_address.rfind(':'));
   if (host.empty() || host == "0.0.0.0" || host == "[::]") host = "127.0.0.1";

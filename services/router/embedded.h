@@ -35,6 +35,8 @@ struct EmbeddedOptions {
   v1::DataPlaneConfig data_plane;
   // Shared memory for clients on this host, bytes per client (0: off; RouterOptions).
   int64_t client_shm_bytes = int64_t{4} << 30;
+  // Where the router's first prefills select: "auto", "cpu" or a CUDA ordinal (RouterOptions).
+  std::string selection_device = "auto";
 };
 
 class EmbeddedService {

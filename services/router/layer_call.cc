@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <set>
@@ -243,25 +244,32 @@ absl::Status LayerCall::PlanAndStore() {
   DHSA_RETURN_IF_ERROR(CheckFiniteFast(*k_, "k", core_.kernel_threads));
   DHSA_RETURN_IF_ERROR(CheckFiniteFast(*v_, "v", core_.kernel_threads));
 
-  stage_start_ = Clock::now();
-  DHSA_ASSIGN_OR_RETURN(delta_, layer.layout.Propose(*k_, decode_, core_.kernel_threads));
-  out_.stats.set_boundaries_seconds(Seconds(Clock::now() - stage_start_));
+  Selection selection;
+  const AttentionShape shape{hq_, hkv_, dim_, lq, lk_};
+  const bool on_device = SelectOnDevice(layer, &selection);
+  if (!on_device) {
+    out_.stats.set_selection_device("cpu");
+    stage_start_ = Clock::now();
+    DHSA_ASSIGN_OR_RETURN(delta_, layer.layout.Propose(*k_, decode_, core_.kernel_threads));
+    out_.stats.set_boundaries_seconds(Seconds(Clock::now() - stage_start_));
+  }
 
   stage_start_ = Clock::now();
   const LayoutView view = layer.layout.SelectionView(delta_);
-  Summaries rho;
-  if (layer.layout.chunked()) {
-    qv.offset = t0_;
-    rho = ScoreQuerySummariesCpu(qv, hkv_, config, core_.kernel_threads);
+  if (!on_device) {
+    Summaries rho;
+    if (layer.layout.chunked()) {
+      qv.offset = t0_;
+      rho = ScoreQuerySummariesCpu(qv, hkv_, config, core_.kernel_threads);
+    }
+    SelectionInputs in;
+    in.shape = shape;
+    in.boundaries = &view.boundaries;
+    in.kappa = &view.kappa;
+    in.rho = &rho;
+    DHSA_ASSIGN_OR_RETURN(selection, SelectSpansCpu(in, config, core_.kernel_threads));
   }
-  SelectionInputs in;
-  in.shape = {hq_, hkv_, dim_, lq, lk_};
-  in.boundaries = &view.boundaries;
-  in.kappa = &view.kappa;
-  in.rho = &rho;
-  DHSA_ASSIGN_OR_RETURN(const Selection selection,
-                        SelectSpansCpu(in, config, core_.kernel_threads));
-  out_.stats.set_computed_pairs(CountComputedPairs(selection, in.shape));
+  out_.stats.set_computed_pairs(CountComputedPairs(selection, shape));
 
   PlaceRequest place;
   place.new_end = lk_;
@@ -276,7 +284,8 @@ absl::Status LayerCall::PlanAndStore() {
   new_stripes_ = layer.stripes;
   ApplyStorePieces(pieces_, new_stripes_);
   DHSA_ASSIGN_OR_RETURN(works_, PlanAttention(selection, t0_, lk_, new_stripes_));
-  out_.stats.set_selection_seconds(Seconds(Clock::now() - stage_start_));
+  out_.stats.set_selection_seconds(out_.stats.selection_seconds() +
+                                   Seconds(Clock::now() - stage_start_));
 
   // The data plane of this call: one transport for every worker it touches.
   std::set<int> touched;
@@ -391,6 +400,34 @@ absl::Status LayerCall::PlanAndStore() {
                        p.end - t0_, core_.piece_bytes, std::move(regions), std::move(on_done));
   }
   return absl::OkStatus();
+}
+
+bool LayerCall::SelectOnDevice(LayerState& layer, Selection* selection) {
+  SelectionDevice* device = core_.selection_device.get();
+  if (device == nullptr || !layer.layout.chunked()) return false;
+  const AttentionShape shape{hq_, hkv_, dim_, lk_ - t0_, lk_};
+  if (!device->Supports(seq_->dhsa, shape, seq_->dtype, decode_).ok()) return false;
+  absl::StatusOr<DeviceSelectionResult> result =
+      device->Run(seq_->dhsa, *q_, *k_, core_.kernel_threads);
+  absl::StatusOr<LayoutDelta> delta =
+      result.ok() ? layer.layout.ProposeComputed(*k_, result->boundaries, result->kappa)
+                  : absl::StatusOr<LayoutDelta>(result.status());
+  if (!delta.ok()) {
+    // A device failure (out of memory, a lost device) costs the call its speed, not its result.
+    static std::atomic<int> logged{0};
+    if (logged.fetch_add(1) < 5) {
+      std::fprintf(stderr, "dhsa-router: selection on %s failed, the CPU selects instead: %s\n",
+                   device->name().c_str(), std::string(delta.status().message()).c_str());
+    }
+    return false;
+  }
+  delta_ = *std::move(delta);
+  *selection = std::move(result->selection);
+  out_.stats.set_selection_device(device->name());
+  out_.stats.set_selection_upload_seconds(result->upload_seconds);
+  out_.stats.set_boundaries_seconds(result->upload_seconds + result->boundaries_seconds);
+  out_.stats.set_selection_seconds(result->rest_seconds);
+  return true;
 }
 
 void LayerCall::AfterStores() {

@@ -27,6 +27,7 @@
 #include "services/router/layout.h"
 #include "services/router/placement.h"
 #include "services/router/plan.h"
+#include "services/router/selection_device.h"
 #include "services/router/sequence.h"
 #include "services/router/worker_calls.h"
 #include "services/router/workers.h"
@@ -46,6 +47,9 @@ struct RouterCore {
   // Deadline of each StoreKv and Attend of a client call that has no deadline of its own (a
   // client's deadline propagates to the worker calls as is): a stalled worker cannot hang a call.
   std::chrono::milliseconds worker_call_timeout{120000};
+  // Where a first prefill's Steps 1-4 run when the device supports the call (selection_device.h);
+  // null: always on the CPU.
+  std::shared_ptr<SelectionDevice> selection_device;
 };
 
 struct LayerCallOutput {
@@ -80,6 +84,9 @@ class LayerCall : public std::enable_shared_from_this<LayerCall> {
   using Clock = std::chrono::steady_clock;
 
   absl::Status PlanAndStore();
+  // Steps 1-4 on core_.selection_device when it serves this call: true with delta_ and
+  // `selection` set; false (the CPU path runs) when it does not, or when it failed (logged).
+  bool SelectOnDevice(LayerState& layer, Selection* selection);
   void AfterStores();
   void AfterAttends();
   absl::StatusOr<LayerCallOutput> MergeAndCommit();

@@ -131,6 +131,53 @@ absl::StatusOr<LayoutDelta> LayerLayout::Propose(const Tensor& new_keys, bool de
   return delta;
 }
 
+absl::StatusOr<LayoutDelta> LayerLayout::ProposeComputed(const Tensor& new_keys,
+                                                         const std::vector<int64_t>& boundaries,
+                                                         const Summaries& kappa) const {
+  if (new_keys.shape.size() != 3 || new_keys.shape[0] != kv_heads_ || new_keys.shape[1] < 1 ||
+      new_keys.shape[2] != head_dim_ || new_keys.dtype != dtype_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "new keys must be ", DTypeName(dtype_), " [", kv_heads_, ", n >= 1, ", head_dim_, "]; got ",
+        DTypeName(new_keys.dtype), " ", ShapeString(new_keys.shape)));
+  }
+  if (length_ != 0 || !chunked_) {
+    return absl::FailedPreconditionError(
+        "computed boundaries and summaries serve only the first prefill of a chunked layout");
+  }
+  const int64_t n = new_keys.shape[1];
+  const int64_t chunks = static_cast<int64_t>(boundaries.size()) - 1;
+  bool increasing = chunks >= 1 && boundaries.front() == 0 && boundaries.back() == n;
+  for (int64_t j = 0; increasing && j < chunks; ++j) {
+    increasing = boundaries[static_cast<size_t>(j)] < boundaries[static_cast<size_t>(j + 1)];
+  }
+  if (!increasing) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("computed boundaries must rise strictly from 0 to ", n, "; got ",
+                     boundaries.size(), " of them"));
+  }
+  if (kappa.heads != kv_heads_ || kappa.count != chunks || kappa.dim != head_dim_ ||
+      kappa.data.size() != static_cast<size_t>(kv_heads_ * chunks * head_dim_)) {
+    return absl::InvalidArgumentError(absl::StrCat("computed summaries must be [", kv_heads_, ", ",
+                                                   chunks, ", ", head_dim_, "]; got [", kappa.heads,
+                                                   ", ", kappa.count, ", ", kappa.dim, "]"));
+  }
+  LayoutDelta delta;
+  delta.old_length = 0;
+  delta.new_length = n;
+  delta.kept_chunks = 0;
+  delta.boundaries.assign(boundaries.begin() + 1, boundaries.end());
+  delta.kappa.resize(kappa.data.size());
+  for (int64_t j = 0; j < chunks; ++j) {
+    for (int64_t h = 0; h < kv_heads_; ++h) {
+      std::copy_n(kappa.Row(h, j), head_dim_,
+                  delta.kappa.begin() + (j * kv_heads_ + h) * head_dim_);
+    }
+  }
+  delta.tail_begin = boundaries[boundaries.size() - 2];
+  delta.tail_keys = SliceRows(new_keys, delta.tail_begin, n);
+  return delta;
+}
+
 LayoutView LayerLayout::SelectionView(const LayoutDelta& delta) const {
   LayoutView out;
   out.boundaries.assign(boundaries_.begin(), boundaries_.begin() + delta.kept_chunks + 1);

@@ -60,6 +60,16 @@ class LayerLayout {
   absl::StatusOr<LayoutDelta> Propose(const Tensor& new_keys, bool decode,
                                       int num_threads = 1) const;
 
+  // The delta of a first prefill (an empty dhsa or block_topk layout) whose boundaries over
+  // [0, n) and head-major summaries [kv_heads, chunks, dim] were computed elsewhere (the router's
+  // device selection, selection_device.h): the same delta as Propose(new_keys, false) when they
+  // are the ones Propose would compute. FailedPrecondition for a layout that holds keys or keeps
+  // no chunks; InvalidArgument for boundaries that do not run strictly up from 0 to n or a kappa
+  // of the wrong shape.
+  absl::StatusOr<LayoutDelta> ProposeComputed(const Tensor& new_keys,
+                                              const std::vector<int64_t>& boundaries,
+                                              const Summaries& kappa) const;
+
   // Boundaries and kappa over [0, delta.new_length) as they will be after `delta`.
   LayoutView SelectionView(const LayoutDelta& delta) const;
 

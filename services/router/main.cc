@@ -4,7 +4,7 @@
 //               dns:///NAME:PORT) [--max-message-bytes N] [--stripe-tokens N] [--threads N]
 //               [--max-inflight N] [--drain-seconds S] [--worker-call-timeout S]
 //               [--metrics-port N] [--transport auto|grpc|shm|nccl] [--shm-arena-bytes N]
-//               [--client-shm-bytes N]
+//               [--client-shm-bytes N] [--selection-device auto|cpu|N]
 //
 // Flags override the JSON ServiceConfig. SIGTERM or SIGINT: readiness goes NOT_SERVING, calls in
 // flight get drain_seconds to finish, then the process exits 0.
@@ -30,12 +30,18 @@ constexpr char kUsage[] =
     "--worker-dns dns:///NAME:PORT) [--max-message-bytes N] [--stripe-tokens N] [--threads N] "
     "[--max-inflight N] [--drain-seconds S] [--worker-call-timeout S] [--metrics-port N] "
     "[--transport auto|grpc|shm|nccl] [--shm-arena-bytes N] [--client-shm-bytes N]\n"
+    "[--selection-device auto|cpu|N]\n"
     "--metrics-port N serves Prometheus /metrics on 0.0.0.0:N (0: off; deployments use 9464).\n"
     "--transport (data_plane.transport): how tensors move to the workers; auto (default) uses\n"
     "shared memory with workers on this host, gRPC bytes with the others.\n"
     "--shm-arena-bytes (data_plane.shm_arena_bytes): each shared-memory arena (default 1 GiB).\n"
     "--client-shm-bytes (client_shm_bytes): shared memory offered to each client on this host\n"
-    "for its prefill tensors (default 4 GiB; -1 turns it off).\n";
+    "for its prefill tensors (default 4 GiB; -1 turns it off).\n"
+    "--selection-device (selection_device): where a first prefill's boundaries, summaries and\n"
+    "selection run: auto (default) on CUDA device 0 when this build has CUDA, a device is\n"
+    "visible and the device selection supports the call, else the CPU; cpu: always the CPU;\n"
+    "N: CUDA device N (start-up fails if it does not exist). Decode and chunked prefill select\n"
+    "on the CPU.\n";
 
 // One line naming the problem; exit status 2.
 int Usage(const std::string& problem) {
@@ -61,6 +67,7 @@ int main(int argc, char** argv) {
                                              {"--transport", true},
                                              {"--shm-arena-bytes", true},
                                              {"--client-shm-bytes", true},
+                                             {"--selection-device", true},
                                              {"--help", false}};
   std::map<std::string, std::string> flags;
   for (int i = 1; i < argc; ++i) {
@@ -123,6 +130,7 @@ int main(int argc, char** argv) {
       number("--client-shm-bytes",
              [&](double v) { config.set_client_shm_bytes(v == 0 ? -1 : static_cast<int64_t>(v)); });
   if (flags.count("--transport")) config.mutable_data_plane()->set_transport(flags["--transport"]);
+  if (flags.count("--selection-device")) config.set_selection_device(flags["--selection-device"]);
   if (!numbers_ok) return Usage("a numeric flag has a value that is not a number");
   if (config.worker_addresses_size() > 0 && !config.worker_dns().empty() &&
       flags.count("--workers") + flags.count("--worker-dns") == 2) {

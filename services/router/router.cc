@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -429,6 +430,8 @@ absl::StatusOr<RouterOptions> RouterOptionsFromServiceConfig(const v1::ServiceCo
   o.data_plane = config.data_plane();
   if (config.client_shm_bytes() != 0)
     o.client_shm_bytes = std::max<int64_t>(0, config.client_shm_bytes());
+  if (!config.selection_device().empty()) o.selection_device = config.selection_device();
+  DHSA_RETURN_IF_ERROR(ParseSelectionDevice(o.selection_device).status());
   if (o.max_message_bytes < 4096 || o.stripe_tokens < 1 || o.threads < 0 || o.max_inflight < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "router config: need max_message_bytes >= 4096, stripe_tokens >= 1, threads >= 0 and "
@@ -481,6 +484,21 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Route
   service->core_.kernel_threads = threads;
   service->core_.piece_bytes = PieceBytesForMessageLimit(options.max_message_bytes);
   service->core_.worker_call_timeout = options.worker_call_timeout;
+  DHSA_ASSIGN_OR_RETURN(const SelectionDeviceSpec spec,
+                        ParseSelectionDevice(options.selection_device));
+  DHSA_ASSIGN_OR_RETURN(service->core_.selection_device,
+                        SelectionDevice::Open(spec, options.data_plane.router_devices_size() > 0
+                                                        ? options.data_plane.router_devices(0)
+                                                        : -1));
+  std::fprintf(
+      stderr, "dhsa-router: selection of first prefills on %s\n",
+      service->core_.selection_device != nullptr
+          ? absl::StrCat(service->core_.selection_device->Describe(),
+                         " where the device selection supports the call, else the CPU")
+                .c_str()
+          : (spec.kind == SelectionDeviceSpec::Kind::kCpu ? "the CPU (selection_device cpu)"
+             : SelectionDevice::BuiltWithCuda()           ? "the CPU (no CUDA device visible)"
+                                                          : "the CPU (a build without CUDA)"));
   // Scrape-time gauges: sequences held, and each worker as the router sees it.
   metrics::AddSource(service.get(), [s = service.get()](metrics::GaugeSink& sink) {
     {

@@ -91,6 +91,9 @@ struct RouterOptions {
   // Shared memory offered to clients on the same host (OpenSharedMemory), bytes per client;
   // 0 turns it off.
   int64_t client_shm_bytes = int64_t{4} << 30;
+  // Where first prefills select: "auto", "cpu" or a CUDA ordinal (ServiceConfig.selection_device,
+  // services/router/selection_device.h).
+  std::string selection_device = "auto";
 };
 
 // Router options from a ServiceConfig (zero fields keep the defaults above).
