@@ -8,6 +8,14 @@
 //
 //   nccl_e2e_bench --target 127.0.0.1:50051 --label "2 GPU workers, NCCL" --lengths 32768,131072
 //   nccl_e2e_bench --embedded 1 --label "1 GPU worker, embedded"
+//   nccl_e2e_bench --embedded 1 --selection-device cpu --preset paper --label "paper, CPU
+//   selection"
+//
+// --selection-device (embedded: the router's ServiceConfig.selection_device; default auto, the
+// router's GPU) and --preset (default: DhsaConfig{}, the mass score, q_block 16; paper: the
+// paper preset) apply to the service rows and --preset to --inprocess-gpu too. The service rows
+// end with where the router selected ("cpu" or "cuda:N") and up_ms, its q/k upload to that GPU
+// (part of bound_ms).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -135,14 +143,15 @@ int Usage() {
                "usage: nccl_e2e_bench (--target HOST:PORT | --embedded N | --inprocess-gpu 1)\n"
                "         [--label TEXT]\n"
                "         [--lengths 32768,131072] [--reps 3] [--warmups 1] [--hq 32] [--hkv 8]\n"
-               "         [--dim 128]\n");
+               "         [--dim 128] [--selection-device auto|cpu|N] [--preset default|paper]\n");
   return 2;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string target, label = "service";
+  std::string target, label = "service", selection_device = "auto";
+  dhsa::DhsaConfig config;  // The defaults (mass score), or --preset paper.
   int embedded = 0, reps = 3, warmups = 1;
   bool inprocess = false;
   int64_t hq = 32, hkv = 8, dim = 128;
@@ -158,6 +167,14 @@ int main(int argc, char** argv) {
       inprocess = v == "1";
     } else if (a == "--label") {
       label = v;
+    } else if (a == "--selection-device") {
+      selection_device = v;
+    } else if (a == "--preset") {
+      if (v == "paper") {
+        config = dhsa::PaperConfig();
+      } else if (v != "default") {
+        return Usage();
+      }
     } else if (a == "--lengths") {
       lengths.clear();
       for (absl::string_view s : absl::StrSplit(v, ',')) {
@@ -195,7 +212,7 @@ int main(int argc, char** argv) {
       for (int r = 0; r < reps + warmups; ++r) {
         InProcessTimes t;
         Tensor o;
-        const absl::Status s = InProcessGpu(q, k, v, dhsa::DhsaConfig{}, &t, &o);
+        const absl::Status s = InProcessGpu(q, k, v, config, &t, &o);
         if (!s.ok()) {
           std::fprintf(stderr, "in-process GPU len %lld: %s\n", static_cast<long long>(len),
                        std::string(s.message()).c_str());
@@ -223,6 +240,7 @@ int main(int argc, char** argv) {
     o.max_message_bytes = 64 << 20;
     o.data_plane.set_transport("shm");
     o.data_plane.set_shm_arena_bytes(int64_t{4} << 30);
+    o.selection_device = selection_device;
     absl::StatusOr<std::unique_ptr<dhsa::EmbeddedService>> s = dhsa::EmbeddedService::Start(o);
     if (!s.ok()) {
       std::fprintf(stderr, "embedded service: %s\n", std::string(s.status().message()).c_str());
@@ -255,7 +273,7 @@ int main(int argc, char** argv) {
       so.kv_heads = static_cast<int>(hkv);
       so.head_dim = static_cast<int>(dim);
       so.dtype = DType::kBF16;
-      so.config = dhsa::DhsaConfig{};  // As the in-process runs (--inprocess-gpu 1).
+      so.config = config;  // As the in-process runs (--inprocess-gpu 1).
       absl::StatusOr<dhsa::Sequence> seq = client->CreateSequence(so);
       if (!seq.ok()) {
         std::fprintf(stderr, "CreateSequence: %s\n", std::string(seq.status().message()).c_str());
@@ -286,14 +304,15 @@ int main(int argc, char** argv) {
                          last.attention_seconds() - last.merge_seconds();
     std::printf(
         "%-34s %7lld %9.1f %9.1f %8.1f %9.1f %9.1f %9.1f %9.1f %8.1f %7.1f %9.1f %9.1f %8.2f  "
-        "[%s]\n",
+        "[%s] %s up_ms %.1f\n",
         label.c_str(), static_cast<long long>(len), wall * 1e3, last.total_seconds() * 1e3,
         last.boundaries_seconds() * 1e3, last.selection_seconds() * 1e3,
         last.dispatch_seconds() * 1e3, last.attention_seconds() * 1e3, last.merge_seconds() * 1e3,
         other * 1e3, last.worker_kernel_seconds() * 1e3,
         static_cast<double>(last.bytes_to_workers()) / 1e6,
         static_cast<double>(last.bytes_from_workers()) / 1e6,
-        xfer_s > 0 ? moved / xfer_s / 1e9 : 0.0, last.transport().c_str());
+        xfer_s > 0 ? moved / xfer_s / 1e9 : 0.0, last.transport().c_str(),
+        last.selection_device().c_str(), last.selection_upload_seconds() * 1e3);
     std::fflush(stdout);
   }
   if (service != nullptr) service->Shutdown();

@@ -12,12 +12,17 @@
 #                                         # worker processes over NCCL (device I/O, and staged
 #                                         # through host memory) and over gRPC bytes; per-phase
 #                                         # worker times (DHSA_CUDA_WORKER_TIMING=1) in the summary
+#   bench/nccl/run_on_device.sh router-selection  # there (one GPU is enough): the router's
+#                                         # selection on its GPU (router_selection_gpu_test),
+#                                         # then 1 embedded CUDA worker with the router selecting
+#                                         # on the CPU and on the GPU, default config and paper
+#                                         # preset, and the 1-GPU library in process
 #
 # libnccl is not carried (218 MB): the machine's own is used (the nvidia-nccl-cu13 wheel of its
 # python3, else a system copy). NCCL_NVLS_ENABLE=0 always (no NVLink multicast on shared hosts).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-carry="$root/.device-carry-nccl"
+carry="$root/${DHSA_NCCL_CARRY:-.device-carry-nccl}"  # DHSA_NCCL_CARRY: another (ignored) folder
 mode="${1:-run}"
 
 if [[ "$mode" == prepare ]]; then
@@ -28,7 +33,13 @@ if [[ "$mode" == prepare ]]; then
   binaries=("$build/tests/nccl/nccl_gpu_test" "$build/bench/nccl/nccl_transport_bench"
     "$build/tests/nccl/nccl_service_gpu_test" "$build/bench/nccl/nccl_e2e_bench"
     "$build/services/worker/dhsa-worker" "$build/services/router/dhsa-router"
-    "$build/tests/nccl/cuda_device_io_test" "$build/tests/gpu_service/gpu_service_test")
+    "$build/tests/nccl/cuda_device_io_test" "$build/tests/gpu_service/gpu_service_test"
+    "$build/tests/nccl/router_selection_gpu_test")
+  present=()
+  for b in "${binaries[@]}"; do
+    if [[ -e "$b" ]]; then present+=("$b"); else echo "prepare: $b not built, left out"; fi
+  done
+  binaries=("${present[@]}")
   for b in "${binaries[@]}"; do strip --strip-debug -o "$carry/bin/$(basename "$b")" "$b"; done
   for b in "${binaries[@]}"; do
     ldd "$b" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}'
@@ -43,10 +54,10 @@ if [[ "$mode" == prepare ]]; then
   strip --strip-unneeded "$carry"/lib/*.so* 2>/dev/null || true
   echo "built $(date -u +%FT%TZ), commit $(git -C "$root" rev-parse --short HEAD) (working tree may differ)" \
     >"$carry/MANIFEST"
-  tar -C "$carry" -cf - bin lib MANIFEST | xz -T2 -6 >"$root/.device-carry-nccl.tar.xz"
+  tar -C "$carry" -cf - bin lib MANIFEST | xz -T2 -6 >"$carry.tar.xz"
   rm -rf "$carry"
   mkdir -p "$carry"
-  mv "$root/.device-carry-nccl.tar.xz" "$carry/carry.tar.xz"
+  mv "$carry.tar.xz" "$carry/carry.tar.xz"
   du -sh "$carry"
   exit 0
 fi
@@ -69,6 +80,39 @@ say "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.t
 say "$(cat "$carry/MANIFEST"); libnccl from ${nccl_dir:-?}; NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
 nvidia-smi topo -m >"$out/topo.txt" 2>&1
 say "topology: $(grep -E '^GPU0' "$out/topo.txt" | tr -s ' ')"
+
+if [[ "$mode" == router-selection ]]; then
+  # DHSA_E2E_LENGTHS (32768,131072); one warm-up and DHSA_E2E_REPS (1) timed calls per row.
+  lengths="${DHSA_E2E_LENGTHS:-32768,131072}"
+  reps="${DHSA_E2E_REPS:-1}"
+  rc=0
+  start=$SECONDS
+  timeout 200 "$bin/router_selection_gpu_test" --gtest_color=no >"$out/router_selection_gpu_test.log" 2>&1
+  rc=$?
+  say "router_selection_gpu_test rc=$rc in $((SECONDS - start)) s"
+  grep -E '^\[ +(OK|FAILED|SKIPPED) +\]|PASSED|FAILED TEST|differ|router on|NVIDIA' \
+    "$out/router_selection_gpu_test.log" | tee -a "$summary"
+  grep -B2 -A8 'Failure' "$out/router_selection_gpu_test.log" | head -40 | tee -a "$summary"
+  for preset in default paper; do
+    start=$SECONDS
+    timeout 60 "$bin/nccl_e2e_bench" --inprocess-gpu 1 --preset $preset \
+      --label "1 GPU in process, $preset" --lengths "$lengths" --reps "$reps" \
+      >"$out/inprocess_$preset.log" 2>&1
+    say "in process $preset rc=$? in $((SECONDS - start)) s"
+    for where in cpu auto; do
+      start=$SECONDS
+      timeout 150 "$bin/nccl_e2e_bench" --embedded 1 --preset $preset --selection-device $where \
+        --label "1 GPU worker, $preset, sel $where" --lengths "$lengths" --reps "$reps" \
+        >"$out/embedded_${preset}_$where.log" 2>&1
+      say "embedded $preset selection $where rc=$? in $((SECONDS - start)) s"
+    done
+  done
+  cat "$out"/inprocess_default.log | tee -a "$summary"
+  grep -vE '^config' "$out"/inprocess_paper.log | tee -a "$summary"
+  grep -E '^config' "$out"/embedded_default_cpu.log | tee -a "$summary"
+  cat "$out"/embedded_*.log | grep -vE '^config' | tee -a "$summary"
+  exit $rc
+fi
 
 if [[ "$mode" == e2e ]]; then
   # Logs go to $out/logs, packed into $out/logs.tar.xz at the end (8 files come back at most).
