@@ -109,6 +109,13 @@ struct Harness {
     return h;
   }
 
+  // A second client of the same router that streams every tensor (no shared memory).
+  absl::StatusOr<Client> StreamedClient() const {
+    ClientOptions options;
+    options.shared_memory = false;
+    return Client::Connect(service->router_address(), options);
+  }
+
   Sequence Create(const DhsaConfig& config, int layers, int hq, int hkv, int dim,
                   DType dtype = DType::kF32, const std::string& id = "") {
     SequenceOptions o;

@@ -85,9 +85,7 @@ TEST(SharedMemoryPrefillTest, SameAnswersAsTheStreamAndTheReference) {
   std::mt19937_64 rng(seed);
   Harness h = Harness::Start(2, /*stripe_tokens=*/512);
   ASSERT_NE(h.client, nullptr);
-  ClientOptions streamed_options;
-  streamed_options.shared_memory = false;
-  absl::StatusOr<Client> streamed = Client::Connect(h.service->router_address(), streamed_options);
+  absl::StatusOr<Client> streamed = h.StreamedClient();
   ASSERT_TRUE(streamed.ok()) << streamed.status();
 
   for (DType dtype : {DType::kF32, DType::kF16}) {
