@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Service overhead: the same prefill through dhsa-router + 2 dhsa-worker processes on loopback
 # and in process, side by side (dhsa demo --target). Defaults: Hq=8, Hkv=2, d=128, 32K tokens,
-# one layer, 16 decode steps. Extra arguments go to `dhsa demo` (e.g. --len 8192).
+# 3 layers, 16 decode steps. Extra arguments go to `dhsa demo` (e.g. --len 8192). The demo prints
+# layer 0 (each demo is a new client: its first call also opens its shared-memory region) apart
+# from the mean of the later layers (an engine's layer-by-layer prefill).
 # Environment: DHSA_BUILD (build dir), DHSA_WORKER_FLAGS and DHSA_ROUTER_FLAGS (extra flags of the
 # processes, e.g. DHSA_WORKER_FLAGS="--threads 1" DHSA_ROUTER_FLAGS="--transport grpc"). After the
 # demo it prints the CPU seconds the router and each worker used (user + system, from /proc), the
@@ -45,7 +47,7 @@ startup=(); for p in "${pids[@]}"; do startup+=("$(cpu "$p")"); done
 for run in $(seq "${RUNS:-2}"); do
   echo "== run $run of ${RUNS:-2} against these processes ($([[ $run == 1 ]] && echo "their first call" || echo "warm")); $(uptime | sed 's/.*load/load/')"
   before=(); for p in "${pids[@]}"; do before+=("$(cpu "$p")"); done
-  "$build/dhsa" demo --target "$router" --layers 1 --decode 16 "$@"
+  "$build/dhsa" demo --target "$router" --layers 3 --decode 16 "$@"
   after=(); for p in "${pids[@]}"; do after+=("$(cpu "$p")"); done
   used() { awk -v a="${after[$1]}" -v b="${before[$1]}" 'BEGIN {printf "%.2f", a - b}'; }
   echo "CPU seconds during the demo (prefill + decode): router $(used 2), worker 0 $(used 0)," \

@@ -147,7 +147,7 @@ TEST_F(ErgonomicsTest, DataCommandsPrintJsonAndTablesByDefault) {
   ASSERT_EQ(json.exit_code, 0) << json.err;
   EXPECT_EQ(nlohmann::json::parse(json.out)["budget"], 512);
 
-  const CliRun demo = Run("demo --len 600 --layers 1 --decode 2 --workers 1 --hq 2 --hkv 1 " +
+  const CliRun demo = Run("demo --len 600 --layers 2 --decode 2 --workers 1 --hq 2 --hkv 1 " +
                           std::string("--dim 32 --check-rows 4 --threads 1 --json"));
   ASSERT_EQ(demo.exit_code, 0) << demo.err;
   const nlohmann::json d = nlohmann::json::parse(demo.out);
@@ -155,7 +155,14 @@ TEST_F(ErgonomicsTest, DataCommandsPrintJsonAndTablesByDefault) {
   EXPECT_LT(d["max_abs_difference"].get<double>(), 1e-4);
   EXPECT_GT(d["service"]["prefill_seconds"].get<double>(), 0);
   EXPECT_EQ(d["service"]["workers"], 1);
-  EXPECT_EQ(d["compared_decode_steps"], 2);
+  EXPECT_EQ(d["compared_decode_steps"], 4);  // Steps 0 and 1 of each layer.
+  for (const char* side : {"service", "in_process"}) {
+    const nlohmann::json& per_layer = d[side]["prefill_seconds_per_layer"];
+    ASSERT_EQ(per_layer.size(), 2u) << side;
+    EXPECT_NEAR(per_layer[0].get<double>() + per_layer[1].get<double>(),
+                d[side]["prefill_seconds"].get<double>(), 1e-9)
+        << side;
+  }
 
   const CliRun bench =
       Run("bench --backend cpu --lengths 512 --reference=false --dense=false --repeats 1 "
