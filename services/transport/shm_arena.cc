@@ -8,6 +8,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <utility>
@@ -35,6 +38,29 @@ std::string RandomBytes(int n) {
 }
 
 std::string Errno(const char* what) { return absl::StrCat(what, ": ", std::strerror(errno)); }
+
+std::atomic<int64_t> g_locked_bytes{0};
+
+// Maps `size` bytes of `fd` shared at an address aligned to kShmLockChunkBytes (a PROT_NONE
+// reservation of size + one chunk, the object mapped over its aligned part, the rest given back).
+void* MapAligned(int fd, int64_t size) {
+  const size_t reserve = static_cast<size_t>(size + kShmLockChunkBytes);
+  void* r = mmap(nullptr, reserve, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (r == MAP_FAILED) return MAP_FAILED;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(r);
+  const uintptr_t aligned =
+      static_cast<uintptr_t>(RoundUp(static_cast<int64_t>(begin), kShmLockChunkBytes));
+  void* p = mmap(reinterpret_cast<void*>(aligned), static_cast<size_t>(size),
+                 PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+  if (p == MAP_FAILED) {
+    munmap(r, reserve);
+    return MAP_FAILED;
+  }
+  if (aligned > begin) munmap(r, aligned - begin);
+  const uintptr_t end = aligned + static_cast<uintptr_t>(RoundUp(size, kShmAlignBytes));
+  if (begin + reserve > end) munmap(reinterpret_cast<void*>(end), begin + reserve - end);
+  return p;
+}
 
 }  // namespace
 
@@ -102,7 +128,7 @@ absl::StatusOr<std::unique_ptr<ShmMapping>> ShmMapping::Open(const std::string& 
     return absl::FailedPreconditionError(absl::StrCat("shared-memory object ", name, " has ",
                                                       st.st_size, " bytes; expected ", size));
   }
-  void* p = mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, m->fd_, 0);
+  void* p = MapAligned(m->fd_, size);  // Lock chunks on aligned addresses (see the header).
   if (p == MAP_FAILED) return absl::ResourceExhaustedError(Errno("mmap of a shared-memory arena"));
   m->base_ = static_cast<uint8_t*>(p);
   // The router committed the header before it asked; a file of the right size is not enough.
@@ -115,6 +141,7 @@ absl::StatusOr<std::unique_ptr<ShmMapping>> ShmMapping::Open(const std::string& 
 }
 
 ShmMapping::~ShmMapping() {
+  UnlockAll();  // Registrations end before the memory goes.
   if (base_ != nullptr) munmap(base_, static_cast<size_t>(size_));
   if (fd_ >= 0) close(fd_);
   Unlink();
@@ -156,6 +183,55 @@ void ShmMapping::Populate(int64_t end) {
   madvise(base_ + have, static_cast<size_t>(safe - have), MADV_POPULATE_WRITE);
   committed_.store(safe, std::memory_order_release);
 }
+
+bool ShmMapping::Lock(int64_t begin, int64_t end, const std::shared_ptr<HostMemoryLocker>& locker) {
+  std::lock_guard<std::mutex> lock(lock_mu_);
+  if (lock_failed_ || locker == nullptr) return false;
+  if (locker_ == nullptr) locker_ = locker;
+  const int64_t chunks = (size_ + kShmLockChunkBytes - 1) / kShmLockChunkBytes;
+  if (locked_.empty()) locked_.assign(static_cast<size_t>(chunks), false);
+  begin = std::max<int64_t>(begin, 0);
+  end = std::min(end, size_);
+  int64_t newly = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t c = begin / kShmLockChunkBytes; c * kShmLockChunkBytes < end; ++c) {
+    if (locked_[static_cast<size_t>(c)]) continue;
+    const int64_t from = c * kShmLockChunkBytes;
+    const int64_t bytes = std::min(size_, from + kShmLockChunkBytes) - from;
+    const absl::Status st = locker_->Lock(base_ + from, static_cast<size_t>(bytes));
+    if (!st.ok()) {
+      lock_failed_ = true;
+      std::fprintf(stderr,
+                   "dhsa-worker: page-locking shared-memory arena %s failed (%s); its transfers "
+                   "copy through pageable memory\n",
+                   name_.c_str(), std::string(st.message()).c_str());
+      return false;
+    }
+    locked_[static_cast<size_t>(c)] = true;
+    g_locked_bytes.fetch_add(bytes);
+    newly += bytes;
+  }
+  if (newly > 0 && std::getenv("DHSA_CUDA_WORKER_TIMING") != nullptr) {
+    std::fprintf(
+        stderr, "dhsa-worker: page-locked %lld MiB of arena %s in %.1f ms\n",
+        static_cast<long long>(newly >> 20), name_.c_str(),
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3);
+  }
+  return true;
+}
+
+void ShmMapping::UnlockAll() {
+  std::lock_guard<std::mutex> lock(lock_mu_);
+  for (size_t c = 0; c < locked_.size(); ++c) {
+    if (!locked_[c]) continue;
+    const int64_t from = static_cast<int64_t>(c) * kShmLockChunkBytes;
+    locker_->Unlock(base_ + from);
+    g_locked_bytes.fetch_sub(std::min(size_, from + kShmLockChunkBytes) - from);
+    locked_[c] = false;
+  }
+}
+
+int64_t ShmLockedBytes() { return g_locked_bytes.load(); }
 
 // ShmRegion ----------------------------------------------------------------------------------
 
@@ -294,6 +370,7 @@ ShmPin& ShmPin::operator=(ShmPin&& other) noexcept {
     lease_ = other.lease_;
     data_ = std::exchange(other.data_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
+    locked_ = std::exchange(other.locked_, false);
   }
   return *this;
 }
@@ -306,6 +383,7 @@ void ShmPin::Release() {
   word_->compare_exchange_strong(expected, lease_ << 1, std::memory_order_acq_rel);
   word_ = nullptr;
   data_ = nullptr;
+  locked_ = false;
   mapping_.reset();
 }
 
@@ -359,10 +437,23 @@ bool ShmPeerArenas::Detach(const std::string& arena_id) {
   return arenas_.erase(arena_id) > 0;
 }
 
-absl::StatusOr<ShmPin> ShmPeerArenas::Pin(const v1::ShmRegion& region, int64_t bytes, bool write) {
+void ShmPeerArenas::SetLocker(std::shared_ptr<HostMemoryLocker> locker) {
+  std::lock_guard<std::mutex> lock(mu_);
+  locker_ = std::move(locker);
+}
+
+bool ShmPeerArenas::has_locker() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return locker_ != nullptr;
+}
+
+absl::StatusOr<ShmPin> ShmPeerArenas::Pin(const v1::ShmRegion& region, int64_t bytes, bool write,
+                                          bool lock_pages) {
   std::shared_ptr<ShmMapping> mapping;
+  std::shared_ptr<HostMemoryLocker> locker;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (lock_pages) locker = locker_;
     auto it = arenas_.find(region.arena_id());
     if (it == arenas_.end()) {
       return absl::FailedPreconditionError(
@@ -398,6 +489,8 @@ absl::StatusOr<ShmPin> ShmPeerArenas::Pin(const v1::ShmRegion& region, int64_t b
                      "' is no longer this call's (the router ended the call)"));
   }
   pin.lease_ = region.lease();
+  // Pinned first: the router keeps the region (hence its committed chunks) while it is ours.
+  if (locker != nullptr) pin.locked_ = mapping->Lock(off, off + bytes, locker);
   pin.data_ = mapping->base() + off;
   pin.bytes_ = bytes;
   pin.mapping_ = std::move(mapping);

@@ -24,6 +24,18 @@
 // ended while the worker had it pinned (a cancelled or timed-out call) is not reused until the
 // worker unpins it; a worker that finds the lease gone (the router freed the region) fails its call
 // with ABORTED instead of reading or writing memory that may belong to another call.
+//
+// Page-locking. A worker whose backend copies between host memory and a device (the CUDA worker)
+// gives its ShmPeerArenas a HostMemoryLocker (cudaHostRegister); regions it pins with `lock` are
+// then page-locked in place, kShmLockChunkBytes chunks of its mapping at a time, each chunk once
+// for the mapping's life (the first call that reaches it pays for it), so the device copies q from
+// the arena and o and lse into it at page-locked speed, without a staging copy. The worker maps
+// arenas at addresses aligned to kShmLockChunkBytes, so a chunk's bounds are multiples of it in
+// the address space too (copies cut there never span two registrations). Chunks stay inside what
+// the router committed (it commits in kShmCommitStepBytes steps, the same size). Every chunk is
+// unlocked before the mapping is unmapped (detach, a router gone, worker shutdown). A lock that
+// fails is logged once and never retried for that mapping: its pins report !locked() and the
+// worker copies as before.
 #ifndef DHSA_SERVICES_TRANSPORT_SHM_ARENA_H_
 #define DHSA_SERVICES_TRANSPORT_SHM_ARENA_H_
 
@@ -46,6 +58,20 @@ inline constexpr int64_t kShmAlignBytes = 4096;   // Regions start on page bound
 inline constexpr int64_t kShmLeaseBytes = 64;     // Lease word before each region's data.
 inline constexpr int64_t kShmCommitStepBytes = int64_t{64} << 20;
 inline constexpr int kShmCookieBytes = 16;
+inline constexpr int64_t kShmLockChunkBytes = kShmCommitStepBytes;
+
+// Page-locks host memory for a device's copies (the CUDA worker: cudaHostRegister /
+// cudaHostUnregister). Called with chunks of a worker's arena mappings.
+class HostMemoryLocker {
+ public:
+  virtual ~HostMemoryLocker() = default;
+  virtual absl::Status Lock(void* data, size_t bytes) = 0;
+  // Of a range Lock locked (by its start), before that memory is unmapped.
+  virtual void Unlock(void* data) = 0;
+};
+
+// Bytes of arena mappings page-locked now in this process (all ShmPeerArenas together).
+int64_t ShmLockedBytes();
 
 // One mapping of an arena (router or worker side).
 class ShmMapping {
@@ -75,8 +101,15 @@ class ShmMapping {
   const std::string& cookie() const { return cookie_; }
   int64_t committed() const { return committed_.load(); }
 
+  // Page-locks the kShmLockChunkBytes chunks of [0, size) that [begin, end) reaches and that are
+  // not locked yet, through `locker` (the first one given stays this mapping's and unlocks them
+  // all before the unmap). False when a lock failed, now or before (then never tried again; the
+  // failure is logged once).
+  bool Lock(int64_t begin, int64_t end, const std::shared_ptr<HostMemoryLocker>& locker);
+
  private:
   ShmMapping() = default;
+  void UnlockAll();
 
   std::string name_;
   std::string cookie_;
@@ -86,6 +119,10 @@ class ShmMapping {
   bool unlinked_ = false;
   std::mutex commit_mu_;
   std::atomic<int64_t> committed_{0};  // Backed and prefaulted bytes from 0.
+  std::mutex lock_mu_;
+  std::shared_ptr<HostMemoryLocker> locker_;  // Guarded by lock_mu_.
+  std::vector<bool> locked_;                  // Guarded by lock_mu_: per chunk.
+  bool lock_failed_ = false;                  // Guarded by lock_mu_.
 };
 
 class ShmArena;
@@ -174,6 +211,9 @@ class ShmPin {
 
   uint8_t* data() const { return data_; }
   int64_t bytes() const { return bytes_; }
+  // Page-locked for the device's copies (pinned with `lock` and the lock succeeded). Copies from or
+  // into it must be cut at kShmLockChunkBytes-aligned addresses (one registration each).
+  bool locked() const { return locked_; }
 
  private:
   friend class ShmPeerArenas;
@@ -184,6 +224,7 @@ class ShmPin {
   uint64_t lease_ = 0;
   uint8_t* data_ = nullptr;
   int64_t bytes_ = 0;
+  bool locked_ = false;
 };
 
 // A worker's side: the arenas routers attached (Worker.AttachArena).
@@ -198,8 +239,13 @@ class ShmPeerArenas {
   // Pins the region `region` names, which must hold exactly `bytes` bytes (InvalidArgument
   // otherwise, or for one outside its arena); FailedPrecondition for an unknown arena (the worker
   // restarted), Aborted when the router already freed the region (its call ended). `write`: the
-  // worker will write it (counted as bytes written, else read).
-  absl::StatusOr<ShmPin> Pin(const v1::ShmRegion& region, int64_t bytes, bool write);
+  // worker will write it (counted as bytes written, else read). `lock`: page-lock the region (see
+  // the top of this file) when a locker is set; a failed lock is not an error (!pin.locked()).
+  absl::StatusOr<ShmPin> Pin(const v1::ShmRegion& region, int64_t bytes, bool write,
+                             bool lock = false);
+  // The locker for Pin(..., lock = true) (the worker's device backend's); null: none.
+  void SetLocker(std::shared_ptr<HostMemoryLocker> locker);
+  bool has_locker() const;
   void FillStats(v1::StatsResponse* response) const;
   size_t size() const;
 
@@ -209,7 +255,8 @@ class ShmPeerArenas {
     v1::ArenaInfo info;
   };
   mutable std::mutex mu_;
-  std::map<std::string, Entry> arenas_;  // Guarded by mu_.
+  std::map<std::string, Entry> arenas_;       // Guarded by mu_.
+  std::shared_ptr<HostMemoryLocker> locker_;  // Guarded by mu_.
 };
 
 }  // namespace dhsa::transport

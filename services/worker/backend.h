@@ -26,6 +26,9 @@
 #include "services/worker/partial_attention.h"
 
 namespace dhsa {
+namespace transport {
+class HostMemoryLocker;
+}  // namespace transport
 
 // Memory of the device a backend computes on (zeros for the CPU backend).
 struct DeviceMemoryInfo {
@@ -56,6 +59,11 @@ class WorkerBackend {
   // Whether Compute takes PartialAttentionInputs::q_host, o_host and lse_host (host memory read
   // and written in place, e.g. shared-memory regions); false: q's bytes in q, o and lse returned.
   virtual bool HostInPlace() const { return false; }
+  // Page-locks host memory for this backend's device copies (the CUDA one: cudaHostRegister);
+  // null for backends without a device. The worker gives it to its shared-memory arenas: Compute
+  // then also takes q_host, o_host and lse_host when they lie in page-locked arena regions
+  // (PartialAttentionInputs::host_locked).
+  virtual std::shared_ptr<transport::HostMemoryLocker> HostLocker() const { return nullptr; }
 };
 
 // True in builds with the CUDA backend (DHSA_WITH_CUDA).

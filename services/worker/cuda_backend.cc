@@ -36,6 +36,7 @@
 #include "kernels/cuda/selection_csr.h"
 #include "kernels/cuda/selection_cuda.h"
 #include "kernels/cuda/sparse_attention_cuda.h"
+#include "services/transport/shm_arena.h"
 
 namespace dhsa {
 namespace {
@@ -43,6 +44,46 @@ namespace {
 constexpr size_t kAlign = 256;
 
 size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// A host <-> device copy issued in pieces cut at transport::kShmLockChunkBytes-aligned host
+// addresses: a page-locked arena is registered chunk by chunk, and a piece within one
+// registration runs at page-locked speed (for pageable memory the cut changes nothing).
+cudaError_t CopyHostCut(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                        cudaStream_t stream) {
+  const size_t chunk = static_cast<size_t>(transport::kShmLockChunkBytes);
+  const uintptr_t host = reinterpret_cast<uintptr_t>(kind == cudaMemcpyHostToDevice ? src : dst);
+  for (size_t done = 0; done < bytes;) {
+    const size_t n = std::min(bytes - done, chunk - (host + done) % chunk);
+    const cudaError_t error =
+        cudaMemcpyAsync(static_cast<uint8_t*>(dst) + done, static_cast<const uint8_t*>(src) + done,
+                        n, kind, stream);
+    if (error != cudaSuccess) return error;
+    done += n;
+  }
+  return cudaSuccess;
+}
+
+// cudaHostRegister of a worker's shared-memory arena chunks (services/transport/shm_arena.h).
+class CudaHostLocker final : public transport::HostMemoryLocker {
+ public:
+  explicit CudaHostLocker(int device) : device_(device) {}
+  absl::Status Lock(void* data, size_t bytes) override {
+    DHSA_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
+    const cudaError_t error = cudaHostRegister(data, bytes, cudaHostRegisterPortable);
+    if (error != cudaSuccess) {
+      (void)cudaGetLastError();
+      return CudaStatus(error, absl::StrCat("cudaHostRegister of ", bytes, " bytes"));
+    }
+    return absl::OkStatus();
+  }
+  void Unlock(void* data) override {
+    (void)cudaSetDevice(device_);
+    if (cudaHostUnregister(data) != cudaSuccess) (void)cudaGetLastError();
+  }
+
+ private:
+  const int device_;
+};
 
 class DeviceBlock final : public KvBlock {
  public:
@@ -101,8 +142,11 @@ class CudaKvMemory final : public KvMemory {
     std::lock_guard<std::mutex> lock(mu_);
     DHSA_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
     if (rows == 1 || (dst_pitch == width && src_pitch == width)) {
-      DHSA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(dst, src, width * rows, kind, stream_),
-                                      "copying KV rows to the device"));
+      // Host sources may be page-locked arena regions (StoreKv over shared memory): cut there.
+      const cudaError_t error = kind == cudaMemcpyHostToDevice
+                                    ? CopyHostCut(dst, src, width * rows, kind, stream_)
+                                    : cudaMemcpyAsync(dst, src, width * rows, kind, stream_);
+      DHSA_RETURN_IF_ERROR(CudaStatus(error, "copying KV rows to the device"));
     } else {
       DHSA_RETURN_IF_ERROR(
           CudaStatus(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, kind, stream_),
@@ -207,6 +251,7 @@ class CudaWorkerBackend final : public WorkerBackend {
       : device_(device),
         memory_(std::move(memory)),
         alloc_stream_(alloc_stream),
+        locker_(std::make_shared<CudaHostLocker>(device)),
         timing_(std::getenv("DHSA_CUDA_WORKER_TIMING") != nullptr &&
                 std::string(std::getenv("DHSA_CUDA_WORKER_TIMING")) == "1") {}
   // Device buffers handed out may outlive the backend only until the process ends.
@@ -233,11 +278,13 @@ class CudaWorkerBackend final : public WorkerBackend {
 
   absl::StatusOr<PartialAttention> Compute(const PartialAttentionInputs& in) override;
   absl::StatusOr<std::shared_ptr<WorkerDeviceBuffer>> AllocateDevice(int64_t bytes) override;
+  std::shared_ptr<transport::HostMemoryLocker> HostLocker() const override { return locker_; }
 
  private:
   const int device_;
   const std::shared_ptr<CudaKvMemory> memory_;
   const cudaStream_t alloc_stream_;  // Allocations and releases of device buffers.
+  const std::shared_ptr<transport::HostMemoryLocker> locker_;
   const bool timing_;
 };
 
@@ -293,6 +340,21 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
           DTypeName(keys.dtype), " (the keys' dtype), ", want, " bytes on device ", device_));
     }
   }
+  // Host I/O in place: page-locked arena regions only (else q's bytes in q, o and lse returned).
+  const bool q_in_place = in.host_locked && in.q_host != nullptr && in.q_device == nullptr;
+  const bool o_in_place = in.host_locked && in.o_host != nullptr && !in.outputs_on_device;
+  if ((in.q_host != nullptr || in.o_host != nullptr) && !in.host_locked) {
+    return absl::InvalidArgumentError(
+        "the cuda backend takes q_host, o_host and lse_host only in page-locked memory");
+  }
+  if ((in.o_host == nullptr) != (in.lse_host == nullptr)) {
+    return absl::InvalidArgumentError("o_host and lse_host go together");
+  }
+  if (q_in_place && q_in.dtype != keys.dtype) {
+    return absl::InvalidArgumentError(absl::StrCat("q in host memory is ", DTypeName(q_in.dtype),
+                                                   "; in place it must be the keys' dtype, ",
+                                                   DTypeName(keys.dtype)));
+  }
   // The kernel's selection covers exactly the blocks of rows [q_begin, q_begin + lq).
   const int64_t bs = selection.block_size;
   const int64_t first = in.q_begin / bs, last = (in.q_begin + lq - 1) / bs;
@@ -324,10 +386,12 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
   const size_t o_size = static_cast<size_t>(rows * d) * sizeof(float);
   const size_t lse_size = static_cast<size_t>(rows) * sizeof(float);
   PartialAttention out;
-  if (!in.outputs_on_device) {
+  if (!in.outputs_on_device && !o_in_place) {
     out.o = Tensor::Uninitialized(DType::kF32, {hq, lq, d});
     out.lse = Tensor::Uninitialized(DType::kF32, {hq, lq});
   }
+  float* const o_host = o_in_place ? in.o_host : static_cast<float*>(out.o.data());
+  float* const lse_host = o_in_place ? in.lse_host : static_cast<float*>(out.lse.data());
   CallResources call;
   DHSA_RETURN_IF_ERROR(call.Init(device_));
   float* o_dst = nullptr;  // Where the merged o and lse go on the device.
@@ -348,20 +412,24 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
                                       "lse = -inf"));
       DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(call.stream()), "empty attention"));
     } else {
-      std::memset(out.o.data(), 0, out.o.bytes.size());
-      std::memcpy(out.lse.data(), minus_inf.data(), lse_size);
+      std::memset(o_host, 0, o_size);
+      std::memcpy(lse_host, minus_inf.data(), lse_size);
     }
   } else {
     // q in the keys' dtype (the kernel reads q, k and v in one storage type).
     Tensor q_converted;
     const Tensor* q = &q_in;
-    if (in.q_device == nullptr && q_in.dtype != keys.dtype) {
+    if (in.q_device == nullptr && !q_in_place && q_in.dtype != keys.dtype) {
       q_converted = q_in.ConvertTo(keys.dtype);
       q = &q_converted;
     }
     // Workspace: q (unless it is on the device already), the selections (uploaded at once from
     // `staging`), then the outputs.
-    const size_t q_bytes = in.q_device != nullptr ? 0 : q->bytes.size();
+    const size_t q_bytes = in.q_device != nullptr
+                               ? 0
+                               : (q_in_place ? static_cast<size_t>(rows * d) * DTypeSize(keys.dtype)
+                                             : q->bytes.size());
+    const void* const q_src = q_in_place ? in.q_host : q->bytes.data();
     const size_t q_at = 0;
     size_t size = AlignUp(q_bytes);
     const size_t csr_at = size;
@@ -399,14 +467,15 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
     timer.Mark("prepare", nullptr);
 
     DHSA_ASSIGN_OR_RETURN(uint8_t* const ws, call.Workspace(size));
+    timer.Mark("workspace", call.stream());  // Stream-ordered: mapped when the stream gets here.
     if (!in.outputs_on_device) {
       o_dst = reinterpret_cast<float*>(ws + o_at);
       lse_dst = reinterpret_cast<float*>(ws + lse_at);
     }
     if (q_bytes > 0) {
-      DHSA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(ws + q_at, q->bytes.data(), q_bytes,
-                                                      cudaMemcpyHostToDevice, call.stream()),
-                                      "uploading q"));
+      DHSA_RETURN_IF_ERROR(
+          CudaStatus(CopyHostCut(ws + q_at, q_src, q_bytes, cudaMemcpyHostToDevice, call.stream()),
+                     "uploading q"));
     }
     DHSA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(ws + csr_at, staging.data(), csr_bytes,
                                                     cudaMemcpyHostToDevice, call.stream()),
@@ -449,11 +518,11 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
     }
     timer.Mark("kernels", call.stream());
     if (!in.outputs_on_device) {
+      DHSA_RETURN_IF_ERROR(
+          CudaStatus(CopyHostCut(o_host, o_dst, o_size, cudaMemcpyDeviceToHost, call.stream()),
+                     "downloading o"));
       DHSA_RETURN_IF_ERROR(CudaStatus(
-          cudaMemcpyAsync(out.o.data(), o_dst, o_size, cudaMemcpyDeviceToHost, call.stream()),
-          "downloading o"));
-      DHSA_RETURN_IF_ERROR(CudaStatus(
-          cudaMemcpyAsync(out.lse.data(), lse_dst, lse_size, cudaMemcpyDeviceToHost, call.stream()),
+          CopyHostCut(lse_host, lse_dst, lse_size, cudaMemcpyDeviceToHost, call.stream()),
           "downloading lse"));
     }
     DHSA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(call.stream()), "sparse attention"));
@@ -468,8 +537,9 @@ absl::StatusOr<PartialAttention> CudaWorkerBackend::Compute(const PartialAttenti
   out.computed_pairs = CountComputedPairs(selection, shape);
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   timer.Report(absl::StrCat("cuda attend: ", hq, "x", lq, " rows, ", parts.size(), " stripes, q ",
-                            in.q_device != nullptr ? "device" : "host", ", o ",
-                            in.outputs_on_device ? "device" : "host"));
+                            in.q_device != nullptr ? "device" : (q_in_place ? "locked" : "host"),
+                            ", o ",
+                            in.outputs_on_device ? "device" : (o_in_place ? "locked" : "host")));
   return out;
 }
 

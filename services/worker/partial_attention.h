@@ -67,6 +67,11 @@ struct PartialAttentionInputs {
   const void* q_host = nullptr;
   float* o_host = nullptr;
   float* lse_host = nullptr;
+  // The CUDA backend takes q_host (in the keys' dtype), o_host and lse_host too when they are
+  // page-locked shared-memory regions (the worker's arenas, WorkerBackend::HostLocker): it copies
+  // q from there and o and lse into there, cutting each copy at transport::kShmLockChunkBytes-
+  // aligned addresses (one registration per piece).
+  bool host_locked = false;
 };
 
 absl::StatusOr<PartialAttention> ComputePartialAttention(const PartialAttentionInputs& in);

@@ -81,6 +81,14 @@ bool NcclDeviceIo() {
   return v == nullptr || std::string(v) != "0";
 }
 
+// Whether a device backend's shared-memory transfers use page-locked arena regions in place
+// (default yes; DHSA_WORKER_SHM_LOCKED=0 copies through pageable memory as before, for comparison):
+// q uploaded from the router's arena, o and lse downloaded into it, k and v stored from it.
+bool LockedShmIo() {
+  const char* v = std::getenv("DHSA_WORKER_SHM_LOCKED");
+  return v == nullptr || std::string(v) != "0";
+}
+
 }  // namespace
 
 // Host buffers for "q" tensors read from shared memory, kept between calls (at most kMaxBytes in
@@ -294,8 +302,10 @@ class WorkerService::StoreKvReactor final
     } else if (k_region_.has_value()) {
       // Straight from the router's arena into the stripe (one copy); the pins keep the router
       // from reusing the regions meanwhile.
-      DHSA_ASSIGN_OR_RETURN(transport::ShmPin k, arenas_->Pin(*k_region_, bytes / 2, false));
-      DHSA_ASSIGN_OR_RETURN(transport::ShmPin v, arenas_->Pin(*v_region_, bytes / 2, false));
+      // Page-locked for a device backend's upload (a no-op without a locker).
+      const bool lock = LockedShmIo();
+      DHSA_ASSIGN_OR_RETURN(transport::ShmPin k, arenas_->Pin(*k_region_, bytes / 2, false, lock));
+      DHSA_ASSIGN_OR_RETURN(transport::ShmPin v, arenas_->Pin(*v_region_, bytes / 2, false, lock));
       DHSA_ASSIGN_OR_RETURN(commit, store_->CommitRaw(std::move(reservation_), k.data(), v.data()));
     } else {
       DHSA_ASSIGN_OR_RETURN(Tensor k, k_->Take());
@@ -500,13 +510,16 @@ class WorkerService::AttendReactor final
       DHSA_ASSIGN_OR_RETURN(const DType q_dtype, FromProtoDType(h.q_tensor().dtype()));
       DHSA_RETURN_IF_ERROR(CheckOutOfBand(h.q_tensor(), "q", q_dtype, q_shape_));
       const int64_t bytes = h.q_tensor().shm().bytes();
+      // A device backend uploads it in place when the region can be page-locked (in its dtype).
+      const bool lock = !backend_->HostInPlace() && LockedShmIo() && q_dtype == snapshot_->dtype;
       DHSA_ASSIGN_OR_RETURN(transport::ShmPin pin,
-                            arenas_->Pin(h.q_tensor().shm(), bytes, /*write=*/false));
+                            arenas_->Pin(h.q_tensor().shm(), bytes, /*write=*/false, lock));
       Tensor q;
       q.dtype = q_dtype;
       q.shape = q_shape_;
-      if (backend_->HostInPlace()) {
-        // The kernel reads it in place; the pin holds the region until the attention is done.
+      if (backend_->HostInPlace() || pin.locked()) {
+        // The kernel (or the device's copy) reads it in place; the pin holds the region until the
+        // attention is done.
         q_pin_ = std::move(pin);
         q_direct_ = std::move(q);
         return absl::OkStatus();
@@ -619,6 +632,21 @@ class WorkerService::AttendReactor final
     in.q_device = q_device_.get();
     in.outputs_on_device = q_device_ != nullptr;  // Set only when o and lse go over NCCL.
     if (q_pin_.data() != nullptr) in.q_host = q_pin_.data();
+    in.host_locked = q_pin_.locked();
+    // "o" and "lse" straight into the router's regions when a device backend can page-lock them.
+    transport::ShmPin o_pin, lse_pin;
+    if (o_region_.has_value() && !backend_->HostInPlace() && LockedShmIo() &&
+        arenas_->has_locker()) {
+      const int64_t rows = q_shape_[0] * q_shape_[1];
+      DHSA_ASSIGN_OR_RETURN(o_pin,
+                            arenas_->Pin(*o_region_, rows * q_shape_[2] * int64_t{4}, true, true));
+      DHSA_ASSIGN_OR_RETURN(lse_pin, arenas_->Pin(*lse_region_, rows * int64_t{4}, true, true));
+      if (o_pin.locked() && lse_pin.locked()) {
+        in.o_host = reinterpret_cast<float*>(o_pin.data());
+        in.lse_host = reinterpret_cast<float*>(lse_pin.data());
+        in.host_locked = true;
+      }
+    }
     DHSA_ASSIGN_OR_RETURN(const PartialAttention result, backend_->Compute(in));
     metrics::ObserveWorkerAttention(options_.backend, result.seconds);
     snapshot_.reset();  // Let a concurrent Drop free the stripes while the reply is sent.
@@ -661,13 +689,19 @@ class WorkerService::AttendReactor final
       // and lse into this worker's own tensors (huge pages, reused from call to call); they go
       // into the shared memory through the kernel (shm_copy.h). Rows written straight into the
       // region's 4 KiB pages cost the workers about 6% more CPU per warm 32K layer.
-      const int64_t o_bytes = static_cast<int64_t>(result.o.bytes.size());
-      const int64_t lse_bytes = static_cast<int64_t>(result.lse.bytes.size());
-      DHSA_ASSIGN_OR_RETURN(transport::ShmPin o, arenas_->Pin(*o_region_, o_bytes, true));
-      DHSA_ASSIGN_OR_RETURN(transport::ShmPin lse, arenas_->Pin(*lse_region_, lse_bytes, true));
-      transport::CopyIntoShared(o.data(), result.o.bytes.data(), static_cast<size_t>(o_bytes));
-      transport::CopyIntoShared(lse.data(), result.lse.bytes.data(),
-                                static_cast<size_t>(lse_bytes));
+      // (A device backend given page-locked regions wrote them in place: nothing to copy.)
+      if (in.o_host == nullptr) {
+        const int64_t o_bytes = static_cast<int64_t>(result.o.bytes.size());
+        const int64_t lse_bytes = static_cast<int64_t>(result.lse.bytes.size());
+        if (o_pin.data() == nullptr) {
+          DHSA_ASSIGN_OR_RETURN(o_pin, arenas_->Pin(*o_region_, o_bytes, true));
+          DHSA_ASSIGN_OR_RETURN(lse_pin, arenas_->Pin(*lse_region_, lse_bytes, true));
+        }
+        transport::CopyIntoShared(o_pin.data(), result.o.bytes.data(),
+                                  static_cast<size_t>(o_bytes));
+        transport::CopyIntoShared(lse_pin.data(), result.lse.bytes.data(),
+                                  static_cast<size_t>(lse_bytes));
+      }
       v1::AttendResult* done = responses_.emplace_back().mutable_result();
       done->set_attention_seconds(result.seconds);
       done->set_computed_pairs(result.computed_pairs);
@@ -733,6 +767,8 @@ WorkerService::WorkerService(const Options& options, std::unique_ptr<WorkerBacke
       buffers_(std::make_unique<BufferPool>()),
       executor_(options.threads),
       data_plane_(options.data_plane) {
+  // A device backend's locker: arena regions pinned for its copies are page-locked (shm_arena.h).
+  arenas_.SetLocker(backend_->HostLocker());
   metrics::AddWorkerSource(this, options_.backend, [this] {
     const KvStats s = store_.Stats();
     return metrics::KvGauges{s.capacity_bytes, s.held_bytes, s.allocated_bytes, s.sequences,
