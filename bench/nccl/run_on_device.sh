@@ -17,6 +17,11 @@
 #                                         # then 1 embedded CUDA worker with the router selecting
 #                                         # on the CPU and on the GPU, default config and paper
 #                                         # preset, and the 1-GPU library in process
+#   bench/nccl/run_on_device.sh locked-shm  # there (one GPU): the CUDA worker's shared-memory
+#                                         # I/O page-locked in place against the pageable path
+#                                         # (cuda_locked_shm_test), then 1 embedded CUDA worker,
+#                                         # default and paper, locked and DHSA_WORKER_SHM_LOCKED=0,
+#                                         # worker phases (DHSA_CUDA_WORKER_TIMING=1) in the summary
 #
 # libnccl is not carried (218 MB): the machine's own is used (the nvidia-nccl-cu13 wheel of its
 # python3, else a system copy). NCCL_NVLS_ENABLE=0 always (no NVLink multicast on shared hosts).
@@ -34,7 +39,8 @@ if [[ "$mode" == prepare ]]; then
     "$build/tests/nccl/nccl_service_gpu_test" "$build/bench/nccl/nccl_e2e_bench"
     "$build/services/worker/dhsa-worker" "$build/services/router/dhsa-router"
     "$build/tests/nccl/cuda_device_io_test" "$build/tests/gpu_service/gpu_service_test"
-    "$build/tests/nccl/router_selection_gpu_test")
+    "$build/tests/nccl/router_selection_gpu_test"
+    "$build/tests/nccl/cuda_locked_shm_test")
   present=()
   for b in "${binaries[@]}"; do
     if [[ -e "$b" ]]; then present+=("$b"); else echo "prepare: $b not built, left out"; fi
@@ -216,6 +222,43 @@ if [[ "$mode" == e2e ]]; then
   cat "$out"/e2e_inprocess.log | tee -a "$summary"
   cat "$out"/e2e_1gpu.log | grep -E '^config' | head -1 | tee -a "$summary"
   cat "$out"/e2e_1gpu.log "$out"/e2e_2gpu_*.log | grep -vE '^config|cuda attend' | tee -a "$summary"
+  exit $rc
+fi
+
+if [[ "$mode" == locked-shm ]]; then
+  # DHSA_E2E_LENGTHS (32768,131072); one warm-up and DHSA_E2E_REPS (1) timed calls per row.
+  lengths="${DHSA_E2E_LENGTHS:-32768,131072}"
+  reps="${DHSA_E2E_REPS:-1}"
+  start=$SECONDS
+  timeout 120 "$bin/cuda_locked_shm_test" --gtest_color=no >"$out/cuda_locked_shm_test.log" 2>&1
+  rc=$?
+  say "cuda_locked_shm_test rc=$rc in $((SECONDS - start)) s"
+  grep -E '^\[ +(OK|FAILED|SKIPPED) +\]|PASSED|FAILED TEST|equal to the bit|page-locking' \
+    "$out/cuda_locked_shm_test.log" | tee -a "$summary"
+  grep -B2 -A8 'Failure' "$out/cuda_locked_shm_test.log" | head -30 | tee -a "$summary"
+  # DHSA_LOCKED_RUNS: "<preset> <locked>" pairs, comma-separated.
+  IFS=, read -ra runs <<<"${DHSA_LOCKED_RUNS:-default 1,default 0,paper 1,paper 0}"
+  export DHSA_CUDA_WORKER_TIMING=1
+  for run in "${runs[@]}"; do
+    set -- $run
+    start=$SECONDS
+    DHSA_WORKER_SHM_LOCKED=$2 timeout 110 "$bin/nccl_e2e_bench" --embedded 1 --preset "$1" \
+      --selection-device auto --label "1 GPU worker, $1, locked $2" --lengths "$lengths" \
+      --reps "$reps" >"$out/embedded_${1}_$2.log" 2>"$out/embedded_${1}_$2.err"
+    say "embedded $1 locked $2 rc=$? in $((SECONDS - start)) s"
+  done
+  unset DHSA_CUDA_WORKER_TIMING
+  files=()
+  for run in "${runs[@]}"; do set -- $run; files+=("${1}_$2"); done
+  grep -hE '^config' "$out/embedded_${files[0]}.log" | head -1 | tee -a "$summary"
+  for f in "${files[@]}"; do
+    grep -vE '^config' "$out/embedded_$f.log" | tee -a "$summary"
+  done
+  for f in "${files[@]}"; do
+    say "-- $f: worker phases (warm-up and timed call per length), page-locking"
+    grep -E 'cuda attend: [0-9]+x(32768|131072) rows|page-lock' "$out/embedded_$f.err" | \
+      tail -14 | tee -a "$summary"
+  done
   exit $rc
 fi
 
