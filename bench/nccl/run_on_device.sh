@@ -17,6 +17,12 @@
 #                                         # then 1 embedded CUDA worker with the router selecting
 #                                         # on the CPU and on the GPU, default config and paper
 #                                         # preset, and the 1-GPU library in process
+#   bench/nccl/run_on_device.sh router-select-host  # there (one GPU): the packed selection
+#                                         # download against the strided one, the router's GPU
+#                                         # selection test, then 1 embedded CUDA worker with the
+#                                         # router selecting on the GPU (default, paper) and on the
+#                                         # CPU (default), the select stage's parts
+#                                         # (DHSA_ROUTER_SELECT_TIMING=1) in the summary
 #   bench/nccl/run_on_device.sh locked-shm  # there (one GPU): the CUDA worker's shared-memory
 #                                         # I/O page-locked in place against the pageable path
 #                                         # (cuda_locked_shm_test), then 1 embedded CUDA worker,
@@ -40,7 +46,8 @@ if [[ "$mode" == prepare ]]; then
     "$build/services/worker/dhsa-worker" "$build/services/router/dhsa-router"
     "$build/tests/nccl/cuda_device_io_test" "$build/tests/gpu_service/gpu_service_test"
     "$build/tests/nccl/router_selection_gpu_test"
-    "$build/tests/nccl/cuda_locked_shm_test")
+    "$build/tests/nccl/cuda_locked_shm_test"
+    "$build/tests/router_select/router_to_selection_gpu_test")
   present=()
   for b in "${binaries[@]}"; do
     if [[ -e "$b" ]]; then present+=("$b"); else echo "prepare: $b not built, left out"; fi
@@ -222,6 +229,41 @@ if [[ "$mode" == e2e ]]; then
   cat "$out"/e2e_inprocess.log | tee -a "$summary"
   cat "$out"/e2e_1gpu.log | grep -E '^config' | head -1 | tee -a "$summary"
   cat "$out"/e2e_1gpu.log "$out"/e2e_2gpu_*.log | grep -vE '^config|cuda attend' | tee -a "$summary"
+  exit $rc
+fi
+
+if [[ "$mode" == router-select-host ]]; then
+  # DHSA_E2E_LENGTHS (32768,131072); one warm-up and DHSA_E2E_REPS (1) timed calls per row.
+  lengths="${DHSA_E2E_LENGTHS:-32768,131072}"
+  reps="${DHSA_E2E_REPS:-1}"
+  rc=0
+  for t in router_to_selection_gpu_test router_selection_gpu_test; do
+    start=$SECONDS
+    timeout 120 "$bin/$t" --gtest_color=no >"$out/$t.log" 2>&1
+    trc=$?
+    rc=$(( rc != 0 ? rc : trc ))
+    say "$t rc=$trc in $((SECONDS - start)) s"
+    grep -E '^\[ +(OK|FAILED|SKIPPED) +\]|PASSED|FAILED TEST|differ' "$out/$t.log" | tee -a "$summary"
+    grep -B2 -A8 'Failure' "$out/$t.log" | head -30 | tee -a "$summary"
+  done
+  export DHSA_ROUTER_SELECT_TIMING=1
+  for run in "default auto" "paper auto" "default cpu"; do
+    set -- $run
+    start=$SECONDS
+    timeout 150 "$bin/nccl_e2e_bench" --embedded 1 --preset "$1" --selection-device "$2" \
+      --label "1 GPU worker, $1, sel $2" --lengths "$lengths" --reps "$reps" \
+      >"$out/embedded_${1}_$2.log" 2>"$out/embedded_${1}_$2.err"
+    say "embedded $1 selection $2 rc=$? in $((SECONDS - start)) s"
+  done
+  unset DHSA_ROUTER_SELECT_TIMING
+  grep -hE '^config' "$out"/embedded_default_auto.log | head -1 | tee -a "$summary"
+  for f in default_auto paper_auto default_cpu; do
+    grep -vE '^config' "$out/embedded_$f.log" | tee -a "$summary"
+  done
+  for f in default_auto paper_auto default_cpu; do
+    say "-- $f: select-stage parts (warm-up and timed call per length)"
+    grep -E 'dhsa-router select' "$out/embedded_$f.err" | tail -12 | tee -a "$summary"
+  done
   exit $rc
 fi
 

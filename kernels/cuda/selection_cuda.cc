@@ -1,6 +1,7 @@
 #include "kernels/cuda/selection_cuda.h"
 
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <utility>
 
@@ -511,16 +512,18 @@ absl::StatusOr<std::vector<int64_t>> DeviceDhsaSelection::Boundaries() const {
 
 absl::StatusOr<Summaries> DeviceDhsaSelection::Kappa() const {
   DHSA_ASSIGN_OR_RETURN(std::vector<int64_t> b, Boundaries());
-  std::vector<float> all(static_cast<size_t>(shape_.hkv * chunk_cap_ * shape_.dim));
-  DHSA_RETURN_IF_ERROR(kappa_.CopyToHost(all.data(), all.size() * sizeof(float)));
   Summaries s;
   s.heads = shape_.hkv;
   s.count = static_cast<int64_t>(b.size()) - 1;
   s.dim = shape_.dim;
   s.data.resize(static_cast<size_t>(s.heads * s.count * s.dim));
-  for (int64_t h = 0; h < s.heads; ++h) {
-    std::copy_n(all.begin() + h * chunk_cap_ * s.dim, s.count * s.dim,
-                s.data.begin() + h * s.count * s.dim);
+  // Each head's first `count` chunks only (a row of the copy per head), not chunk_cap of them.
+  const size_t row = sizeof(float) * static_cast<size_t>(s.count * s.dim);
+  if (row > 0) {
+    DHSA_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpy2D(s.data.data(), row, kappa_.data(), sizeof(float) * chunk_cap_ * s.dim, row,
+                     static_cast<size_t>(s.heads), cudaMemcpyDeviceToHost),
+        "kappa download"));
   }
   return s;
 }
@@ -536,7 +539,81 @@ absl::StatusOr<Summaries> DeviceDhsaSelection::Rho() const {
   return s;
 }
 
-absl::StatusOr<Selection> DeviceDhsaSelection::ToSelection() const {
+void DeviceDhsaSelection::PinnedDeleter::operator()(void* p) const { cudaFreeHost(p); }
+
+absl::StatusOr<Selection> DeviceDhsaSelection::ToSelection(SelectionTimes* times,
+                                                           const RangeRunner* ranges) const {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  const int64_t entries = shape_.hkv * num_blocks_;
+  std::vector<int32_t> counts(static_cast<size_t>(entries));
+  DHSA_RETURN_IF_ERROR(counts_.CopyToHost(counts.data(), counts.size() * sizeof(int32_t)));
+  int32_t widest = 0;
+  for (int64_t e = 0; e < entries; ++e) {
+    const int32_t n = counts[static_cast<size_t>(e)];
+    if (n < 0 || n > span_cap_) {
+      return absl::InternalError(absl::StrCat("device selection entry ", e, " has ", n, " spans"));
+    }
+    widest = std::max(widest, n);
+  }
+  // Each entry's first `widest` spans, packed on the device (rows of widest, not span_cap, spans),
+  // then one download into pinned memory.
+  const size_t row = sizeof(CudaSpan) * static_cast<size_t>(widest);
+  const size_t bytes = row * static_cast<size_t>(entries);
+  const CudaSpan* packed = nullptr;
+  if (bytes > 0) {
+    if (packed_.size() < bytes) {
+      packed_ = DeviceBuffer();
+      DHSA_ASSIGN_OR_RETURN(packed_, DeviceBuffer::Allocate(bytes));
+    }
+    if (packed_host_bytes_ < bytes) {
+      packed_host_.reset();
+      packed_host_bytes_ = 0;
+      void* host = nullptr;
+      DHSA_RETURN_IF_ERROR(CudaStatus(cudaMallocHost(&host, bytes), "pinned selection buffer"));
+      packed_host_.reset(host);
+      packed_host_bytes_ = bytes;
+    }
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpy2D(packed_.data(), row, spans_.data(), sizeof(CudaSpan) * span_cap_,
+                                row, static_cast<size_t>(entries), cudaMemcpyDeviceToDevice),
+                   "packing the selection"));
+    DHSA_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpy(packed_host_.get(), packed_.data(), bytes, cudaMemcpyDeviceToHost),
+                   "selection download"));
+    packed = static_cast<const CudaSpan*>(packed_host_.get());
+  }
+  const auto downloaded = Clock::now();
+  Selection sel;
+  sel.unit = SelectionUnit::kKvHeadBlock;
+  sel.block_size = config_.q_block;
+  sel.first_block = first_block_;
+  sel.num_blocks = num_blocks_;
+  sel.num_heads = shape_.hkv;
+  sel.group = shape_.group();
+  sel.spans.resize(static_cast<size_t>(entries));
+  auto unpack = [&](int64_t from, int64_t to) {
+    for (int64_t e = from; e < to; ++e) {
+      const int32_t n = counts[static_cast<size_t>(e)];
+      std::vector<Span>& out = sel.spans[static_cast<size_t>(e)];
+      out.reserve(static_cast<size_t>(n));
+      const CudaSpan* in = packed + static_cast<size_t>(e) * static_cast<size_t>(widest);
+      for (int32_t i = 0; i < n; ++i) out.push_back({in[i].begin, in[i].end});
+    }
+  };
+  if (ranges != nullptr && *ranges) {
+    (*ranges)(entries, unpack);
+  } else {
+    unpack(0, entries);
+  }
+  if (times != nullptr) {
+    times->download_seconds = std::chrono::duration<double>(downloaded - start).count();
+    times->unpack_seconds = std::chrono::duration<double>(Clock::now() - downloaded).count();
+  }
+  return sel;
+}
+
+absl::StatusOr<Selection> DeviceDhsaSelection::ToSelectionReference() const {
   const int64_t entries = shape_.hkv * num_blocks_;
   std::vector<int32_t> counts(static_cast<size_t>(entries));
   std::vector<CudaSpan> spans(static_cast<size_t>(entries * span_cap_));

@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -182,7 +183,22 @@ class DeviceDhsaSelection {
   absl::StatusOr<std::vector<int64_t>> Boundaries() const;
   absl::StatusOr<Summaries> Kappa() const;
   absl::StatusOr<Summaries> Rho() const;
-  absl::StatusOr<Selection> ToSelection() const;
+  // ToSelection packs the entries' spans on the device (a strided copy of each entry's first
+  // max-count spans, not span_cap), downloads them into a pinned buffer kept for the next call,
+  // and unpacks each entry into a vector of exactly its size (over `ranges`' threads when given);
+  // `times` (optional) gets the two parts. Not thread-safe (the packing buffers are the object's).
+  // ToSelectionReference is the first version (every entry at span_cap stride into pageable
+  // memory), kept for the tests that compare the two bit for bit.
+  struct SelectionTimes {
+    double download_seconds = 0;  // Counts, packing and the download.
+    double unpack_seconds = 0;    // Into the Selection's vectors.
+  };
+  // Runs body(begin, end) over ranges covering [0, n), on the caller's threads.
+  using RangeRunner =
+      std::function<void(int64_t n, const std::function<void(int64_t, int64_t)>& body)>;
+  absl::StatusOr<Selection> ToSelection(SelectionTimes* times = nullptr,
+                                        const RangeRunner* ranges = nullptr) const;
+  absl::StatusOr<Selection> ToSelectionReference() const;
 
   // Fills every result buffer with 0xFF bytes (NaN summaries, -1 counts and positions): tests
   // poison before Run so that anything Run does not write shows.
@@ -243,6 +259,13 @@ class DeviceDhsaSelection {
   DeviceBuffer starts_;  // int32, same shape: packed offset of each span within its entry
   DeviceBuffer counts_;  // int32 [hkv * num_blocks]: spans per entry
   std::vector<int32_t> prior_host_;
+  // ToSelection's packed spans on the device and their pinned host copy (grown as needed).
+  struct PinnedDeleter {
+    void operator()(void* p) const;
+  };
+  mutable DeviceBuffer packed_;
+  mutable std::unique_ptr<void, PinnedDeleter> packed_host_;
+  mutable size_t packed_host_bytes_ = 0;
 };
 
 // The LSE merge (spec "Partial results and the merge") on the device: parts' o [rows, dim] and

@@ -166,11 +166,14 @@ void SelectionToAttendHeader(const Selection& selection, v1::AttendHeader* heade
   header->mutable_entries()->Reserve(static_cast<int>(selection.spans.size()));
   for (const std::vector<Span>& spans : selection.spans) {
     v1::SpanList* list = header->add_entries();
-    list->mutable_begin()->Reserve(static_cast<int>(spans.size()));
-    list->mutable_end()->Reserve(static_cast<int>(spans.size()));
-    for (const Span& s : spans) {
-      list->add_begin(s.begin);
-      list->add_end(s.end);
+    const int n = static_cast<int>(spans.size());
+    list->mutable_begin()->Resize(n, 0);
+    list->mutable_end()->Resize(n, 0);
+    int64_t* begin = list->mutable_begin()->mutable_data();
+    int64_t* end = list->mutable_end()->mutable_data();
+    for (int i = 0; i < n; ++i) {
+      begin[i] = spans[static_cast<size_t>(i)].begin;
+      end[i] = spans[static_cast<size_t>(i)].end;
     }
   }
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <set>
@@ -28,6 +29,22 @@ namespace {
 
 double Seconds(std::chrono::steady_clock::duration d) {
   return std::chrono::duration<double>(d).count();
+}
+
+// DHSA_ROUTER_SELECT_TIMING=1: the selection stage's parts on stderr, a line per call (and one
+// per worker header), for benchmarks.
+bool SelectTimingLogged() {
+  static const bool logged = [] {
+    const char* v = std::getenv("DHSA_ROUTER_SELECT_TIMING");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return logged;
+}
+
+int64_t CountSpans(const Selection& selection) {
+  int64_t n = 0;
+  for (const std::vector<Span>& spans : selection.spans) n += static_cast<int64_t>(spans.size());
+  return n;
 }
 
 // Rows [row_begin, row_end) of `t` ([heads, len, dim], or [heads, len] with dim 1) copied into a
@@ -269,7 +286,11 @@ absl::Status LayerCall::PlanAndStore() {
     in.rho = &rho;
     DHSA_ASSIGN_OR_RETURN(selection, SelectSpansCpu(in, config, core_.kernel_threads));
   }
-  out_.stats.set_computed_pairs(CountComputedPairs(selection, shape));
+  const auto counted_from = Clock::now();
+  // The same count as CountComputedPairs (the reference walks every query head and row: ~0.6 s at
+  // 128K, q_block 16); CountComputedPairsCpu takes a block's rows at once where they see a span.
+  out_.stats.set_computed_pairs(CountComputedPairsCpu(selection, shape));
+  const auto placed_from = Clock::now();
 
   PlaceRequest place;
   place.new_end = lk_;
@@ -283,9 +304,24 @@ absl::Status LayerCall::PlanAndStore() {
   DHSA_ASSIGN_OR_RETURN(pieces_, core_.pool->Place(layer.stripes, place, *core_.policy));
   new_stripes_ = layer.stripes;
   ApplyStorePieces(pieces_, new_stripes_);
-  DHSA_ASSIGN_OR_RETURN(works_, PlanAttention(selection, t0_, lk_, new_stripes_));
+  const auto planned_from = Clock::now();
+  const int64_t logged_entries = static_cast<int64_t>(selection.spans.size());
+  const int64_t logged_spans = SelectTimingLogged() ? CountSpans(selection) : 0;
+  // The selection is not read after this: the plan may take its spans (one worker holding all).
+  DHSA_ASSIGN_OR_RETURN(works_, PlanAttention(std::move(selection), t0_, lk_, new_stripes_));
+  const auto planned = Clock::now();
   out_.stats.set_selection_seconds(out_.stats.selection_seconds() +
-                                   Seconds(Clock::now() - stage_start_));
+                                   Seconds(planned - stage_start_));
+  if (SelectTimingLogged()) {
+    std::fprintf(stderr,
+                 "dhsa-router select: %s, %lld entries, %lld spans: view%s %.1f ms, pair count "
+                 "%.1f ms, placement %.1f ms, plan %.1f ms\n",
+                 out_.stats.selection_device().c_str(), static_cast<long long>(logged_entries),
+                 static_cast<long long>(logged_spans), on_device ? "" : " + selection",
+                 Seconds(counted_from - stage_start_) * 1e3,
+                 Seconds(placed_from - counted_from) * 1e3,
+                 Seconds(planned_from - placed_from) * 1e3, Seconds(planned - planned_from) * 1e3);
+  }
 
   // The data plane of this call: one transport for every worker it touches.
   std::set<int> touched;
@@ -427,6 +463,13 @@ bool LayerCall::SelectOnDevice(LayerState& layer, Selection* selection) {
   out_.stats.set_selection_upload_seconds(result->upload_seconds);
   out_.stats.set_boundaries_seconds(result->upload_seconds + result->boundaries_seconds);
   out_.stats.set_selection_seconds(result->rest_seconds);
+  if (SelectTimingLogged()) {
+    std::fprintf(stderr,
+                 "dhsa-router select: %s steps 2-4 + downloads %.1f ms, of which the selection's "
+                 "download %.1f ms and unpacking %.1f ms\n",
+                 device->name().c_str(), result->rest_seconds * 1e3,
+                 result->selection_download_seconds * 1e3, result->selection_unpack_seconds * 1e3);
+  }
   return true;
 }
 
@@ -463,7 +506,13 @@ void LayerCall::AfterStores() {
   for (size_t i = 0; i < works_.size(); ++i) {
     const WorkerWork& w = works_[i];
     v1::AttendHeader header;
+    const auto header_from = Clock::now();
     SelectionToAttendHeader(w.local, &header);
+    if (SelectTimingLogged()) {
+      std::fprintf(stderr, "dhsa-router select: worker %d header %.1f ms (%lld spans)\n", w.worker,
+                   Seconds(Clock::now() - header_from) * 1e3,
+                   static_cast<long long>(CountSpans(w.local)));
+    }
     header.set_sequence_id(WorkerSequenceId(seq_->id, layer_));
     header.set_layer(layer_);
     header.set_q_begin(w.row_begin);

@@ -31,6 +31,19 @@ absl::StatusOr<std::vector<WorkerWork>> PlanAttention(const Selection& selection
                                                       int64_t lk,
                                                       const std::vector<Stripe>& stripes);
 
+// The same, taking the selection's spans when one worker holds every stripe (no gap) and the
+// entries are as selection makes them (sorted, non-adjacent, on the stripes): no copy. Otherwise
+// as the const version. `selection` is left with no spans either way only in the first case.
+absl::StatusOr<std::vector<WorkerWork>> PlanAttention(Selection&& selection, int64_t t0, int64_t lk,
+                                                      const std::vector<Stripe>& stripes);
+
+// The first, obviously-right PlanAttention (a map of workers, every piece normalised per worker
+// afterwards): the same result, kept for the tests that compare the two. PlanAttention joins the
+// pieces of adjacent stripes as they come, without a worker map or a second pass over the spans.
+absl::StatusOr<std::vector<WorkerWork>> PlanAttentionReference(const Selection& selection,
+                                                               int64_t t0, int64_t lk,
+                                                               const std::vector<Stripe>& stripes);
+
 }  // namespace dhsa::router
 
 #endif  // DHSA_SERVICES_ROUTER_PLAN_H_

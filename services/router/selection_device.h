@@ -49,12 +49,14 @@ absl::StatusOr<SelectionDeviceSpec> ParseSelectionDevice(const std::string& text
 
 // What one device run hands back, in the CPU path's forms.
 struct DeviceSelectionResult {
-  std::vector<int64_t> boundaries;  // Over [0, lk), from 0 to lk.
-  Summaries kappa;                  // [kv_heads, chunks, dim], head-major.
-  Selection selection;              // As SelectSpansCpu's.
-  double upload_seconds = 0;        // q and k host -> device.
-  double boundaries_seconds = 0;    // Step 1 on the device.
-  double rest_seconds = 0;          // Steps 2-4 and the downloads.
+  std::vector<int64_t> boundaries;        // Over [0, lk), from 0 to lk.
+  Summaries kappa;                        // [kv_heads, chunks, dim], head-major.
+  Selection selection;                    // As SelectSpansCpu's.
+  double upload_seconds = 0;              // q and k host -> device.
+  double boundaries_seconds = 0;          // Step 1 on the device.
+  double rest_seconds = 0;                // Steps 2-4 and the downloads.
+  double selection_download_seconds = 0;  // Part of rest: the selection's counts and spans.
+  double selection_unpack_seconds = 0;    // Part of rest: the spans into `selection`.
 };
 
 class SelectionDevice {
