@@ -1,7 +1,7 @@
 // A worker's share of Step 5 (spec/DHSA.md): sparse attention of query rows over the selected spans
 // of the stripes it holds. The CPU backend makes one kernel call over every stripe a span touches
-// (each stripe a run of keys: SparseAttentionParams::more_kv); the CUDA backend one call per stripe,
-// the per-stripe partial results combined by the LSE merge on the device.
+// (each stripe a run of keys: SparseAttentionParams::more_kv); the CUDA backend one call per
+// stripe, the per-stripe partial results combined by the LSE merge on the device.
 #ifndef DHSA_SERVICES_WORKER_PARTIAL_ATTENTION_H_
 #define DHSA_SERVICES_WORKER_PARTIAL_ATTENTION_H_
 
